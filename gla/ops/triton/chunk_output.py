@@ -1,0 +1,93 @@
+"""Chunk outputs, forward: the inter-chunk part from the entering state plus the intra-chunk attention block.
+
+GLA paper (Yang et al. 2024), §4.2-4.3. For a chunk with entering state S and cumulative log-decay gc:
+
+    o = scale * (q * exp(gc)) @ S + A @ v,    A[i, j] = scale * sum_k q_ik k_jk exp(gc_ik - gc_jk)  (j <= i)
+
+The intra block A is one matrix product (q * exp(gc)) @ (k * exp(-gc))^T when the chunk's total decay is at most
+SAFE_DECAY (exp(-gc) <= exp(60) cannot overflow); with stronger gates it is built in log space one key column at a
+time, where every exponent gc_ik - gc_jk (i >= j) is <= 0. This plays the role of the paper's secondary-level
+chunking (§4.3): full precision where the decay is large, tensor cores where it is safe. The check is per chunk and
+K-tile, so ordinary gates (log-decay of a few units per chunk) always take the matrix-product path.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, dot_dtype, pow2, store_dtype
+
+
+@triton.jit
+def attn_logspace(b_q, b_k, b_gc, BT: tl.constexpr):
+    """[BT, BT] scores sum_k q_ik k_jk exp(gc_ik - gc_jk) for j <= i (above the diagonal: don't care), computed
+    column by column with exponents clamped to <= 0. b_q, b_k, b_gc: [BT, BK] fp32."""
+    o_t = tl.arange(0, BT)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(0, BT):
+        m_j = o_t == j
+        b_kj = tl.sum(tl.where(m_j[:, None], b_k, 0.), 0)
+        b_gj = tl.sum(tl.where(m_j[:, None], b_gc, 0.), 0)
+        b_a = tl.sum(b_q * b_kj[None, :] * tl.exp(tl.minimum(b_gc - b_gj[None, :], 0.)), 1)
+        b_A = tl.where(m_j[None, :], b_a[:, None], b_A)
+    return b_A
+
+
+@triton.jit
+def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, SAFE: tl.constexpr,
+                            STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """q, k, g: [B*T, H, K]; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled, lower-triangular)."""
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    rows = bos + i_t * BT + o_t
+    m_t = rows < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_h = hs + ((boh + i_t) * H + i_h) * K * V
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + p_q, mask=m_tk, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + p_q, mask=m_tk, other=0.).to(tl.float32)
+        b_gc = tl.cumsum(tl.load(g + p_q, mask=m_tk, other=0.).to(tl.float32), 0)
+        b_qg = b_q * tl.exp(b_gc)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_o += tl.dot(b_qg.to(DOT), b_h.to(DOT), input_precision="ieee")
+        if tl.min(b_gc) >= -SAFE:
+            b_kg = (b_k * tl.exp(-b_gc)).to(DOT)
+            b_A += tl.dot(b_qg.to(DOT), tl.trans(b_kg), input_precision="ieee")
+        else:
+            b_A += attn_logspace(b_q, b_k, b_gc, BT)
+    b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.)
+    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision="ieee")
+    tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+    if STORE_A:
+        if i_v == 0:
+            tl.store(A + (rows[:, None] * H + i_h) * BT + o_t[None, :], b_A.to(A.dtype.element_ty),
+                     mask=m_t[:, None])
+
+
+def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: bool):
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; hs from ``chunk_state_fwd``.
+    Returns o [B, T, H, V] (v's dtype) and A [B, T, H, BT] (the scaled intra-chunk scores, for the backward) or None."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    o = v.new_empty(B, T, H, V)
+    A = q.new_empty(B, T, H, BT, dtype=store_dtype(q.dtype)) if store_A else None
+    BK, BV = min(64, pow2(K)), min(128, pow2(V))
+    grid = (meta.NC, triton.cdiv(V, BV), H)
+    chunk_output_fwd_kernel[grid](
+        q, k, v, g, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=dot_dtype(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
+        IS_VARLEN=meta.varlen, num_warps=8 if BV >= 128 else 4, num_stages=2)
+    return o, A
