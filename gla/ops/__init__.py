@@ -1,0 +1,136 @@
+"""The GLA operator: one entry point, input validation, backend choice.
+
+Layout and semantics follow FLA's ``chunk_gla`` so ``gated_linear_attention`` is a drop-in replacement; the math
+is in ``recurrent.py`` (reference) and ``chunk.py`` (chunkwise form).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .recurrent import recurrent_gla, recurrent_step, state_dtype
+
+__all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
+
+BACKENDS = ("auto", "recurrent", "chunk", "triton")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, tests)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens: [N+1] integer offsets, 0 first, non-decreasing (empty sequences allowed), ``total`` last."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    offs = cu_seqlens.tolist()
+    if offs[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offs[0]}")
+    if any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if offs[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the sequence length T={total}, got {offs[-1]}")
+
+
+def _gate_ok(g: torch.Tensor) -> bool:
+    """One pass over g: every value finite and <= 0 (NaN fails both comparisons)."""
+    lo, hi = torch.aminmax(g.detach())
+    return bool((hi <= 0) & (lo > float("-inf")))
+
+
+def _validate(q, k, v, g, initial_state, cu_seqlens, backend):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if g.shape != q.shape:
+        raise ValueError(f"g must have q's shape {tuple(q.shape)}, got {tuple(g.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K == 0 or V == 0 or H == 0:
+        raise ValueError(f"head dims must be non-empty, got H={H}, K={K}, V={V}")
+    if g.numel() and not _gate_ok(g):
+        raise ValueError("g is a log forget gate and must be finite and <= 0 everywhere "
+                         "(e.g. F.logsigmoid(x) / normalizer); got positive, NaN or infinite values")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens requires a packed batch with B == 1, got B={B}")
+        validate_cu_seqlens(cu_seqlens, T)
+        N = cu_seqlens.numel() - 1
+    else:
+        N = B
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
+            raise ValueError("initial_state must be a floating-point tensor [N, H, K, V]")
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)}, "
+                             f"got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+
+
+def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, backend="auto"):
+    """Gated linear attention (Yang et al. 2024): S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0).
+    scale: defaults to K ** -0.5.
+    initial_state: [N, H, K, V] (N = B, or the number of sequences with cu_seqlens), float32 recommended.
+    output_final_state: also return the state after the last token, [N, H, K, V] float32.
+    cu_seqlens: [N+1] int offsets of packed sequences (B must be 1); no state crosses a boundary.
+    backend: "auto" (triton on CUDA when installed, the recurrent step for T == 1, else chunk), "recurrent"
+        (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels).
+    Returns (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in q, k, v, g and initial_state.
+    Raises ValueError naming the argument on malformed input.
+    """
+    _validate(q, k, v, g, initial_state, cu_seqlens, backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        if q.shape[1] == 1:
+            backend = "recurrent"
+        elif q.device.type == "cuda" and _triton_importable():
+            backend = "triton"
+        else:
+            backend = "chunk"
+    if backend == "triton":
+        if not _triton_importable():
+            raise RuntimeError('backend="triton" needs the triton package: pip install "gla[triton]"')
+        if not _triton_usable(q.device):
+            raise ValueError(f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}')
+        from .triton import triton_gla as impl
+    elif backend == "chunk":
+        from .chunk import chunk_gla as impl
+    else:
+        impl = recurrent_gla
+    return impl(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        from . import triton as _  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,325 @@
+"""Chunkwise GLA in PyTorch: the CPU path and the fallback on any device, with a hand-written backward.
+
+Math (Yang et al. 2024, §4.2–4.3). Split each sequence into chunks of BT tokens; inside a chunk let b_t be the
+cumulative log decay (b_t = sum of g_j for j <= t in the chunk), B = b_BT, and S the state entering the chunk:
+
+    o_t = s (q_t ⊙ e^{b_t}) S + s Σ_{j<=t} [Σ_k q_tk k_jk e^{b_tk - b_jk}] v_j
+    S'  = diag(e^B) S + Σ_j (k_j ⊙ e^{B - b_j})^T v_j
+
+Numerical safety: every exponent stays <= 0 except in one guarded place. The intra-chunk matrix is built from
+sub-chunks of BC tokens (the paper's secondary-level chunking): the block of rows in sub-chunk i is a matmul of
+q ⊙ e^{b - r_i} and k ⊙ e^{r_i - b}, with r_i the decay at the end of sub-chunk i-1, so off-diagonal factors are
+<= 1. On the diagonal block the key factor is e^{r_i - b_j} >= 1; it is used only when the sub-chunk's total decay
+is at most SAFE_SPAN (e^30 cannot overflow float32 even times |q||k|). Sub-chunks with stronger decay (gates like
+logsigmoid(x)/0.1 reach hundreds) get their diagonal block in log space: e^{b_t - b_j} for j <= t, computed from
+float64 cumulative sums so that large b values do not cost precision in their differences.
+
+Backward: per chunk, the gradients of q, k, v follow from the same factored blocks; the state gradient runs a
+reverse scan over chunks. The gate gradient uses the identity dL/db_t = q_t ⊙ dq_t − k_t ⊙ dk_t (plus
+(S_T ⊙ dS_T) summed over V at each sequence's last token) and dg is its reverse cumulative sum within each
+sequence, taken in float64 (DESIGN.md).
+
+Varlen: sequences are laid out chunk-aligned (each sequence padded to a multiple of BT with zero q, k, v and g = 0,
+which leaves outputs and states unchanged), so no chunk straddles a boundary; the state scan runs over the chunk
+index of all sequences at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .recurrent import state_dtype
+
+BT = 64  # chunk length: the state scan takes ceil(T / BT) sequential steps
+BC = 16  # sub-chunk length: diagonal blocks of BC x BC
+SAFE_SPAN = 30.0  # largest sub-chunk log decay for which the factored diagonal block is used
+
+
+@dataclass
+class _Plan:
+    """How tokens map to chunk-aligned storage [NC, H, BT, D] and how the state scan walks the chunks."""
+    B: int
+    T: int
+    NC: int  # total number of chunks
+    N: int  # number of sequences
+    tok_idx: torch.Tensor | None  # varlen only: [NC * BT] source token of each slot, T for padding
+    inv_idx: torch.Tensor | None  # varlen only: [T] slot of each token
+    steps: list  # per scan step: (chunk ids [n], sequence rows [n] or None when all N sequences take part)
+    seg_end: torch.Tensor  # [B * T] flat index one past the last token of each token's sequence
+    last_tok: torch.Tensor  # [N] flat index of each sequence's last token (-1 if empty)
+    last_slot: torch.Tensor  # [N] the same token's slot in chunk-aligned storage (NC * BT slots; -1 if empty)
+
+
+def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
+    if cu_seqlens is None:
+        nc = -(-T // BT)
+        table = [list(range(b * nc, (b + 1) * nc)) for b in range(B)]
+        seg_end = torch.arange(1, B + 1).mul(T).repeat_interleave(T)
+        last_tok = torch.arange(1, B + 1) * T - 1 if T > 0 else torch.full((B,), -1)
+        tok_idx = inv_idx = None
+        NC = B * nc
+        last_slot = torch.arange(B) * nc * BT + T - 1 if T > 0 else torch.full((B,), -1)
+    else:
+        offs = cu_seqlens.tolist()
+        tok, table, ends, last = [], [], [], []
+        for bos, eos in zip(offs, offs[1:]):
+            n_chunks = -(-(eos - bos) // BT)
+            table.append(list(range(len(tok) // BT, len(tok) // BT + n_chunks)))
+            tok += list(range(bos, eos)) + [T] * (n_chunks * BT - (eos - bos))
+            ends += [eos] * (eos - bos)
+            last.append(eos - 1 if eos > bos else -1)
+        tok_idx = torch.tensor(tok, dtype=torch.long)
+        inv_idx = (tok_idx < T).nonzero().squeeze(1)
+        seg_end, last_tok = torch.tensor(ends, dtype=torch.long), torch.tensor(last, dtype=torch.long)
+        NC = len(tok) // BT
+        last_slot = torch.where(last_tok >= 0, inv_idx[last_tok.clamp(min=0)] if T > 0 else -1, -1)
+    steps = []  # only varlen scans index chunks; equal-length rows use strided views
+    n_steps = 0 if cu_seqlens is None else max((len(r) for r in table), default=0)
+    for c in range(n_steps):
+        rows = [n for n, r in enumerate(table) if c < len(r)]
+        ids = torch.tensor([table[n][c] for n in rows], dtype=torch.long, device=device)
+        steps.append((ids, None if len(rows) == len(table) else torch.tensor(rows, device=device)))
+    to = (lambda x: x if x is None else x.to(device))
+    return _Plan(B, T, NC, len(table), to(tok_idx), to(inv_idx), steps, seg_end.to(device), last_tok.to(device),
+                 last_slot.to(device))
+
+
+def _pack(x, plan: _Plan, acc):
+    """x: [B, T, H, D] -> [NC, H, BT, D] in dtype acc, chunk-aligned, zero padded."""
+    B, T, H, D = x.shape
+    x = x.to(acc)
+    if plan.tok_idx is None:
+        Tp = plan.NC // B * BT
+        x = F.pad(x, (0, 0, 0, 0, 0, Tp - T)) if Tp != T else x
+    else:
+        x = torch.cat([x.reshape(T, H, D), x.new_zeros(1, H, D)])[plan.tok_idx]
+    return x.reshape(plan.NC, BT, H, D).transpose(1, 2).contiguous()
+
+
+def _unpack(y, plan: _Plan, dtype):
+    """y: [NC, H, BT, D] -> [B, T, H, D] in dtype."""
+    NC, H, _, D = y.shape
+    y = y.transpose(1, 2).reshape(NC * BT, H, D)
+    if plan.tok_idx is None:
+        y = y.view(plan.B, -1, H, D)[:, :plan.T]
+    else:
+        y = y[plan.inv_idx].unsqueeze(0)
+    return y.to(dtype)
+
+
+def _scan(local, decay, carry, plan: _Plan, reverse: bool):
+    """Walk the chunks of every sequence in order (or reverse), in place.
+
+    local: [NC, H, K, V] per-chunk contribution; decay: [NC, H, K]; carry: [N, H, K, V] start value.
+    Afterwards local[c] holds the carry before chunk c was applied (the state entering chunk c forward, the
+    gradient of the state leaving chunk c in reverse); returns the last carry per sequence.
+    """
+    if plan.tok_idx is None:  # B equal-length rows: chunk c of every row is a strided view, no gathers
+        loc = local.view(plan.B, -1, *local.shape[1:])
+        dec = decay.view(plan.B, -1, *decay.shape[1:]).unsqueeze(-1)
+        for c in (range(loc.shape[1] - 1, -1, -1) if reverse else range(loc.shape[1])):
+            new = torch.addcmul(loc[:, c], carry, dec[:, c])
+            loc[:, c] = carry
+            carry = new
+        return carry
+    for ids, rows in (reversed(plan.steps) if reverse else plan.steps):
+        cur = carry if rows is None else carry[rows]
+        new = torch.addcmul(local[ids], cur, decay[ids].unsqueeze(-1))
+        local[ids] = cur
+        if rows is None:
+            carry = new
+        else:
+            carry[rows] = new
+    return carry
+
+
+class _Intra:
+    """Factored intra-chunk blocks for one chunked input (see the module docstring), one row block at a time.
+
+    qs, k, g: [NC, H, BT, K] (qs = q * scale); b: [NC, H, BT, K] cumulative log decay.
+    Row block i (sub-chunk i) sees keys 0 .. (i+1)*BC - 1; its scores are qa[i] @ kf[i]^T.
+    """
+
+    def __init__(self, qs, k, g, b):
+        NC, H, _, K = k.shape
+        NS = BT // BC
+        bs = b.view(NC, H, NS, BC, K)
+        r = torch.cat([bs.new_zeros(NC, H, 1, K), bs[:, :, :-1, -1]], 2)  # decay before each sub-chunk
+        self.q_fac = (bs - r.unsqueeze(3)).exp_()  # [NC, H, NS, BC, K], every exponent <= 0
+        self.qa = qs.view(NC, H, NS, BC, K) * self.q_fac
+        self.k_fac, self.kf = [], []
+        for i in range(NS):
+            expo = r[:, :, i].unsqueeze(2) - b[:, :, :(i + 1) * BC]  # <= 0 left of sub-chunk i
+            # Diagonal part: <= SAFE_SPAN where the sub-chunk is safe; elsewhere the clamped values are never used
+            # (log-space blocks replace them), but must stay finite.
+            expo[:, :, i * BC:].clamp_(max=SAFE_SPAN)
+            fac = expo.exp_()
+            self.k_fac.append(fac)
+            self.kf.append(k[:, :, :(i + 1) * BC] * fac)
+        safe = (r - bs[:, :, :, -1]).amax(-1) <= SAFE_SPAN  # [NC, H, NS]
+        self.shape = (NC, H, NS)
+        self.unsafe = (~safe).nonzero(as_tuple=True)
+        if self.unsafe[0].numel():
+            c, h, s = self.unsafe
+            # Decay inside the sub-chunk, summed in float64: differences of large cumulative sums lose digits.
+            bd = g.view(NC, H, NS, BC, K)[c, h, s].double().cumsum(1)  # [n, BC, K]
+            tril = torch.ones(BC, BC, dtype=torch.bool, device=k.device).tril()
+            diff = (bd.unsqueeze(2) - bd.unsqueeze(1)).masked_fill_(~tril.unsqueeze(-1), float("-inf"))
+            self.D = diff.to(k.dtype).exp_()  # [n, BC (t), BC (j), K]: e^{b_t - b_j}, j <= t
+            self.qd = qs.view(NC, H, NS, BC, K)[c, h, s]
+            self.kd = k.view(NC, H, NS, BC, K)[c, h, s]
+
+    def _unsafe_rows(self, i):
+        """Positions (chunk, head) whose sub-chunk i is unsafe, and their index into the log-space blocks."""
+        sel = (self.unsafe[2] == i).nonzero().squeeze(1)
+        return self.unsafe[0][sel], self.unsafe[1][sel], sel
+
+    def scores(self, i):
+        """Causal scores of row block i (scale included): [NC, H, BC, (i+1)*BC]."""
+        A = self.qa[:, :, i] @ self.kf[i].transpose(-1, -2)
+        diag = A[:, :, :, i * BC:]
+        diag.copy_(diag.tril())
+        c, h, sel = self._unsafe_rows(i)
+        if sel.numel():
+            A[c, h, :, i * BC:] = torch.einsum("ntk,njk,ntjk->ntj", self.qd[sel], self.kd[sel], self.D[sel])
+        return A
+
+    def output(self, v):
+        """Intra-chunk output Σ_{j<=t} A_tj v_j: v [NC, H, BT, V] -> [NC, H, BT, V]."""
+        return torch.cat([self.scores(i) @ v[:, :, :(i + 1) * BC] for i in range(self.shape[2])], 2)
+
+    def backward(self, do, v):
+        """do, v: [NC, H, BT, V] -> intra-chunk gradients (d qs, d k) without the j = t terms, d v, and w.
+
+        The j = t terms are returned as w = dO_t · v_t [NC, H, BT] (their gradients are w ⊙ k and w ⊙ qs):
+        they cancel exactly in q ⊙ dq − k ⊙ dk, and leaving them out keeps the gate gradient free of that
+        cancellation, which would otherwise dominate it when gates are strong.
+        """
+        NC, H, NS = self.shape
+        dq = torch.empty_like(self.qa)
+        dk = torch.zeros(NC, H, BT, self.qa.shape[-1], dtype=v.dtype, device=v.device)
+        dv = torch.zeros_like(v)
+        w = v.new_empty(NC, H, BT)
+        for i in range(NS):
+            do_i, v_i = do[:, :, i * BC:(i + 1) * BC], v[:, :, :(i + 1) * BC]
+            dv[:, :, :(i + 1) * BC] += self.scores(i).transpose(-1, -2) @ do_i
+            dA = do_i @ v_i.transpose(-1, -2)
+            dA_diag = dA[:, :, :, i * BC:]
+            w[:, :, i * BC:(i + 1) * BC] = dA_diag.diagonal(dim1=-2, dim2=-1)
+            dA_diag.copy_(dA_diag.tril(-1))
+            c, h, sel = self._unsafe_rows(i)
+            if sel.numel():
+                dAd = dA[c, h, :, i * BC:]
+                dA[c, h, :, i * BC:] = 0  # the factored diagonal is not valid there: log space instead
+            dq[:, :, i] = (dA @ self.kf[i]) * self.q_fac[:, :, i]
+            dk[:, :, :(i + 1) * BC] += (dA.transpose(-1, -2) @ self.qa[:, :, i]) * self.k_fac[i]
+            if sel.numel():
+                dq_u = torch.einsum("ntj,njk,ntjk->ntk", dAd, self.kd[sel], self.D[sel])
+                dk_u = torch.einsum("ntj,ntk,ntjk->njk", dAd, self.qd[sel], self.D[sel])
+                dq[c, h, i] += dq_u
+                dk[c, h, i * BC:(i + 1) * BC] += dk_u
+        return dq.view(NC, H, BT, -1), dk, dv, w
+
+
+def _gates(g):
+    """g: [NC, H, BT, K] -> (b cumulative log decay within each chunk, chunk decay e^B [NC, H, K])."""
+    b = g.cumsum(2)
+    return b, b[:, :, -1].exp()
+
+
+class _ChunkGLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, scale, plan):
+        acc = state_dtype(q.dtype)
+        qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
+        NC, H, _, K = qc.shape
+        V = vc.shape[-1]
+        b, decay = _gates(gc)
+        k_dec = kc * (b[:, :, -1:] - b).exp_()  # k_j ⊙ e^{B - b_j}
+        h = k_dec.transpose(-1, -2) @ vc  # per-chunk state contribution, becomes the entering state
+        carry = h0.to(acc).clone() if h0 is not None else qc.new_zeros(plan.N, H, K, V)
+        final = _scan(h, decay, carry, plan, reverse=False)
+        qs = qc * scale
+        o = (qs * b.exp()) @ h
+        o += _Intra(qs, kc, gc, b).output(vc)
+        ctx.save_for_backward(qc, kc, vc, gc, h, final)
+        ctx.meta = (scale, plan, None if h0 is None else h0.dtype, q.dtype, v.dtype, g.dtype)
+        ctx.set_materialize_grads(False)
+        return _unpack(o, plan, v.dtype), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        qc, kc, vc, gc, h, final = ctx.saved_tensors
+        scale, plan, h0_dtype, q_dtype, v_dtype, g_dtype = ctx.meta
+        acc = qc.dtype
+        b, decay = _gates(gc)
+        qs = qc * scale
+        doc = _pack(do, plan, acc) if do is not None else torch.zeros_like(vc)
+        q_dec = qs * b.exp()
+        dh = q_dec.transpose(-1, -2) @ doc
+        carry = dfinal.to(acc).clone() if dfinal is not None else torch.zeros_like(final)
+        dh0 = _scan(dh, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving chunk c
+        k_fac = (b[:, :, -1:] - b).exp_()
+        dqs, dk, dv, w = _Intra(qs, kc, gc, b).backward(doc, vc)
+        dqs += (doc @ h.transpose(-1, -2)) * b.exp()
+        dk_state = (vc @ dh.transpose(-1, -2)) * k_fac
+        dv += (kc * k_fac) @ dh
+        # At each sequence's last token the state term of dk is k_T's own share of the final state; it cancels
+        # exactly against part of S_T ⊙ dS_T, so both are left out of the gate gradient (see _final_term).
+        has = plan.last_slot >= 0
+        c, p = plan.last_slot[has] // BT, plan.last_slot[has] % BT
+        own = dk_state[c, :, p]
+        dk_state[c, :, p] = 0
+        dk += dk_state
+        fin = _final_term(kc, vc, h, b, dfinal[has].to(acc), c, p) if dfinal is not None else None
+        dg = _gate_grad(_unpack(qs * dqs - kc * dk, plan, acc), fin, plan)
+        dk[c, :, p] += own
+        w = w.unsqueeze(-1)
+        dq = _unpack(dqs.addcmul_(w, kc).mul_(scale), plan, q_dtype)
+        dk = _unpack(dk.addcmul_(w, qs), plan, q_dtype)
+        return (dq, dk, _unpack(dv, plan, v_dtype), dg.to(g_dtype),
+                None if h0_dtype is None else dh0.to(h0_dtype), None, None)
+
+
+def _final_term(k, v, h, b, dfinal, c, p):
+    """The final state's direct share of dL/db_T, without the last token's own k_T^T v_T.
+
+    dS_T ⊙ S_T summed over V is what the gate of the last token sees through the final state; k_T ⊙ (dS_T v_T)
+    is removed from dk's side, so here S_T is replaced by S_T − k_T^T v_T, formed from the chunk's entering state
+    and the tokens before T (never by subtraction, which would leave a rounding error of the size of S_T).
+    k, v, h, b: chunk-aligned; dfinal: [N', H, K, V] for the N' non-empty sequences, whose last tokens sit at
+    slot p of chunk c. Returns [N', H, K].
+    """
+    before = (torch.arange(BT, device=k.device) < p.unsqueeze(1)).unsqueeze(1).unsqueeze(-1)  # [N', 1, BT, 1]
+    bc = b[c]
+    k_dec = torch.where(before, k[c] * (bc[:, :, -1:] - bc).exp(), 0)
+    pre = bc[:, :, -1].exp().unsqueeze(-1) * h[c] + k_dec.transpose(-1, -2) @ v[c]
+    return (pre * dfinal).sum(-1)
+
+
+def _gate_grad(db, fin, plan: _Plan):
+    """dg_t = Σ_{t' >= t in t's sequence} db_{t'}, with db = q ⊙ dq − k ⊙ dk and the final-state term ``fin``
+    ([N', H, K] for the non-empty sequences, or None) added at each sequence's last token.
+
+    db: [B, T, H, K]. Returns [B, T, H, K] in float64.
+    """
+    B, T, H, K = db.shape
+    db = db.double().reshape(B * T, H, K)
+    if fin is not None:
+        db.index_add_(0, plan.last_tok[plan.last_tok >= 0], fin.double())
+    rc = db.flip(0).cumsum(0).flip(0)
+    rc = torch.cat([rc, rc.new_zeros(1, H, K)])
+    return (rc[:-1] - rc[plan.seg_end]).view(B, T, H, K)
+
+
+def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Chunkwise GLA (arguments validated by ``gated_linear_attention``).
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [N, H, K, V] or None; cu_seqlens: [N+1] or None.
+    Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32 or None).
+    """
+    plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
+    o, final = _ChunkGLA.apply(q, k, v, g, initial_state, scale, plan)
+    return o, (final if output_final_state else None)

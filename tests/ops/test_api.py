@@ -1,0 +1,109 @@
+"""The operator's contract: validation errors, backend choice, the recurrent reference and decode step."""
+import pytest
+import torch
+
+import gla.ops as ops
+from gla.ops import gated_linear_attention, recurrent_step
+from tests.utils import gla_inputs, rel_err
+
+
+def inputs(B=1, T=8, H=2, K=4, V=6, **kw):
+    return gla_inputs(B, T, H, K, V, requires_grad=False, **kw)[:4]
+
+
+def bad(match, *args, **kw):
+    with pytest.raises(ValueError, match=match):
+        gated_linear_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan"), float("inf"), float("-inf")])
+def test_rejects_bad_gates(value):
+    q, k, v, g = inputs()
+    g[0, 3, 1, 2] = value
+    bad("g", q, k, v, g)
+
+
+def test_rejects_shape_mismatch():
+    q, k, v, g = inputs()
+    bad("k must have", q, k[:, :, :, :3], v, g)
+    bad("g must have", q, k, v, g[:, :7])
+    bad("v must be", q, k, v[:, :7], g)
+    bad("q must be 4-D", q[0], k, v, g)
+
+
+def test_rejects_dtype_and_device_mismatch():
+    q, k, v, g = inputs()
+    bad("k has dtype", q, k.double(), v, g)
+    bad("v has dtype", q, k, v.half(), g)
+    bad("must be a floating-point", q, k, v, g.long())
+    bad("k is on meta", q, k.to("meta"), v, g)
+
+
+def test_rejects_malformed_cu_seqlens():
+    q, k, v, g = inputs()
+    bad("non-decreasing", q, k, v, g, cu_seqlens=torch.tensor([0, 5, 3, 8]))
+    bad("end at", q, k, v, g, cu_seqlens=torch.tensor([0, 5, 7]))
+    bad("start at 0", q, k, v, g, cu_seqlens=torch.tensor([1, 5, 8]))
+    bad("int32 or int64", q, k, v, g, cu_seqlens=torch.tensor([0.0, 8.0]))
+    bad("1-D", q, k, v, g, cu_seqlens=torch.tensor([[0, 8]]))
+    q2, k2, v2, g2 = inputs(B=2)
+    bad("B == 1", q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_rejects_wrong_initial_state():
+    q, k, v, g = inputs(B=2)
+    bad("initial_state must have shape", q, k, v, g, initial_state=torch.zeros(1, 2, 4, 6))
+    bad("initial_state must have shape", q, k, v, g, initial_state=torch.zeros(2, 2, 6, 4))
+    q, k, v, g = inputs()
+    bad("initial_state must have shape", q, k, v, g, initial_state=torch.zeros(1, 2, 4, 6),
+        cu_seqlens=torch.tensor([0, 3, 8]))
+
+
+def test_rejects_unknown_backend():
+    bad("backend", *inputs(), backend="fast")
+
+
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="triton"):
+        gated_linear_attention(*inputs(), backend="triton")
+
+
+def test_auto_backend_choice(monkeypatch):
+    calls = []
+    import gla.ops.chunk as chunk
+    real = chunk.chunk_gla
+    monkeypatch.setattr(chunk, "chunk_gla", lambda *a: calls.append("chunk") or real(*a))
+    gated_linear_attention(*inputs(T=5))
+    assert calls == ["chunk"]  # CPU tensors, several tokens
+    gated_linear_attention(*inputs(T=1))
+    assert calls == ["chunk"]  # one token: the recurrent step
+
+
+def test_empty_time_axis():
+    q, k, v, g = inputs(T=0)
+    h0 = torch.randn(1, 2, 4, 6)
+    for backend in ("chunk", "recurrent"):
+        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+        assert o.shape == (1, 0, 2, 6) and torch.equal(s, h0)
+
+
+def test_recurrent_step_matches_sequence():
+    q, k, v, g, h0 = gla_inputs(3, 5, 2, 4, 6, state=True, requires_grad=False)
+    o_ref, s_ref = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True,
+                                          backend="recurrent")
+    s = h0
+    for t in range(5):
+        o_t, s = recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], s, 4 ** -0.5)
+        assert rel_err(o_t, o_ref[:, t]) < 1e-6
+    assert rel_err(s, s_ref) < 1e-6
+
+
+def test_recurrent_matches_naive_formula():
+    # Independent check of the reference itself: o_t = s Σ_{j<=t} (q_t ⊙ Π_{j<m<=t} α_m) · k_j v_j.
+    q, k, v, g = (x.double() for x in inputs(T=6, H=1))
+    o, _ = gated_linear_attention(q, k, v, g, backend="recurrent")
+    b = g[0, :, 0].cumsum(0)  # [T, K]
+    naive = torch.stack([sum(((q[0, t, 0] * k[0, j, 0] * (b[t] - b[j]).exp()).sum() * v[0, j, 0])
+                             for j in range(t + 1)) for t in range(6)]) * 0.5
+    assert rel_err(o[0, :, 0], naive) < 1e-12

@@ -1,0 +1,111 @@
+"""The chunkwise path against the float64 recurrent reference: outputs, final state, every gradient."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gla.ops import gated_linear_attention
+from tests.utils import compare_to_reference, gla_inputs, rel_err
+
+FWD_TOL, GRAD_TOL = 1e-5, 1e-4  # fp32: relative to a float64 reference
+
+
+def assert_close(errs, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL):
+    bad = {n: e for n, e in errs.items() if e > (fwd_tol if n in ("o", "state") else grad_tol)}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 60, 100), (1, 63, 2, 60, 100), (2, 130, 3, 16, 20),
+                                       (1, 1000, 1, 32, 48)])
+@pytest.mark.parametrize("normalizer", [16.0, 1.0, 0.1])  # weak, medium, strong gates
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_matches_reference(B, T, H, K, V, normalizer, with_state):
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, normalizer=normalizer, state=with_state, seed=T + K)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
+
+
+def test_chunk_custom_scale():
+    q, k, v, g, h0 = gla_inputs(1, 70, 2, 12, 7, state=True)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", scale=0.37))
+
+
+@pytest.mark.parametrize("normalizer", [16.0, 0.1])
+def test_varlen_matches_reference(normalizer):
+    cu = torch.tensor([0, 5, 5, 70, 200, 201, 329], dtype=torch.int32)  # includes an empty sequence
+    q, k, v, g, h0 = gla_inputs(1, 329, 2, 24, 40, normalizer=normalizer, state=True, N=6)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", cu_seqlens=cu))
+
+
+def test_varlen_equals_loop_over_sequences():
+    offs = [0, 64, 64, 100, 229]
+    cu = torch.tensor(offs)
+    q, k, v, g, h0 = gla_inputs(1, offs[-1], 2, 20, 30, state=True, N=len(offs) - 1, requires_grad=False)
+    o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                  backend="chunk")
+    for n, (bos, eos) in enumerate(zip(offs, offs[1:])):
+        sl = slice(bos, eos)
+        o_n, s_n = gated_linear_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], initial_state=h0[n:n + 1],
+                                          output_final_state=True, backend="chunk")
+        assert rel_err(o[:, sl], o_n) <= FWD_TOL if eos > bos else o[:, sl].numel() == 0
+        assert rel_err(s[n:n + 1], s_n) <= FWD_TOL
+
+
+def test_empty_sequence_keeps_initial_state():
+    cu = torch.tensor([0, 0, 10])
+    q, k, v, g, h0 = gla_inputs(1, 10, 1, 8, 8, state=True, N=2, requires_grad=False)
+    _, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                  backend="chunk")
+    assert torch.equal(s[0], h0[0])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-3), (torch.float16, 1e-3)])
+def test_low_precision_inputs(dtype, tol):
+    # The reference sees the same rounded inputs in float64, so the only difference left is rounding the
+    # outputs and gradients to `dtype` (bf16 unit roundoff 2^-9 ~ 2e-3 per element, fp16 2^-12): the bounds are
+    # about one ulp of the output format, which fp32 accumulation inside the op must not exceed.
+    q, k, v, g, h0 = gla_inputs(2, 150, 2, 32, 64, dtype=dtype, state=True)
+    errs = compare_to_reference(q, k, v, g, h0, backend="chunk")
+    assert_close(errs, tol, tol)
+
+
+def test_state_is_float32_for_low_precision():
+    q, k, v, g, _ = gla_inputs(1, 20, 1, 8, 8, dtype=torch.bfloat16, requires_grad=False)
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="chunk")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+
+
+def test_no_overflow_with_extreme_gates():
+    # Cumulative log decay of thousands inside one chunk: every exponent must stay finite.
+    q, k, v, g, h0 = gla_inputs(1, 128, 1, 8, 8, normalizer=0.01, state=True)
+    errs = compare_to_reference(q, k, v, g, h0, backend="chunk")
+    assert_close(errs)
+
+
+@pytest.mark.parametrize("backend", ["chunk", "recurrent"])
+@pytest.mark.parametrize("normalizer", [4.0, 0.1])
+def test_gradcheck(backend, normalizer):
+    q, k, v, g, h0 = gla_inputs(1, 70, 1, 3, 2, dtype=torch.float64, normalizer=normalizer, state=True)
+
+    def f(q, k, v, g, h0):
+        return gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, g, h0), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_varlen():
+    q, k, v, g, h0 = gla_inputs(1, 80, 1, 2, 3, dtype=torch.float64, state=True, N=3)
+    cu = torch.tensor([0, 10, 10, 80])
+
+    def f(q, k, v, g, h0):
+        return gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                      backend="chunk")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, g, h0), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.integers(1, 20),
+       V=st.integers(1, 20), log_norm=st.floats(-2.0, 2.0), with_state=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes_and_gates(B, T, H, K, V, log_norm, with_state, seed):
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, normalizer=10.0 ** log_norm, state=with_state, seed=seed)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", seed=seed))

@@ -1,0 +1,66 @@
+"""Shared test helpers: the one tolerance measure and GLA input generation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ||x - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    diff = (x - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def gla_inputs(B, T, H, K, V, *, dtype=torch.float32, normalizer=16.0, seed=0, device="cpu",
+               requires_grad=True, state=False, N=None):
+    """Random GLA inputs: q, k, v ~ randn, g = logsigmoid(randn) / normalizer (normalizer 0.1 = strong gates).
+
+    Returns q, k, v, g ([B, T, H, K] / [B, T, H, V]) and h0 ([N or B, H, K, V] float32, or None).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k = rnd(B, T, H, K), rnd(B, T, H, K)
+    v = rnd(B, T, H, V)
+    g = F.logsigmoid(rnd(B, T, H, K)) / normalizer
+    out = [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [g.to(device=device, dtype=dtype)]
+    h0 = rnd(N or B, H, K, V).to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32) \
+        if state else None
+    tensors = out + ([h0] if h0 is not None else [])
+    for x in tensors:
+        x.requires_grad_(requires_grad)
+    return (*out, h0)
+
+
+def compare_to_reference(q, k, v, g, h0=None, *, backend, cu_seqlens=None, scale=None, seed=1):
+    """Run ``backend`` and the float64 recurrent reference on the same inputs with one random cotangent.
+
+    The loss is <o, do> + <final_state, dS>, so gradients also flow through the final state. Returns
+    {name: relative error} for o, final state and the gradients of q, k, v, g and h0 (when given).
+    """
+    from gla.ops import gated_linear_attention
+
+    leaves = [q, k, v, g] + ([h0] if h0 is not None else [])
+    names = ["dq", "dk", "dv", "dg"] + (["dh0"] if h0 is not None else [])
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(scale=scale, output_final_state=True, cu_seqlens=cu_seqlens)
+
+    def run(xs, bk):
+        o, s = gated_linear_attention(*xs[:4], initial_state=xs[4] if len(xs) > 4 else None, backend=bk, **kw)
+        return o, s
+
+    o, s = run(leaves, backend)
+    do = torch.randn(o.shape, generator=gen).to(o.device)
+    ds = torch.randn(s.shape, generator=gen).to(s.device)
+    grads = torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), leaves)
+
+    ref_leaves = [x.detach().double().cpu().requires_grad_() for x in leaves]
+    o_r, s_r = run(ref_leaves, "recurrent")
+    grads_r = torch.autograd.grad((o_r * do.double().cpu()).sum() + (s_r * ds.double().cpu()).sum(), ref_leaves)
+    errs = {"o": rel_err(o, o_r), "state": rel_err(s, s_r)}
+    errs.update({n: rel_err(a, b) for n, a, b in zip(names, grads, grads_r)})
+    return errs
