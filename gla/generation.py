@@ -1,0 +1,103 @@
+"""Sampling and streaming generation: prefill in chunks, then one recurrent step per token.
+
+For a GLA-only model the memory used does not grow with the context: each layer keeps a [B, H, K, V] state.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def _left_pad(prompts, pad_id: int, device):
+    """A list of token lists of different lengths -> (ids [B, T], attention_mask [B, T]), padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long, device=device)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator=None):
+    """logits: [B, vocab] -> next tokens [B]. temperature 0 is greedy; top_k / top_p filter before sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _prepare(model, input_ids, attention_mask):
+    device = next(model.parameters()).device
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from the prompt lengths when prompts are given as lists")
+        return _left_pad([list(p) for p in input_ids], 0, device)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
+    return input_ids.to(device), None if attention_mask is None else attention_mask.to(device)
+
+
+@torch.inference_mode()
+def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None,
+           prefill_chunk: int = 2048, generator=None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B] long, one step at a time.
+
+    input_ids: [B, T] (with attention_mask [B, T] for left-padded rows) or a list of token lists of different
+    lengths. Rows that produced eos_token_id keep yielding it; the stream ends early once every row has.
+    """
+    ids, mask = _prepare(model, input_ids, attention_mask)
+    was_training = model.training
+    model.eval()
+    try:
+        state, logits = None, None
+        for s in range(0, ids.shape[1], prefill_chunk):
+            piece = slice(s, s + prefill_chunk)
+            logits, state = model(ids[:, piece], state,
+                                  attention_mask=None if mask is None else mask[:, piece])
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, eos_token_id, nxt)
+                done |= nxt == eos_token_id
+            yield nxt
+            if eos_token_id is not None and bool(done.all()):
+                return
+            logits, state = model(nxt.unsqueeze(1), state)
+    finally:
+        model.train(was_training)
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None, callback=None,
+             prefill_chunk: int = 2048, generator=None) -> torch.Tensor:
+    """Generate up to max_new_tokens tokens; returns ids [B, T + new] (prompts left-padded with 0 when given as
+    lists of different lengths). callback(tokens [B]) is called on every new token (streaming output)."""
+    ids, mask = _prepare(model, input_ids, attention_mask)
+    out = [ids]
+    for tok in stream(model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, mask, prefill_chunk,
+                      generator):
+        out.append(tok.unsqueeze(1))
+        if callback is not None:
+            callback(tok)
+    return torch.cat(out, 1)

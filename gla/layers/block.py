@@ -1,0 +1,39 @@
+"""GLALayer: a pre-norm residual block, token mixer then MLP (the GLA paper's Transformer-style block)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .gla_attention import GatedLinearAttention
+from .mlp import MLP
+from .norm import make_norm
+from .softmax import SoftmaxAttention
+
+
+class GLALayer(nn.Module):
+    """x: [B, T, d_model] -> [B, T, d_model]: x + mixer(norm(x)), then + mlp(norm(.)); dropout is applied by the
+    mixer and the MLP to their outputs.
+
+    mixer: "gla" (GatedLinearAttention, default) or "softmax" (SoftmaxAttention); ``mixer_options`` go to it.
+    mlp: "swiglu" (default) or "gelu". Parameter names follow FLA's GLABlock (attn_norm, attn, mlp_norm, mlp).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, *, mixer: str = "gla",
+                 mlp: str = "swiglu", norm: str = "rms", norm_eps: float = 1e-6, **mixer_options):
+        super().__init__()
+        self.mixer = mixer
+        self.attn_norm = make_norm(norm, d_model, norm_eps)
+        if mixer == "gla":
+            self.attn = GatedLinearAttention(d_model, n_heads, dropout, norm=norm, norm_eps=norm_eps,
+                                             **mixer_options)
+        elif mixer == "softmax":
+            self.attn = SoftmaxAttention(d_model, n_heads, dropout, **mixer_options)
+        else:
+            raise ValueError(f"mixer must be 'gla' or 'softmax', got {mixer!r}")
+        self.mlp_norm = make_norm(norm, d_model, norm_eps)
+        self.mlp = MLP(d_model, d_ff, mlp, dropout)
+
+    def forward(self, x, state=None, **mixer_kwargs):
+        """Returns (y [B, T, d_model], the mixer's new state). mixer_kwargs go to the mixer's forward."""
+        h, state = self.attn(self.attn_norm(x), state, **mixer_kwargs)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state

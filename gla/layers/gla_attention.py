@@ -1,0 +1,118 @@
+"""The GLA token mixer (Yang et al. 2024, §4.4) with the options users reach for."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gla.ops import gated_linear_attention
+from .conv import ShortConv
+from .norm import make_norm
+
+FEATURE_MAPS = {
+    None: lambda x: x,
+    "elu1": lambda x: F.elu(x) + 1,  # the seed's ELU + 1 (Katharopoulos et al. 2020)
+    "relu": F.relu,
+    "silu": F.silu,
+}
+OUTPUT_GATES = {
+    "swish": F.silu,  # the paper's swish(x W_r) ⊙ norm(o)
+    "sigmoid": torch.sigmoid,  # the seed's "normalized sigmoid": sigmoid(x W_r) ⊙ norm(o)
+    None: None,
+}
+
+
+@dataclass
+class GLAState:
+    """Per-layer recurrent state: recurrent [B, H, K, V] float32; conv: (q, k, v) caches [B, C, W-1] or None."""
+    recurrent: torch.Tensor
+    conv: tuple | None = None
+
+
+class GatedLinearAttention(nn.Module):
+    """x: [B, T, d_model] -> [B, T, d_model], with a constant-size state.
+
+    q, k = x W_q, x W_k (d_model * expand_k); v = x W_v (d_model * expand_v); forget gate
+    alpha = sigmoid(x W_1 W_2 + b)^(1/gate_logit_normalizer) from a rank-``gate_low_rank_dim`` projection, i.e.
+    g = logsigmoid(.) / gate_logit_normalizer (optionally clamped below at ``clamp_min``); o = GLA(q, k, v, g),
+    normalised per head, gated by ``output_gate``(x W_r), projected by W_O. Parameter names follow FLA's GLA layer.
+
+    Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
+    "relu" | "silu" applied to q and k), output_gate ("swish" | "sigmoid" | None), norm ("rms" | "layer"),
+    use_short_conv (causal depthwise conv of width conv_size on q, k, v), backend (operator backend).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, expand_k: float = 0.5,
+                 expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str | None = None,
+                 output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
+                 use_short_conv: bool = False, conv_size: int = 4, backend: str = "auto"):
+        super().__init__()
+        num_kv_heads = num_kv_heads or n_heads
+        key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        if key_dim % n_heads or value_dim % n_heads or n_heads % num_kv_heads:
+            raise ValueError(f"d_model*expand_k={key_dim} and d_model*expand_v={value_dim} must divide into "
+                             f"n_heads={n_heads}, and n_heads into num_kv_heads={num_kv_heads}")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+        if output_gate not in OUTPUT_GATES:
+            raise ValueError(f"output_gate must be one of {list(OUTPUT_GATES)}, got {output_gate!r}")
+        if clamp_min is not None and clamp_min >= 0:
+            raise ValueError(f"clamp_min bounds the log forget gate and must be negative, got {clamp_min}")
+        self.n_heads, self.num_kv_heads = n_heads, num_kv_heads
+        self.head_k, self.head_v = key_dim // n_heads, value_dim // n_heads
+        self.feature_map, self.output_gate = feature_map, output_gate
+        self.gate_logit_normalizer, self.clamp_min, self.backend = gate_logit_normalizer, clamp_min, backend
+        kv_k, kv_v = self.head_k * num_kv_heads, self.head_v * num_kv_heads
+        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_k, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_v, bias=False)
+        if output_gate is not None:
+            self.g_proj = nn.Linear(d_model, value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, kv_k, bias=True))
+        self.convs = nn.ModuleList([ShortConv(c, conv_size) for c in (key_dim, kv_k, kv_v)]) \
+            if use_short_conv else None
+        self.g_norm = make_norm(norm, self.head_v, norm_eps)
+        self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, state: GLAState | None = None, cu_seqlens=None, attention_mask=None, seq_info=None):
+        """x: [B, T, d_model]; state: GLAState or None; cu_seqlens: [N+1] packed documents (B == 1);
+        attention_mask: [B, T] 1 for tokens, 0 for padding (padding neither decays nor writes the state);
+        seq_info: (seq_start [T], seq_last [N]) for packed input, computed once per model call.
+        Returns (y [B, T, d_model], GLAState).
+        """
+        B, T, _ = x.shape
+        H, Hkv = self.n_heads, self.num_kv_heads
+        m = None if attention_mask is None else attention_mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+        xin = x if m is None else x * m
+        q, k, v = self.q_proj(xin), self.k_proj(xin), self.v_proj(xin)
+        conv_state = None
+        if self.convs is not None:
+            start, last = seq_info if seq_info is not None else (None, None)
+            caches = state.conv if state is not None and state.conv is not None else (None,) * 3
+            outs = [conv(t, c, start, last) for conv, t, c in zip(self.convs, (q, k, v), caches)]
+            (q, cq), (k, ck), (v, cv) = outs
+            conv_state = (cq, ck, cv)
+        gk = F.logsigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            gk = gk.clamp_min(self.clamp_min)
+        if m is not None:  # padding: no decay, no write
+            gk, k, v = gk * m, k * m, v * m
+        q, k = FEATURE_MAPS[self.feature_map](q), FEATURE_MAPS[self.feature_map](k)
+        q = q.view(B, T, H, self.head_k)
+        k, v, gk = (t.view(B, T, Hkv, -1) for t in (k, v, gk))
+        if Hkv != H:
+            k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
+        h0 = state.recurrent if state is not None else None
+        # The gate stays float32 under autocast: its cumulative sums are what decays the state.
+        o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=True,
+                                      cu_seqlens=cu_seqlens, backend=self.backend)
+        o = self.g_norm(o)
+        if self.output_gate is not None:
+            o = o * OUTPUT_GATES[self.output_gate](self.g_proj(x)).view(B, T, H, self.head_v)
+        y = self.dropout(self.o_proj(o.reshape(B, T, H * self.head_v)))
+        return y, GLAState(s, conv_state)

@@ -1,0 +1,31 @@
+"""Feed-forward blocks: SwiGLU (Shazeer 2020; the GLA paper's default) and the classic GELU MLP."""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """x: [..., d_model] -> [..., d_model].
+
+    kind "swiglu": down(silu(gate(x)) * up(x)); kind "gelu": down(gelu(up(x))). Parameter names follow FLA's
+    GatedMLP (gate_proj, up_proj, down_proj) so checkpoints map one to one.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", dropout: float = 0.0):
+        super().__init__()
+        if kind not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {kind!r}")
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x))
+        return self.dropout(self.down_proj(h))

@@ -1,0 +1,85 @@
+"""Softmax attention (SDPA) with rotary position embeddings and a KV cache, for hybrid GLA/softmax models."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """Keys and values seen so far: k, v [B, H_kv, L, D] (rotary already applied to k)."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def rotary(x, positions, theta: float):
+    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * theta^(-2i/D) (Su et al. 2021, RoFormer).
+
+    positions: [B, T] integer positions. Computed in float32.
+    """
+    D = x.shape[-1]
+    inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
+    ang = positions.float().unsqueeze(-1) * inv  # [B, T, D/2]
+    cos, sin = ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)
+    x1, x2 = x.float()[..., :D // 2], x.float()[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal multi-head softmax attention with RoPE and GQA. x: [B, T, d_model] -> [B, T, d_model].
+
+    Parameter names follow FLA's Attention layer (q_proj, k_proj, v_proj, o_proj).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = False, rope_theta: float = 10000.0):
+        super().__init__()
+        self.n_heads, self.num_kv_heads = n_heads, num_kv_heads or n_heads
+        if n_heads % self.num_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        self.head_dim = head_dim or d_model // n_heads
+        self.rope_theta = rope_theta
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, state: KVCache | None = None, positions=None, key_mask=None, block_mask=None):
+        """x: [B, T, d_model]; state: KVCache of earlier tokens or None; positions: [B, T] rotary positions;
+        key_mask: [B, L + T] bool, False for padded keys (cache included); block_mask: [T, T] bool, True where a
+        query may see a key (packed documents: block-diagonal causal). Returns (y, KVCache of all keys).
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if positions is None:
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if state is not None:
+            k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+        cache = KVCache(k, v)
+        L = k.shape[2]
+        if self.num_kv_heads != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.num_kv_heads, 1) for t in (k, v))
+        mask = None
+        if block_mask is not None:
+            mask = block_mask
+        elif key_mask is not None or L != T:
+            mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)  # causal with a cache offset
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
+            # A fully padded query row would give NaN; let it see itself (its output is ignored anyway).
+            own = torch.zeros(T, L, dtype=torch.bool, device=x.device)
+            own[torch.arange(T), torch.arange(L - T, L)] = True
+            mask = mask | own
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, -1))), cache

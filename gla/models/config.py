@@ -1,0 +1,89 @@
+"""GLAConfig: one dataclass describing a GLA / hybrid model, with presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
+    """SwiGLU width with the parameter count of a ratio*d MLP: d * ratio * 2/3, rounded up to ``multiple``."""
+    n = int(d_model * ratio * 2 / 3)
+    return multiple * -(-n // multiple)
+
+
+@dataclass
+class GLAConfig:
+    """Everything needed to rebuild a GLATransformer.
+
+    attn_layers: indices of layers that use softmax attention instead of GLA (hybrids, e.g. every 4th layer).
+    GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
+    layers (heads default to n_heads).
+    """
+    vocab_size: int = 256
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_layers: int = 6
+    max_seq_len: int = 32768
+    dropout: float = 0.1
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    initializer_range: float = 0.02
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    num_kv_heads: int | None = None
+    feature_map: str | None = None
+    output_gate: str | None = "swish"
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = 16.0
+    clamp_min: float | None = None
+    use_short_conv: bool = False
+    conv_size: int = 4
+    attn_layers: tuple = field(default_factory=tuple)
+    attn_heads: int | None = None
+    attn_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        self.attn_layers = tuple(int(i) for i in self.attn_layers)
+        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"attn_layers {bad} are outside 0..{self.n_layers - 1}")
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["attn_layers"] = list(self.attn_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GLAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GLAConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GLAConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The paper's shapes (Yang et al. 2024, Table 2 setups; FLA's GLA configs): 4 heads, expand_k 0.5, expand_v 1.
+PRESETS = {
+    "tiny": dict(vocab_size=256, d_model=64, n_heads=2, d_ff=128, n_layers=2, max_seq_len=1024, dropout=0.0),
+    "demo": dict(vocab_size=256, d_model=256, n_heads=4, d_ff=ffn_size(256), n_layers=4, max_seq_len=4096,
+                 dropout=0.0),
+    "gla-340m": dict(vocab_size=32000, d_model=1024, n_heads=4, d_ff=ffn_size(1024), n_layers=24,
+                     max_seq_len=2048, dropout=0.0, initializer_range=0.006),
+    "gla-1.3b": dict(vocab_size=32000, d_model=2048, n_heads=4, d_ff=ffn_size(2048), n_layers=24,
+                     max_seq_len=2048, dropout=0.0, initializer_range=0.006),
+}

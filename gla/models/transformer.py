@@ -1,0 +1,186 @@
+"""GLATransformer: a decoder-only language model of GLA layers, optionally hybrid with softmax layers."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from gla.layers import GLALayer
+from gla.layers.norm import make_norm
+from .config import GLAConfig
+from .state import ModelState
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+MODEL_TYPE = "gla_lm"  # our Hugging Face model_type; FLA's is "gla"
+
+
+def _packed_info(cu_seqlens, T, device):
+    """cu_seqlens [N+1] -> (seq_start [T], seq_last [N] (-1 if empty), positions [1, T])."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]
+    start = torch.repeat_interleave(cu[:-1], lens, output_size=T)
+    last = torch.where(lens > 0, cu[1:] - 1, -1)
+    return start, last, (torch.arange(T, device=device) - start).unsqueeze(0)
+
+
+class GLATransformer(nn.Module):
+    """input_ids [B, T] -> logits [B, T, vocab_size], carrying a ModelState between calls.
+
+    The seed's signature works (GLATransformer(vocab_size, d_model=512, ...)); options are GLAConfig fields, e.g.
+    attn_layers=(3, 7) for softmax attention in layers 3 and 7. Submodule names follow FLA's GLAModel.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 512, n_heads: int = 8, d_ff: int = 2048, n_layers: int = 6,
+                 max_seq_len: int = 32768, dropout: float = 0.1, **options):
+        super().__init__()
+        cfg = GLAConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers,
+                        max_seq_len=max_seq_len, dropout=dropout, **options)
+        self.config = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList([self._layer(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+
+    @staticmethod
+    def _layer(cfg: GLAConfig, i: int) -> GLALayer:
+        common = dict(dropout=cfg.dropout, mlp=cfg.mlp, norm=cfg.norm, norm_eps=cfg.norm_eps)
+        if i in cfg.attn_layers:
+            return GLALayer(cfg.d_model, cfg.attn_heads or cfg.n_heads, cfg.d_ff, mixer="softmax",
+                            num_kv_heads=cfg.attn_kv_heads, rope_theta=cfg.rope_theta, **common)
+        return GLALayer(cfg.d_model, cfg.n_heads, cfg.d_ff, mixer="gla", expand_k=cfg.expand_k,
+                        expand_v=cfg.expand_v, num_kv_heads=cfg.num_kv_heads, feature_map=cfg.feature_map,
+                        output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
+                        gate_logit_normalizer=cfg.gate_logit_normalizer, clamp_min=cfg.clamp_min,
+                        use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, **common)
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg: GLAConfig) -> "GLATransformer":
+        d = cfg.to_dict()
+        return cls(**d)
+
+    def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
+        """input_ids: [B, T] long; state: ModelState from an earlier call (continues those sequences);
+        cu_seqlens: [N+1] offsets of packed documents (B == 1; states reset at each boundary, the returned GLA
+        states are per document [N, ...]); attention_mask: [B, T] 1 for tokens, 0 for padding (e.g. left-padded
+        prompts). Returns (logits [B, T, vocab_size], ModelState).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if cu_seqlens is not None and attention_mask is not None:
+            raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(attention_mask.shape)}")
+        has_softmax = bool(self.config.attn_layers)
+        seen = state.seen if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
+        gla_kw, sm_kw = {}, {}
+        if cu_seqlens is not None:
+            if state is not None and has_softmax:
+                raise ValueError("a hybrid model cannot continue a state with packed documents (cu_seqlens)")
+            start, last, positions = _packed_info(cu_seqlens, T, dev)
+            gla_kw = dict(cu_seqlens=cu_seqlens, seq_info=(start, last))
+            pos = torch.arange(T, device=dev)
+            block = (start.unsqueeze(1) == start.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
+            sm_kw = dict(positions=positions, block_mask=block)
+            n_real = None
+        else:
+            mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+            key_mask = state.key_mask if state is not None else None
+            if mask is not None or key_mask is not None:
+                cur = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+                if has_softmax:  # without padding so far every row has seen[0] cached keys
+                    prev = key_mask if key_mask is not None else torch.ones(
+                        B, int(seen[0]) if state is not None else 0, dtype=torch.bool, device=dev)
+                    key_mask = torch.cat([prev, cur], 1)
+                steps = cur.long().cumsum(1)
+                positions = seen.unsqueeze(1) + (steps - 1).clamp(min=0)
+                n_real = cur.long().sum(1)
+            else:
+                positions = seen.unsqueeze(1) + torch.arange(T, device=dev)
+                n_real = torch.full((B,), T, device=dev)
+            gla_kw = dict(attention_mask=attention_mask)
+            sm_kw = dict(positions=positions, key_mask=key_mask)
+        x = self.embeddings(input_ids)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            s = state.layers[i] if state is not None else None
+            x, s = layer(x, s, **(sm_kw if layer.mixer == "softmax" else gla_kw))
+            new_layers.append(None if (cu_seqlens is not None and layer.mixer == "softmax") else s)
+        logits = self.lm_head(self.norm(x))
+        if n_real is None:
+            new_state = ModelState(new_layers, (cu_seqlens[1:] - cu_seqlens[:-1]).to(dev, torch.long))
+        else:
+            new_state = ModelState(new_layers, seen + n_real, sm_kw.get("key_mask"))
+        return logits, new_state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json (Hugging Face compatible, model_type "gla_lm") and model.safetensors to ``path``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        cfg = {"model_type": MODEL_TYPE, "architectures": ["GLAForCausalLM"], **self.config.to_dict()}
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                   if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        _atomic_write(os.path.join(path, CONFIG), lambda p: open(p, "w").write(json.dumps(cfg, indent=2)))
+        _atomic_write(os.path.join(path, WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location="cpu") -> "GLATransformer":
+        """Load a directory written by save_pretrained."""
+        from safetensors.torch import load_file
+
+        cfg = read_config(path)
+        if cfg.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{path}/{CONFIG} has model_type {cfg.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        ours = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version",
+                                                           "torch_dtype", "dtype")}
+        known = set(GLAConfig.__dataclass_fields__)
+        model = cls.from_config(GLAConfig.from_dict({k: v for k, v in ours.items() if k in known}))
+        wpath = os.path.join(path, WEIGHTS)
+        if not os.path.isfile(wpath):
+            raise FileNotFoundError(f"no {WEIGHTS} in {path}")
+        try:
+            tensors = load_file(wpath, device=str(map_location))
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
+            raise ValueError(f"{wpath} is not a readable safetensors file: {e}") from e
+        state = {k.removeprefix("model."): v for k, v in tensors.items()}
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["embeddings.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{wpath} does not match the config: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def read_config(path: str) -> dict:
+    """config.json of a checkpoint directory, with clear errors for a missing or malformed file."""
+    cpath = os.path.join(path, CONFIG)
+    if not os.path.isfile(cpath):
+        raise FileNotFoundError(f"no {CONFIG} in {path!r}: not a checkpoint directory")
+    try:
+        with open(cpath) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cpath} is not valid JSON: {e}") from e
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
