@@ -1,0 +1,127 @@
+"""GLATransformer: state per layer, pieces == whole, padding == packing == separate, presets, checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+import gla
+from gla import GLAConfig, GLATransformer
+from tests.utils import rel_err
+
+KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)}}
+
+
+def model(kind="gla", **kw):
+    torch.manual_seed(0)
+    return GLATransformer(101, 48, 4, 96, 3, dropout=0.0, **{**KINDS[kind], **kw}).eval()
+
+
+def test_seed_signature_and_from_config():
+    m = GLATransformer(256)
+    assert m.config.d_model == 512 and m.config.n_layers == 6 and m.config.dropout == 0.1
+    m2 = GLATransformer.from_config(GLAConfig.preset("tiny"))
+    assert m2.config == GLAConfig.preset("tiny")
+
+
+@pytest.mark.parametrize("name,params,head_k,head_v", [("gla-340m", 340e6, 128, 256),
+                                                        ("gla-1.3b", 1.3e9, 256, 512)])
+def test_paper_presets(name, params, head_k, head_v):
+    with torch.device("meta"):
+        m = GLATransformer.from_config(GLAConfig.preset(name))
+    attn = m.layers[0].attn
+    assert (attn.head_k, attn.head_v, attn.n_heads) == (head_k, head_v, 4)
+    assert abs(m.num_parameters() - params) / params < 0.15
+
+
+def test_each_layer_has_its_own_state():
+    m = model("hybrid")
+    _, s = m(torch.randint(0, 101, (2, 12)))
+    assert len(s.layers) == 3
+    assert s.layers[0].recurrent.data_ptr() != s.layers[2].recurrent.data_ptr()
+    assert not torch.allclose(s.layers[0].recurrent, s.layers[2].recurrent)
+    assert s.layers[1].k.shape[2] == 12  # the softmax layer's KV cache
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_pieces_with_state_equal_whole(kind):
+    m = model(kind)
+    x = torch.randint(0, 101, (2, 50))
+    logits, _ = m(x)
+    state, outs = None, []
+    for a, b in ((0, 20), (20, 21), (21, 50)):
+        out, state = m(x[:, a:b], state)
+        outs.append(out)
+    assert rel_err(torch.cat(outs, 1), logits) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_padded_batch_equals_packed_equals_separate(kind):
+    m = model(kind)
+    seqs = [torch.randint(0, 101, (n,)) for n in (7, 30, 19)]
+    separate = [m(s.unsqueeze(0))[0][0] for s in seqs]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    padded, _ = m(ids, attention_mask=mask)
+    cu = torch.tensor([0, 7, 37, 56])
+    packed, state = m(torch.cat(seqs).unsqueeze(0), cu_seqlens=cu)
+    for i, s in enumerate(seqs):
+        assert rel_err(padded[i, T - len(s):], separate[i]) < 1e-5
+        assert rel_err(packed[0, cu[i]:cu[i + 1]], separate[i]) < 1e-5
+    assert state.layers[0].recurrent.shape[0] == 3
+
+
+def test_padded_batch_continues_with_state():
+    m = model("hybrid")
+    a, b = torch.randint(0, 101, (5,)), torch.randint(0, 101, (9,))
+    ids = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), a]), b])
+    mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    _, state = m(ids, attention_mask=mask)
+    nxt = torch.randint(0, 101, (2, 3))
+    out, _ = m(nxt, state)
+    ref_a, _ = m(torch.cat([a, nxt[0]]).unsqueeze(0))
+    ref_b, _ = m(torch.cat([b, nxt[1]]).unsqueeze(0))
+    assert rel_err(out[0], ref_a[0, -3:]) < 1e-5 and rel_err(out[1], ref_b[0, -3:]) < 1e-5
+
+
+def test_bad_inputs():
+    m = model()
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="attn_layers"):
+        GLAConfig(n_layers=2, attn_layers=(5,))
+    with pytest.raises(ValueError, match="preset"):
+        GLAConfig.preset("gla-7b")
+
+
+@pytest.mark.parametrize("kind", ["gla", "hybrid"])
+def test_save_and_load_round_trip(tmp_path, kind):
+    m = model(kind, tie_embeddings=True)
+    m.save_pretrained(str(tmp_path))
+    m2 = gla.from_pretrained(str(tmp_path))
+    x = torch.randint(0, 101, (1, 9))
+    assert torch.equal(m(x)[0], m2(x)[0])
+    assert m2.lm_head.weight is m2.embeddings.weight
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == "gla_lm"
+
+
+def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gla.from_pretrained(str(tmp_path / "missing"))
+    model().save_pretrained(str(tmp_path))
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="safetensors"):
+        gla.from_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="JSON"):
+        gla.from_pretrained(str(tmp_path))
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError):
+        gla.from_pretrained(str(tmp_path))
