@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, dot_dtype, pow2
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot_dtype
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def chunk_dv_bwd_kernel(k, g, do, A, dhs, dv, cu_seqlens, chunk_indices, chunk_o
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """k, g: [B*T, H, K]; do, dv: [B*T, H, V]; A: [B*T, H, BT]; dhs: [NC, H, K, V]."""
-    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     rows = bos + i_t * BT + o_t
@@ -81,20 +81,14 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, hs, dhs, dq, dk, dg, scale, cu_seqlens
                           BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, SAFE: tl.constexpr,
                           IS_VARLEN: tl.constexpr):
     """q, k, g, dq, dk, dg: [B*T, H, K]; v, do: [B*T, H, V]; hs: [slots, H, K, V]; dhs: [NC, H, K, V]."""
-    i_c, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # K tiles of one chunk are adjacent program ids, so they share v, do through L2
+    i_k, i_c, i_h = tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     rows = bos + i_t * BT + o_t
     m_t = rows < eos
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_k = tl.load(k + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_g = tl.load(g + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_gc = tl.cumsum(b_g, 0)
-    b_gl = tl.sum(b_g, 0)
     p_h = hs + ((boh + i_t) * H + i_h) * K * V + o_k[:, None] * V
     p_dh = dhs + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
 
@@ -116,6 +110,14 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, hs, dhs, dq, dk, dg, scale, cu_seqlens
         b_dq += tl.dot(b_do, tl.trans(b_h.to(DOT)), input_precision="ieee")
         b_dk += tl.dot(b_v, tl.trans(b_dh.to(DOT)), input_precision="ieee")
         b_dgl += tl.sum(b_hn.to(tl.float32) * b_dh.to(tl.float32), 1)
+    # q, k, g are loaded only now: keeping them live through the V loop spills registers
+    p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + p_q, mask=m_tk, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_q, mask=m_tk, other=0.).to(tl.float32)
+    b_g = tl.load(g + p_q, mask=m_tk, other=0.).to(tl.float32)
+    b_gc = tl.cumsum(b_g, 0)
+    b_gl = tl.sum(b_g, 0)
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA * scale, 0.)
     b_dq = b_dq * scale * tl.exp(b_gc)
     b_dk = b_dk * tl.exp(b_gl[None, :] - b_gc)
@@ -143,15 +145,13 @@ def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     V = v.shape[3]
     DOT = dot_dtype(q.dtype)
     dv = torch.empty_like(v)
-    BK, BV = min(64, pow2(K)), min(128, pow2(V))
-    chunk_dv_bwd_kernel[(meta.NC, triton.cdiv(V, BV), H)](
+    c = config("dv", K, V)
+    chunk_dv_bwd_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
         k, g, do, A, dhs, dv, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=DOT, IS_VARLEN=meta.varlen,
-        num_warps=8 if BV >= 128 else 4, num_stages=2)
+        H=H, K=K, V=V, BT=BT, DOT=DOT, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
-    BK, BV = min(64, pow2(K)), min(64, pow2(V))
-    chunk_dqkg_bwd_kernel[(meta.NC, triton.cdiv(K, BK), H)](
+    c = config("dqkg", K, V)
+    chunk_dqkg_bwd_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
-        meta.T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=DOT, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen,
-        num_warps=4, num_stages=2)
+        meta.T, H=H, K=K, V=V, BT=BT, DOT=DOT, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dq, dk, dv, dg

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, dot_dtype, pow2, store_dtype
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot_dtype, store_dtype
 
 
 @triton.jit
@@ -39,7 +39,8 @@ def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indic
                             BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, SAFE: tl.constexpr,
                             STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
     """q, k, g: [B*T, H, K]; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled, lower-triangular)."""
-    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # V tiles of one chunk are adjacent program ids, so they share q, k, g through L2
+    i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     rows = bos + i_t * BT + o_t
@@ -84,10 +85,10 @@ def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: boo
     V = v.shape[3]
     o = v.new_empty(B, T, H, V)
     A = q.new_empty(B, T, H, BT, dtype=store_dtype(q.dtype)) if store_A else None
-    BK, BV = min(64, pow2(K)), min(128, pow2(V))
-    grid = (meta.NC, triton.cdiv(V, BV), H)
+    c = config("output", K, V)
+    grid = (meta.NC * triton.cdiv(V, c["BV"]), H)
     chunk_output_fwd_kernel[grid](
         q, k, v, g, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=dot_dtype(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
-        IS_VARLEN=meta.varlen, num_warps=8 if BV >= 128 else 4, num_stages=2)
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
+        IS_VARLEN=meta.varlen, num_stages=2, **c)
     return o, A

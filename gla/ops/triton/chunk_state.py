@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import BT, ChunkMeta, dot_dtype, pow2, seq_bounds, store_dtype
+from .utils import BT, ChunkMeta, config, dot_dtype, seq_bounds, store_dtype
 
 
 @triton.jit
@@ -90,19 +90,19 @@ def chunk_state_bwd_kernel(q, g, do, dht, dh0, dhs, scale, cu_seqlens, chunk_off
                        other=0.)
         b_gc = tl.cumsum(b_g, 0)
         b_gl = tl.sum(b_g, 0)
-        b_qd = (b_q * scale * tl.exp(b_gc)).to(DOT)
+        b_qd = (b_q.to(tl.float32) * scale * tl.exp(b_gc)).to(DOT)
         b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qd), b_do.to(DOT), input_precision="ieee")
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
 
 
-def _state_blocks(N: int, H: int, K: int, V: int):
+def _state_config(N: int, H: int, K: int, V: int) -> dict:
     """Tile of the state per program. These kernels are sequential over chunks, so parallelism comes only from
-    N * H * tiles: use 32x32 tiles when that product is small (long single sequences), 64x64 otherwise."""
-    BK, BV = min(64, pow2(K)), min(64, pow2(V))
-    if N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 4 * 132:
-        BK, BV = min(32, pow2(K)), min(32, pow2(V))
-    return BK, BV
+    N * H * tiles: use the small tiles when the large ones would give fewer than ~4 programs per SM (132 SMs)."""
+    c = config("state", K, V)
+    if N * H * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) < 4 * 132:
+        c = config("state_small", K, V)
+    return c
 
 
 def chunk_state_fwd(k, v, g, h0, meta: ChunkMeta, output_final_state: bool):
@@ -111,12 +111,12 @@ def chunk_state_fwd(k, v, g, h0, meta: ChunkMeta, output_final_state: bool):
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
     hs = k.new_empty(meta.n_slots, H, K, V, dtype=store_dtype(k.dtype))
     ht = k.new_empty(meta.N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = _state_blocks(meta.N, H, K, V)
-    grid = (meta.N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    c = _state_config(meta.N, H, K, V)
+    grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
     chunk_state_fwd_kernel[grid](
         k, v, g, h0, hs, ht, meta.cu_seqlens, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=dot_dtype(k.dtype),
-        USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=meta.varlen, num_warps=4, num_stages=2)
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(k.dtype),
+        USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return hs, ht
 
 
@@ -125,10 +125,10 @@ def chunk_state_bwd(q, g, do, dht, scale: float, meta: ChunkMeta, need_dh0: bool
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
     dhs = q.new_empty(meta.NC, H, K, V, dtype=store_dtype(q.dtype))
     dh0 = q.new_empty(meta.N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BK, BV = _state_blocks(meta.N, H, K, V)
-    grid = (meta.N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    c = _state_config(meta.N, H, K, V)
+    grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
     chunk_state_bwd_kernel[grid](
         q, g, do, dht, dh0, dhs, scale, meta.cu_seqlens, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=dot_dtype(q.dtype),
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=meta.varlen, num_warps=4, num_stages=2)
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype),
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dhs, dh0

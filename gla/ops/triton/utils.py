@@ -7,6 +7,7 @@ NT_n + 1 consecutive slots (the state entering each chunk, then the final state)
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,11 @@ def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
 
 def dot_dtype(dtype: torch.dtype):
     """Operand dtype of the tensor-core products: bf16 for 16-bit inputs (fp16's range cannot hold the rescaled
-    operands exp(±60)), fp32 for fp32 inputs (computed in full fp32, see ``DOT_PRECISION``)."""
-    return tl.float32 if dtype == torch.float32 else tl.bfloat16
+    operands exp(±60)), fp32 for fp32 inputs (computed in full fp32: input_precision="ieee"). The CPU interpreter
+    cannot multiply bf16 blocks (it stores them as raw uint16), so there every product runs in fp32."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return tl.bfloat16
 
 
 def store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +105,24 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+# Fixed tile configurations, no autotuning (first call = compile only). Chosen from ptxas register reports (no
+# spills on sm_90) and H200 timings, see benchmarks/NOTES.md; benchmarks/gpu_ops.py edits this dict to time variants.
+CONFIGS = {
+    "state": dict(BK=64, BV=64, num_warps=8),
+    "state_small": dict(BK=32, BV=32, num_warps=4),  # sequential kernels when N * H * tiles is too small to fill
+    "output": dict(BK=32, BV=128, num_warps=8),
+    "dv": dict(BK=32, BV=128, num_warps=8),
+    "dqkg": dict(BK=32, BV=64, num_warps=8),
+}
+
+
+def config(name: str, K: int, V: int) -> dict:
+    """Tile sizes (clipped to the padded head dims) and launch options of one kernel."""
+    c = dict(CONFIGS[name])
+    c["BK"], c["BV"] = min(c["BK"], pow2(K)), min(c["BV"], pow2(V))
+    return c
 
 
 def patch_interpreter_scalars() -> None:

@@ -1,0 +1,132 @@
+"""Triton kernels against the float64 recurrent reference.
+
+CI (no GPU): runs every kernel under the Triton CPU interpreter on CPU tensors at small shapes (TRITON_INTERPRET=1 is
+set here, before triton is imported; it must be in effect before ``gla.ops.triton`` is first imported). The file is
+skipped only when triton is not installed.
+
+GPU: ``GLA_TEST_GPU=1 pytest tests/ops/test_triton.py`` runs the same checks compiled, on CUDA tensors, at realistic
+shapes (B*T in the thousands, K=V=128, the GLA-1.3B head K=256 / V=512).
+
+Tolerances (relative error ||x - ref|| / ||ref||): fp32 inputs use full-precision fp32 products ("ieee" on the GPU),
+so fp32 meets 1e-5 forward / 1e-4 gradients. bf16 inputs go through bf16 tensor-core products (each operand rounded to
+8 significant bits, ~2e-3 relative) and bf16 outputs, and the per-chunk states/scores are kept in bf16: expect a few
+1e-3, bounded here by 2e-2 (fp16 likewise: its products also run in bf16, see ``utils.dot_dtype``).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+GPU = os.environ.get("GLA_TEST_GPU") == "1"
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from gla.ops import gated_linear_attention, recurrent_step  # noqa: E402
+from gla.ops.triton import triton_recurrent_step  # noqa: E402
+from tests.utils import compare_to_reference, gla_inputs, rel_err  # noqa: E402
+
+DEVICE = "cuda" if GPU else "cpu"
+if GPU and not torch.cuda.is_available():
+    pytest.skip("GLA_TEST_GPU=1 needs a CUDA device", allow_module_level=True)
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)}
+
+# (B, T, H, K, V, gate normalizer, cu_seqlens): normalizer 16 = ordinary gates, 1 = chunks with total log-decay
+# around the safe-factoring limit (mixed paths), 0.1 = strong gates (log-decay of hundreds inside one chunk).
+if GPU:
+    CASES = [
+        (2, 1000, 4, 128, 128, 16.0, None),
+        (1, 700, 2, 256, 512, 16.0, None),
+        (1, 900, 3, 60, 100, 0.1, None),
+        (1, 777, 2, 128, 128, 1.0, None),
+        (1, 1500, 4, 64, 128, 16.0, [0, 1, 1, 200, 264, 1000, 1500]),
+    ]
+else:
+    CASES = [
+        (2, 100, 2, 16, 32, 16.0, None),
+        (1, 130, 2, 60, 100, 0.1, None),
+        (1, 150, 1, 40, 24, 1.0, None),
+        (1, 150, 2, 32, 32, 16.0, [0, 1, 1, 66, 150]),
+        (3, 1, 2, 16, 16, 16.0, None),
+    ]
+
+
+def _ids(case):
+    B, T, H, K, V, norm, cu = case
+    return f"B{B}-T{T}-H{H}-K{K}-V{V}-g{norm}" + ("-varlen" if cu else "")
+
+
+def _check(case, dtype, state=True):
+    B, T, H, K, V, norm, cu = case
+    cu_seqlens = torch.tensor(cu, device=DEVICE) if cu is not None else None
+    N = len(cu) - 1 if cu is not None else None
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, dtype=dtype, normalizer=norm, state=state, N=N, device=DEVICE,
+                                seed=T + K)
+    errs = compare_to_reference(q, k, v, g, h0, backend="triton", cu_seqlens=cu_seqlens)
+    fwd_tol, grad_tol = TOL[dtype]
+    bad = {n: e for n, e in errs.items() if not e <= (fwd_tol if n in ("o", "state") else grad_tol)}
+    assert not bad, f"{_ids(case)} {dtype}: errors over tolerance {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_chunk_fp32(case):
+    """Forward, final state and gradients of q, k, v, g, initial_state (through o and the final state)."""
+    _check(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2 if GPU else 1], CASES[4 if GPU else 3]], ids=_ids)
+def test_chunk_bf16(case):
+    _check(case, torch.bfloat16)
+
+
+def test_chunk_fp16():
+    _check(CASES[0], torch.float16, state=False)
+
+
+def test_no_state_no_final():
+    """Without initial state and without the final state: the gradient reaches the kernels through o alone."""
+    B, T, H, K, V = (2, 300, 2, 64, 64) if GPU else (1, 70, 2, 16, 16)
+    q, k, v, g, _ = gla_inputs(B, T, H, K, V, device=DEVICE)
+    o, s = gated_linear_attention(q, k, v, g, backend="triton")
+    assert s is None
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v, g))
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, g)]
+    o_r, _ = gated_linear_attention(*leaves, backend="recurrent")
+    grads_r = torch.autograd.grad((o_r * do.double().cpu()).sum(), leaves)
+    assert rel_err(o, o_r) <= 1e-5
+    for a, b in zip(grads, grads_r):
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_all_sequences_empty():
+    q, k, v, g, h0 = gla_inputs(1, 0, 2, 16, 16, state=True, N=2, device=DEVICE)
+    cu = torch.tensor([0, 0, 0], device=DEVICE)
+    o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                  backend="triton")
+    assert o.shape == (1, 0, 2, 16) and torch.equal(s, h0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_recurrent_step(dtype, inplace):
+    B, H, K, V = (16, 16, 128, 128) if GPU else (3, 2, 60, 100)
+    gen = torch.Generator().manual_seed(0)
+    q, k, g = (torch.randn(B, H, K, generator=gen) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(g) / 16
+    v = torch.randn(B, H, V, generator=gen)
+    state = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
+    q, k, v, g = (x.to(DEVICE, dtype) for x in (q, k, v, g))
+    o_r, s_r = recurrent_step(q.double(), k.double(), v.double(), g.double(), state.double(), K ** -0.5)
+    s_in = state.clone()
+    o, s = triton_recurrent_step(q, k, v, g, s_in, K ** -0.5, inplace=inplace)
+    assert (s is s_in) == inplace
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(o, o_r) <= tol and rel_err(s, s_r) <= 1e-5
+    if not inplace:
+        assert torch.equal(s_in, state)
