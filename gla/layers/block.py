@@ -9,11 +9,23 @@ from .norm import make_norm
 from .softmax import SoftmaxAttention
 
 
+LINEAR_MIXERS = {
+    "gla": {},
+    "linear": {"decay": "none"},
+    "retnet": {"decay": "fixed"},
+    "seed": {"feature_map": "elu1", "output_gate": "sigmoid"},
+}
+MIXERS = (*LINEAR_MIXERS, "softmax")
+
+
 class GLALayer(nn.Module):
     """x: [B, T, d_model] -> [B, T, d_model]: x + mixer(norm(x)), then + mlp(norm(.)); dropout is applied by the
     mixer and the MLP to their outputs.
 
-    mixer: "gla" (GatedLinearAttention, default) or "softmax" (SoftmaxAttention); ``mixer_options`` go to it.
+    mixer: "gla" (GatedLinearAttention, default), "softmax" (SoftmaxAttention), or a baseline built from the
+    GLA layer — "linear" (no decay), "retnet" (fixed per-head decay), "seed" (ELU+1 feature map and the
+    normalised-sigmoid output gate); ``mixer_options`` go to the mixer, except the settings that define a
+    baseline, which take precedence.
     mlp: "swiglu" (default) or "gelu". Parameter names follow FLA's GLABlock (attn_norm, attn, mlp_norm, mlp).
     """
 
@@ -22,13 +34,13 @@ class GLALayer(nn.Module):
         super().__init__()
         self.mixer = mixer
         self.attn_norm = make_norm(norm, d_model, norm_eps)
-        if mixer == "gla":
+        if mixer in LINEAR_MIXERS:
             self.attn = GatedLinearAttention(d_model, n_heads, dropout, norm=norm, norm_eps=norm_eps,
-                                             **mixer_options)
+                                             **{**mixer_options, **LINEAR_MIXERS[mixer]})
         elif mixer == "softmax":
             self.attn = SoftmaxAttention(d_model, n_heads, dropout, **mixer_options)
         else:
-            raise ValueError(f"mixer must be 'gla' or 'softmax', got {mixer!r}")
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
         self.mlp_norm = make_norm(norm, d_model, norm_eps)
         self.mlp = MLP(d_model, d_ff, mlp, dropout)
 

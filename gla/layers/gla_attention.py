@@ -41,14 +41,16 @@ class GatedLinearAttention(nn.Module):
 
     Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
     "relu" | "silu" applied to q and k), output_gate ("swish" | "sigmoid" | None), norm ("rms" | "layer"),
-    use_short_conv (causal depthwise conv of width conv_size on q, k, v), backend (operator backend).
+    use_short_conv (causal depthwise conv of width conv_size on q, k, v), backend (operator backend),
+    decay: "data" (GLA's gate), "fixed" (RetNet's per-head constant decay gamma_h = 1 - 2^(-5-h), Sun et al. 2023)
+    or "none" (plain linear attention, Katharopoulos et al. 2020) — the baselines GLA is compared with.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, expand_k: float = 0.5,
                  expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str | None = None,
                  output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
-                 use_short_conv: bool = False, conv_size: int = 4, backend: str = "auto"):
+                 use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_kv_heads or n_heads
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
@@ -59,6 +61,8 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
         if output_gate not in OUTPUT_GATES:
             raise ValueError(f"output_gate must be one of {list(OUTPUT_GATES)}, got {output_gate!r}")
+        if decay not in ("data", "fixed", "none"):
+            raise ValueError(f"decay must be 'data', 'fixed' or 'none', got {decay!r}")
         if clamp_min is not None and clamp_min >= 0:
             raise ValueError(f"clamp_min bounds the log forget gate and must be negative, got {clamp_min}")
         self.n_heads, self.num_kv_heads = n_heads, num_kv_heads
@@ -71,8 +75,13 @@ class GatedLinearAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, kv_v, bias=False)
         if output_gate is not None:
             self.g_proj = nn.Linear(d_model, value_dim, bias=False)
-        self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, kv_k, bias=True))
+        self.decay = decay
+        if decay == "data":
+            self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
+                                         nn.Linear(gate_low_rank_dim, kv_k, bias=True))
+        elif decay == "fixed":
+            gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
+            self.register_buffer("log_gamma", gamma.log().float().repeat_interleave(self.head_k), persistent=False)
         self.convs = nn.ModuleList([ShortConv(c, conv_size) for c in (key_dim, kv_k, kv_v)]) \
             if use_short_conv else None
         self.g_norm = make_norm(norm, self.head_v, norm_eps)
@@ -97,7 +106,12 @@ class GatedLinearAttention(nn.Module):
             outs = [conv(t, c, start, last) for conv, t, c in zip(self.convs, (q, k, v), caches)]
             (q, cq), (k, ck), (v, cv) = outs
             conv_state = (cq, ck, cv)
-        gk = F.logsigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
+        if self.decay == "data":
+            gk = F.logsigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
+        elif self.decay == "fixed":
+            gk = self.log_gamma.expand(B, T, -1)
+        else:
+            gk = x.new_zeros(B, T, k.shape[-1], dtype=torch.float32)
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
         if m is not None:  # padding: no decay, no write

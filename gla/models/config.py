@@ -15,7 +15,9 @@ def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
 class GLAConfig:
     """Everything needed to rebuild a GLATransformer.
 
-    attn_layers: indices of layers that use softmax attention instead of GLA (hybrids, e.g. every 4th layer).
+    mixer: the token mixer of every layer not in attn_layers ("gla", or a baseline: "linear", "retnet", "seed").
+    attn_layers: indices of layers that use softmax attention instead (hybrids, e.g. every 4th layer).
+    layer_mixers: an explicit mixer per layer (any of gla.layers.block.MIXERS); overrides mixer and attn_layers.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
     layers (heads default to n_heads).
     """
@@ -41,7 +43,9 @@ class GLAConfig:
     clamp_min: float | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    mixer: str = "gla"
     attn_layers: tuple = field(default_factory=tuple)
+    layer_mixers: tuple = field(default_factory=tuple)
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
     rope_theta: float = 10000.0
@@ -53,13 +57,26 @@ class GLAConfig:
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"attn_layers {bad} are outside 0..{self.n_layers - 1}")
+        self.layer_mixers = tuple(self.layer_mixers)
+        if self.layer_mixers and len(self.layer_mixers) != self.n_layers:
+            raise ValueError(f"layer_mixers needs one entry per layer ({self.n_layers}), got {len(self.layer_mixers)}")
+        from gla.layers.block import MIXERS
+        for m in (self.mixer, *self.layer_mixers):
+            if m not in MIXERS:
+                raise ValueError(f"unknown mixer {m!r}; choose from {MIXERS}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def mixer_of(self, i: int) -> str:
+        """The token mixer of layer i."""
+        if self.layer_mixers:
+            return self.layer_mixers[i]
+        return "softmax" if i in self.attn_layers else self.mixer
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["attn_layers"] = list(self.attn_layers)
+        d["attn_layers"], d["layer_mixers"] = list(self.attn_layers), list(self.layer_mixers)
         return d
 
     @classmethod

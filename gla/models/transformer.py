@@ -49,10 +49,11 @@ class GLATransformer(nn.Module):
     @staticmethod
     def _layer(cfg: GLAConfig, i: int) -> GLALayer:
         common = dict(dropout=cfg.dropout, mlp=cfg.mlp, norm=cfg.norm, norm_eps=cfg.norm_eps)
-        if i in cfg.attn_layers:
+        mixer = cfg.mixer_of(i)
+        if mixer == "softmax":
             return GLALayer(cfg.d_model, cfg.attn_heads or cfg.n_heads, cfg.d_ff, mixer="softmax",
                             num_kv_heads=cfg.attn_kv_heads, rope_theta=cfg.rope_theta, **common)
-        return GLALayer(cfg.d_model, cfg.n_heads, cfg.d_ff, mixer="gla", expand_k=cfg.expand_k,
+        return GLALayer(cfg.d_model, cfg.n_heads, cfg.d_ff, mixer=mixer, expand_k=cfg.expand_k,
                         expand_v=cfg.expand_v, num_kv_heads=cfg.num_kv_heads, feature_map=cfg.feature_map,
                         output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
                         gate_logit_normalizer=cfg.gate_logit_normalizer, clamp_min=cfg.clamp_min,
@@ -83,7 +84,7 @@ class GLATransformer(nn.Module):
             raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(attention_mask.shape)}")
-        has_softmax = bool(self.config.attn_layers)
+        has_softmax = any(layer.mixer == "softmax" for layer in self.layers)
         seen = state.seen if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
         gla_kw, sm_kw = {}, {}
         if cu_seqlens is not None:

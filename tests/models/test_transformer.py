@@ -125,3 +125,33 @@ def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError):
         gla.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("mixer", ["linear", "retnet", "seed"])
+def test_baseline_mixers_chunk_equals_recurrent_and_continue(mixer):
+    torch.manual_seed(0)
+    m = GLATransformer(50, 32, 2, 64, 2, dropout=0.0, mixer=mixer).eval()
+    attn = m.layers[0].attn
+    assert attn.decay == {"linear": "none", "retnet": "fixed", "seed": "data"}[mixer]
+    if mixer == "seed":
+        assert (attn.feature_map, attn.output_gate) == ("elu1", "sigmoid")
+    x = torch.randint(0, 50, (2, 40))
+    logits, _ = m(x)
+    out1, s = m(x[:, :25])
+    out2, _ = m(x[:, 25:], s)
+    assert rel_err(torch.cat([out1, out2], 1), logits) < 1e-5
+    for layer in m.layers:
+        layer.attn.backend = "recurrent"
+    assert rel_err(m(x)[0], logits) < 1e-5
+
+
+def test_layer_mixers_per_layer():
+    cfg = GLAConfig.preset("tiny", n_layers=4, layer_mixers=("gla", "softmax", "retnet", "linear"))
+    m = GLATransformer.from_config(cfg)
+    assert [layer.mixer for layer in m.layers] == ["gla", "softmax", "retnet", "linear"]
+    _, s = m(torch.randint(0, 256, (1, 5)))
+    assert s.layers[1].k.shape[2] == 5
+    with pytest.raises(ValueError, match="one entry per layer"):
+        GLAConfig.preset("tiny", layer_mixers=("gla",))
+    with pytest.raises(ValueError, match="unknown mixer"):
+        GLAConfig.preset("tiny", mixer="mamba")
