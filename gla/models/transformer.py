@@ -71,10 +71,18 @@ class GLATransformer(nn.Module):
         return cls(**d)
 
     def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
-        """input_ids: [B, T] long; state: ModelState from an earlier call (continues those sequences);
+        """Logits and the new state; arguments as in ``features``. Returns (logits [B, T, vocab_size], ModelState).
+        """
+        h, state = self.features(input_ids, state, cu_seqlens, attention_mask)
+        return self.lm_head(h), state
+
+    def features(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
+        """Final hidden states (after the last norm), for losses that need the LM head at a few positions only.
+
+        input_ids: [B, T] long; state: ModelState from an earlier call (continues those sequences);
         cu_seqlens: [N+1] offsets of packed documents (B == 1; states reset at each boundary, the returned GLA
         states are per document [N, ...]); attention_mask: [B, T] 1 for tokens, 0 for padding (e.g. left-padded
-        prompts). Returns (logits [B, T, vocab_size], ModelState).
+        prompts). Returns (hidden [B, T, d_model], ModelState).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -119,12 +127,12 @@ class GLATransformer(nn.Module):
             s = state.layers[i] if state is not None else None
             x, s = layer(x, s, **(sm_kw if layer.mixer == "softmax" else gla_kw))
             new_layers.append(None if (cu_seqlens is not None and layer.mixer == "softmax") else s)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
         if n_real is None:
             new_state = ModelState(new_layers, (cu_seqlens[1:] - cu_seqlens[:-1]).to(dev, torch.long))
         else:
             new_state = ModelState(new_layers, seen + n_real, sm_kw.get("key_mask"))
-        return logits, new_state
+        return h, new_state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
