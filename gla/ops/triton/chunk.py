@@ -2,8 +2,8 @@
 
 forward:  chunk_state_fwd (states entering each chunk) -> chunk_output_fwd (o, and the intra scores A)
 backward: chunk_state_bwd (gradients of the states leaving each chunk, dh0) -> chunk_bwd (dv; dq, dk, dg)
-The per-chunk states and scores are kept from the forward (bf16 for bf16 inputs), so the backward does not
-recompute them.
+The per-chunk states (fp32) and intra-chunk scores (bf16 for bf16 inputs) are kept from the forward, so the
+backward does not recompute them.
 """
 from __future__ import annotations
 

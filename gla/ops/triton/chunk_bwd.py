@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot_dtype
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, chunk_cumsum, config, dot_dtype, gate_dtype
 
 
 @triton.jit
@@ -44,98 +44,102 @@ def dqk_logspace(b_dA, b_q, b_k, b_gc, BT: tl.constexpr):
 @triton.jit
 def chunk_dv_bwd_kernel(k, g, do, A, dhs, dv, cu_seqlens, chunk_indices, chunk_offsets, T,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, IS_VARLEN: tl.constexpr):
+                        BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
     """k, g: [B*T, H, K]; do, dv: [B*T, H, V]; A: [B*T, H, BT]; dhs: [NC, H, K, V]."""
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
-    rows = bos + i_t * BT + o_t
-    m_t = rows < eos
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    L = (eos - bos).to(tl.int32)
+    p_kg = (bos * H + i_h) * K
     p_dh = dhs + (i_c.to(tl.int64) * H + i_h) * K * V
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + p_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_gc = tl.cumsum(b_g, 0)
-        b_gl = tl.sum(b_g, 0)
+        p_k = tl.make_block_ptr(k + p_kg, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_g = tl.make_block_ptr(g + p_kg, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_dhk = tl.make_block_ptr(p_dh, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_g = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+        b_dh = tl.load(p_dhk, boundary_check=(0, 1))
+        b_gc = chunk_cumsum(b_g.to(GDOT), BT)
+        b_gl = tl.sum(b_g.to(tl.float32), 0)
         b_kd = (b_k * tl.exp(b_gl[None, :] - b_gc)).to(DOT)
-        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
         b_dv += tl.dot(b_kd, b_dh.to(DOT), input_precision="ieee")
-    b_A = tl.load(A + (rows[:, None] * H + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.)
-    p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_do = tl.load(do + p_v, mask=m_tv, other=0.)
-    b_dv += tl.dot(tl.trans(b_A.to(DOT)), b_do.to(DOT), input_precision="ieee")
-    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (BT, L), (1, H * BT), (0, i_t * BT), (BT, BT), (0, 1))
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_At = tl.load(p_A, boundary_check=(0, 1), padding_option="zero")  # A^T, read through transposed strides
+    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+    b_dv += tl.dot(b_At.to(DOT), b_do.to(DOT), input_precision="ieee")
+    p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
 def chunk_dqkg_bwd_kernel(q, k, v, g, do, hs, dhs, dq, dk, dg, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, SAFE: tl.constexpr,
-                          IS_VARLEN: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
+                          SAFE: tl.constexpr, IS_VARLEN: tl.constexpr):
     """q, k, g, dq, dk, dg: [B*T, H, K]; v, do: [B*T, H, V]; hs: [slots, H, K, V]; dhs: [NC, H, K, V]."""
     # K tiles of one chunk are adjacent program ids, so they share v, do through L2
     i_k, i_c, i_h = tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    L = (eos - bos).to(tl.int32)
     o_t = tl.arange(0, BT)
-    rows = bos + i_t * BT + o_t
-    m_t = rows < eos
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    p_h = hs + ((boh + i_t) * H + i_h) * K * V + o_k[:, None] * V
-    p_dh = dhs + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
+    p_vo = (bos * H + i_h) * V
+    p_h = hs + ((boh + i_t) * H + i_h) * K * V
+    p_dh = dhs + (i_c.to(tl.int64) * H + i_h) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.).to(DOT)
-        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.).to(DOT)
-        m_kv = m_k[:, None] & m_v[None, :]
-        b_h = tl.load(p_h + o_v[None, :], mask=m_kv, other=0.)
-        b_hn = tl.load(p_h + H * K * V + o_v[None, :], mask=m_kv, other=0.)
-        b_dh = tl.load(p_dh + o_v[None, :], mask=m_kv, other=0.)
+        p_v = tl.make_block_ptr(v + p_vo, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        p_do = tl.make_block_ptr(do + p_vo, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+        # states read transposed ([BV, BK]) so that both products below are plain row-major
+        p_ht = tl.make_block_ptr(p_h, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_hnt = tl.make_block_ptr(p_h + H * K * V, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        p_dht = tl.make_block_ptr(p_dh, (V, K), (1, V), (i_v * BV, i_k * BK), (BV, BK), (0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero").to(DOT)
+        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(DOT)
+        b_ht = tl.load(p_ht, boundary_check=(0, 1))
+        b_hnt = tl.load(p_hnt, boundary_check=(0, 1))
+        b_dht = tl.load(p_dht, boundary_check=(0, 1))
         b_dA += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
-        b_dq += tl.dot(b_do, tl.trans(b_h.to(DOT)), input_precision="ieee")
-        b_dk += tl.dot(b_v, tl.trans(b_dh.to(DOT)), input_precision="ieee")
-        b_dgl += tl.sum(b_hn.to(tl.float32) * b_dh.to(tl.float32), 1)
-    # q, k, g are loaded only now: keeping them live through the V loop spills registers
-    p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    m_tk = m_t[:, None] & m_k[None, :]
-    b_q = tl.load(q + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_k = tl.load(k + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_g = tl.load(g + p_q, mask=m_tk, other=0.).to(tl.float32)
-    b_gc = tl.cumsum(b_g, 0)
-    b_gl = tl.sum(b_g, 0)
+        b_dq += tl.dot(b_do, b_ht.to(DOT), input_precision="ieee")
+        b_dk += tl.dot(b_v, b_dht.to(DOT), input_precision="ieee")
+        b_dgl += tl.sum(b_hnt.to(tl.float32) * b_dht.to(tl.float32), 0)
+    # q, k, g are loaded only now: keeping them live through the V loop costs registers
+    p_qk = (bos * H + i_h) * K
+    p_q = tl.make_block_ptr(q + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_k = tl.make_block_ptr(k + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_g = tl.make_block_ptr(g + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    b_g = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+    b_gc = chunk_cumsum(b_g.to(GDOT), BT)
+    b_gl = tl.sum(b_g.to(tl.float32), 0)
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA * scale, 0.)
     b_dq = b_dq * scale * tl.exp(b_gc)
     b_dk = b_dk * tl.exp(b_gl[None, :] - b_gc)
     if tl.min(b_gc) >= -SAFE:
         b_eg = tl.exp(b_gc)
         b_qg = (b_q * b_eg).to(DOT)
-        b_kg = (b_k / b_eg).to(DOT)
+        b_kg = (b_k * tl.exp(-b_gc)).to(DOT)
         b_dAd = b_dA.to(DOT)
         b_dq += tl.dot(b_dAd, b_kg, input_precision="ieee") * b_eg
-        b_dk += tl.dot(tl.trans(b_dAd), b_qg, input_precision="ieee") / b_eg
+        b_dk += tl.dot(tl.trans(b_dAd), b_qg, input_precision="ieee") * tl.exp(-b_gc)
     else:
         b_dqi, b_dki = dqk_logspace(b_dA, b_q, b_k, b_gc, BT)
         b_dq += b_dqi
         b_dk += b_dki
     b_dg = tl.cumsum(b_q * b_dq - b_k * b_dk, 0, reverse=True) + b_dgl[None, :]
-    tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_q, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dg + p_q, b_dg.to(dg.dtype.element_ty), mask=m_tk)
+    p_dq = tl.make_block_ptr(dq + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_dk = tl.make_block_ptr(dk + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_dg = tl.make_block_ptr(dg + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), boundary_check=(0, 1))
 
 
 def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
@@ -143,15 +147,15 @@ def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     Returns dq, dk, dv, dg in the dtypes of q, k, v, g."""
     B, T, H, K = q.shape
     V = v.shape[3]
-    DOT = dot_dtype(q.dtype)
+    DOT, GDOT = dot_dtype(q.dtype), gate_dtype(g.dtype)
     dv = torch.empty_like(v)
     c = config("dv", K, V)
     chunk_dv_bwd_kernel[(meta.NC * triton.cdiv(V, c["BV"]), H)](
         k, g, do, A, dhs, dv, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT=DOT, IS_VARLEN=meta.varlen, num_stages=2, **c)
+        H=H, K=K, V=V, BT=BT, DOT=DOT, GDOT=GDOT, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     c = config("dqkg", K, V)
     chunk_dqkg_bwd_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
-        meta.T, H=H, K=K, V=V, BT=BT, DOT=DOT, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
+        meta.T, H=H, K=K, V=V, BT=BT, DOT=DOT, GDOT=GDOT, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dq, dk, dv, dg

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot_dtype, store_dtype
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, chunk_cumsum, config, dot_dtype, gate_dtype, score_dtype
 
 
 @triton.jit
@@ -36,31 +36,29 @@ def attn_logspace(b_q, b_k, b_gc, BT: tl.constexpr):
 @triton.jit
 def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, SAFE: tl.constexpr,
-                            STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
+                            BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
+                            SAFE: tl.constexpr, STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
     """q, k, g: [B*T, H, K]; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled, lower-triangular)."""
     # V tiles of one chunk are adjacent program ids, so they share q, k, g through L2
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    L = (eos - bos).to(tl.int32)
     o_t = tl.arange(0, BT)
-    rows = bos + i_t * BT + o_t
-    m_t = rows < eos
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    p_qk = (bos * H + i_h) * K
     p_h = hs + ((boh + i_t) * H + i_h) * K * V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + p_q, mask=m_tk, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + p_q, mask=m_tk, other=0.).to(tl.float32)
-        b_gc = tl.cumsum(tl.load(g + p_q, mask=m_tk, other=0.).to(tl.float32), 0)
+        p_q = tl.make_block_ptr(q + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_g = tl.make_block_ptr(g + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+        p_hk = tl.make_block_ptr(p_h, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
+        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        b_gc = chunk_cumsum(tl.load(p_g, boundary_check=(0, 1), padding_option="zero").to(GDOT), BT)
+        b_h = tl.load(p_hk, boundary_check=(0, 1))
         b_qg = b_q * tl.exp(b_gc)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
         b_o += tl.dot(b_qg.to(DOT), b_h.to(DOT), input_precision="ieee")
         if tl.min(b_gc) >= -SAFE:
             b_kg = (b_k * tl.exp(-b_gc)).to(DOT)
@@ -68,14 +66,15 @@ def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indic
         else:
             b_A += attn_logspace(b_q, b_k, b_gc, BT)
     b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.)
-    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
     b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision="ieee")
-    tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
     if STORE_A:
         if i_v == 0:
-            tl.store(A + (rows[:, None] * H + i_h) * BT + o_t[None, :], b_A.to(A.dtype.element_ty),
-                     mask=m_t[:, None])
+            p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (L, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
+            tl.store(p_A, b_A.to(p_A.dtype.element_ty), boundary_check=(0, 1))
 
 
 def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: bool):
@@ -84,11 +83,11 @@ def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: boo
     B, T, H, K = q.shape
     V = v.shape[3]
     o = v.new_empty(B, T, H, V)
-    A = q.new_empty(B, T, H, BT, dtype=store_dtype(q.dtype)) if store_A else None
+    A = q.new_empty(B, T, H, BT, dtype=score_dtype(q.dtype)) if store_A else None
     c = config("output", K, V)
     grid = (meta.NC * triton.cdiv(V, c["BV"]), H)
     chunk_output_fwd_kernel[grid](
         q, k, v, g, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype), GDOT=gate_dtype(g.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
         IS_VARLEN=meta.varlen, num_stages=2, **c)
     return o, A

@@ -15,85 +15,99 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import BT, ChunkMeta, config, dot_dtype, seq_bounds, store_dtype
+from .utils import BT, ChunkMeta, chunk_cumsum, config, dot_dtype, gate_dtype, seq_bounds
 
 
 @triton.jit
 def chunk_state_fwd_kernel(k, v, g, h0, hs, ht, cu_seqlens, chunk_offsets, T,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
                            USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """k, g: [B*T, H, K]; v: [B*T, H, V]; h0/ht: [N, H, K, V] fp32; hs: [slots, H, K, V] (entering + final)."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, boc, boh = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
-    NT = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
+    L = (eos - bos).to(tl.int32)
+    NT = tl.cdiv(L, BT)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.)
-    p_hs = hs + (boh * H + i_h) * K * V + o_kv
+        p_h0 = tl.make_block_ptr(h0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_h += tl.load(p_h0, boundary_check=(0, 1))
+    # The chunk loop is latency-bound (one dependent step per chunk), so the next chunk's tiles are loaded before
+    # this chunk's math: their memory latency overlaps it (past the end they are masked to zeros, unused).
+    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (0, i_k * BK), (BT, BK), (1, 0))
+    p_g = tl.make_block_ptr(g + (bos * H + i_h) * K, (L, K), (H * K, 1), (0, i_k * BK), (BT, BK), (1, 0))
+    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (0, i_v * BV), (BT, BV), (1, 0))
+    b_kn = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_gn = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+    b_vn = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
     for i_t in range(0, NT):
-        tl.store(p_hs + i_t * H * K * V, b_h.to(hs.dtype.element_ty), mask=m_kv)
-        rows = bos + i_t * BT + o_t
-        m_t = rows < eos
-        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_g = tl.load(g + p_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_gc = tl.cumsum(b_g, 0)
-        b_gl = tl.sum(b_g, 0)
+        p_hs = tl.make_block_ptr(hs + ((boh + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV),
+                                 (BK, BV), (1, 0))
+        tl.store(p_hs, b_h.to(p_hs.dtype.element_ty), boundary_check=(0, 1))
+        b_k, b_g, b_v = b_kn, b_gn, b_vn
+        p_k, p_g, p_v = tl.advance(p_k, (BT, 0)), tl.advance(p_g, (BT, 0)), tl.advance(p_v, (BT, 0))
+        b_kn = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_gn = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+        b_vn = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
+        b_gc = chunk_cumsum(b_g.to(GDOT), BT)
+        b_gl = tl.sum(b_g.to(tl.float32), 0)
         b_kd = (b_k * tl.exp(b_gl[None, :] - b_gc)).to(DOT)
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_v.to(DOT), input_precision="ieee")
-    tl.store(p_hs + NT * H * K * V, b_h.to(hs.dtype.element_ty), mask=m_kv)
+    p_hs = tl.make_block_ptr(hs + ((boh + NT) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV),
+                             (1, 0))
+    tl.store(p_hs, b_h.to(p_hs.dtype.element_ty), boundary_check=(0, 1))
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        p_ht = tl.make_block_ptr(ht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_ht, b_h, boundary_check=(0, 1))
 
 
 @triton.jit
 def chunk_state_bwd_kernel(q, g, do, dht, dh0, dhs, scale, cu_seqlens, chunk_offsets, T,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
                            USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr):
     """q, g: [B*T, H, K]; do: [B*T, H, V]; dht/dh0: [N, H, K, V] fp32; dhs: [NC, H, K, V], the gradient of the
     state leaving each chunk."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, boc, boh = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
-    NT = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
+    L = (eos - bos).to(tl.int32)
+    NT = tl.cdiv(L, BT)
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.)
-    p_dhs = dhs + (boc * H + i_h) * K * V + o_kv
+        p_dht = tl.make_block_ptr(dht + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV),
+                                  (1, 0))
+        b_dh += tl.load(p_dht, boundary_check=(0, 1))
+    # prefetch as in the forward, walking backwards (the load after chunk 0 re-reads chunk 0, unused)
+    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (L, K), (H * K, 1), (tl.maximum(NT - 1, 0) * BT, i_k * BK), (BT, BK), (1, 0))
+    p_g = tl.make_block_ptr(g + (bos * H + i_h) * K, (L, K), (H * K, 1), (tl.maximum(NT - 1, 0) * BT, i_k * BK), (BT, BK), (1, 0))
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (L, V), (H * V, 1), (tl.maximum(NT - 1, 0) * BT, i_v * BV), (BT, BV),
+                             (1, 0))
+    b_qn = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
+    b_gn = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+    b_don = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
-        tl.store(p_dhs + i_t * H * K * V, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
-        rows = bos + i_t * BT + o_t
-        m_t = rows < eos
-        p_q = (rows[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p_q, mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_g = tl.load(g + p_q, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                       other=0.)
-        b_gc = tl.cumsum(b_g, 0)
-        b_gl = tl.sum(b_g, 0)
+        p_dhs = tl.make_block_ptr(dhs + ((boc + i_t) * H + i_h) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV),
+                                  (BK, BV), (1, 0))
+        tl.store(p_dhs, b_dh.to(p_dhs.dtype.element_ty), boundary_check=(0, 1))
+        b_q, b_g, b_do = b_qn, b_gn, b_don
+        step = tl.where(i_t > 0, -BT, 0)
+        p_q, p_g, p_do = tl.advance(p_q, (step, 0)), tl.advance(p_g, (step, 0)), tl.advance(p_do, (step, 0))
+        b_qn = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
+        b_gn = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
+        b_don = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+        b_gc = chunk_cumsum(b_g.to(GDOT), BT)
+        b_gl = tl.sum(b_g.to(tl.float32), 0)
         b_qd = (b_q.to(tl.float32) * scale * tl.exp(b_gc)).to(DOT)
         b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qd), b_do.to(DOT), input_precision="ieee")
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
+        p_dh0 = tl.make_block_ptr(dh0 + i_nh.to(tl.int64) * K * V, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV),
+                                  (1, 0))
+        tl.store(p_dh0, b_dh, boundary_check=(0, 1))
 
 
 def _state_config(N: int, H: int, K: int, V: int) -> dict:
@@ -109,13 +123,13 @@ def chunk_state_fwd(k, v, g, h0, meta: ChunkMeta, output_final_state: bool):
     """k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] fp32 or None.
     Returns hs [slots, H, K, V] (state entering each chunk, then each final state) and ht [N, H, K, V] or None."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    hs = k.new_empty(meta.n_slots, H, K, V, dtype=store_dtype(k.dtype))
+    hs = k.new_empty(meta.n_slots, H, K, V, dtype=torch.float32)
     ht = k.new_empty(meta.N, H, K, V, dtype=torch.float32) if output_final_state else None
     c = _state_config(meta.N, H, K, V)
     grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
     chunk_state_fwd_kernel[grid](
         k, v, g, h0, hs, ht, meta.cu_seqlens, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(k.dtype),
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(k.dtype), GDOT=gate_dtype(g.dtype),
         USE_H0=h0 is not None, STORE_HT=output_final_state, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return hs, ht
 
@@ -123,12 +137,12 @@ def chunk_state_fwd(k, v, g, h0, meta: ChunkMeta, output_final_state: bool):
 def chunk_state_bwd(q, g, do, dht, scale: float, meta: ChunkMeta, need_dh0: bool):
     """Returns dhs [NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V] fp32 or None."""
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
-    dhs = q.new_empty(meta.NC, H, K, V, dtype=store_dtype(q.dtype))
+    dhs = q.new_empty(meta.NC, H, K, V, dtype=torch.float32)
     dh0 = q.new_empty(meta.N, H, K, V, dtype=torch.float32) if need_dh0 else None
     c = _state_config(meta.N, H, K, V)
     grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
     chunk_state_bwd_kernel[grid](
         q, g, do, dht, dh0, dhs, scale, meta.cu_seqlens, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype),
+        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype), GDOT=gate_dtype(g.dtype),
         USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dhs, dh0

@@ -26,14 +26,14 @@ def chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT: tl.conste
     """Global chunk id -> (chunk index in its sequence, first token, end token (exclusive), first state slot)."""
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
         boh = tl.load(chunk_offsets + i_n).to(tl.int64) + i_n
     else:
         NT = tl.cdiv(T, BT)
         i_n = (i_c // NT).to(tl.int64)
-        i_t = (i_c % NT).to(tl.int64)
+        i_t = (i_c % NT).to(tl.int32)
         bos = i_n * T
         eos = bos + T
         boh = i_n * (NT + 1)
@@ -97,9 +97,28 @@ def dot_dtype(dtype: torch.dtype):
     return tl.bfloat16
 
 
-def store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the per-chunk states and scores kept between kernels: bf16 for bf16 inputs (halves the traffic; the
-    products that read them are bf16 anyway), fp32 otherwise."""
+def gate_dtype(dtype: torch.dtype):
+    """Operand dtype of the in-chunk cumulative sum of g (a product with a triangular matrix of ones): g's own
+    16-bit dtype is exact there (products by 1, fp32 accumulation); fp32 gates (and the interpreter) use fp32."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+@triton.jit
+def chunk_cumsum(b_g, BT: tl.constexpr):
+    """Inclusive cumulative sum over the rows of a [BT, BK] block, as tril(1) @ g on the tensor cores: cheaper in
+    registers and time than a cross-warp scan (tl.cumsum). Returns fp32."""
+    o_t = tl.arange(0, BT)
+    b_tril = (o_t[:, None] >= o_t[None, :]).to(b_g.dtype)
+    return tl.dot(b_tril, b_g, input_precision="ieee")
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the intra-chunk scores A kept from the forward for dv: bf16 for bf16 inputs (dv = A^T do is a bf16
+    product anyway), fp32 otherwise. The per-chunk states are always fp32: with bf16 states the gate gradient, a sum of
+    nearly cancelling terms under strong gates, lost an order of magnitude (rel. error 4e-2 vs 4e-3); measured cost of
+    fp32 states on the H200: 2-4% of fwd+bwd (benchmarks/NOTES.md)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
