@@ -1,0 +1,95 @@
+"""TrainConfig: every `gla train` setting, saved in the run directory (train_config.json) for exact resume."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout")  # overrides of the preset's GLAConfig fields
+PARALLEL = ("none", "ddp", "fsdp")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Training run settings. batch_size is the global number of sequences per optimizer step, split over
+    grad_accum micro-steps and the data-parallel processes; seq_len is tokens per sequence."""
+    out: str = "runs/gla"
+    data: str = "shakespeare"
+    tokenizer: str = "bytes"
+    preset: str = "demo"
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    d_ff: int | None = None
+    dropout: float | None = None
+    seq_len: int = 256
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float | None = None      # end of the cosine; default lr / 10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0 disables clipping (the norm is still checked for non-finite values)
+    val_fraction: float = 0.1
+    eval_every: int = 250
+    eval_batches: int = 20
+    ckpt_every: int | None = None    # default: eval_every
+    log_every: int = 10
+    sample_tokens: int = 300
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
+    parallel: str = "none"
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.ckpt_every is not None and self.ckpt_every < 1:
+            raise ValueError(f"--ckpt-every must be >= 1, got {self.ckpt_every}")
+        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("--grad-clip and --weight-decay must be >= 0")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"--parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {unknown}")
+        return cls(**d)
+
+    def model_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_FLAGS if getattr(self, k) is not None}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to final_lr."""
+    import math
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    t = min(1.0, (step - cfg.warmup) / span)
+    return cfg.final_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.final_lr)

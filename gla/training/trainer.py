@@ -1,0 +1,244 @@
+"""The training loop behind `gla train`: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast on GPU,
+non-finite steps skipped, periodic validation, atomic checkpoints with exact resume, data parallelism.
+
+Every optimizer step draws `batch_size` random windows of seq_len + 1 tokens from one data generator shared by all
+ranks (same seed, same draws); rank r of W takes its slice of each micro-step. The loss is the token-level mean over
+the whole global batch, so one process and W processes with the same global batch take the same steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gla.data import (IGNORE_INDEX, encode_documents, load_documents, load_tokenizer, make_batch, sample_offsets,
+                      split_stream)
+from . import checkpoint, distributed, report
+from .config import TrainConfig, lr_at
+
+
+def resume_config(out: str, overrides: dict) -> TrainConfig:
+    """The saved settings of the run in `out`, with explicitly given flags on top (e.g. more --steps)."""
+    ckpt = checkpoint.find(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out!r}")
+    saved = checkpoint.read_train_config(ckpt)
+    if saved.get("tokenizer") not in (None, "bytes"):
+        saved["tokenizer"] = os.path.join(ckpt, saved["tokenizer"])
+    return TrainConfig.from_dict({**saved, **overrides, "out": out})
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    from gla.models import GLAConfig
+    base = GLAConfig.preset(cfg.preset)
+    return GLAConfig.preset(cfg.preset, vocab_size=vocab_size, max_seq_len=max(base.max_seq_len, cfg.seq_len),
+                            **cfg.model_overrides())
+
+
+def _param_groups(model, weight_decay: float):
+    """Weight decay on matrices (embeddings, projections), none on norms, biases and gate vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _say(d, msg: str):
+    if d.main:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stderr)
+
+
+class Trainer:
+    """Build with a TrainConfig (resume=True continues the run in cfg.out), then call fit()."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.d, self.device = distributed.setup(cfg.parallel, cfg.device)
+        d = self.d
+        micro = cfg.batch_size // cfg.grad_accum
+        if micro % d.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} / --grad-accum {cfg.grad_accum} = {micro} sequences "
+                             f"per micro-step is not divisible by the {d.world} processes")
+        self.micro = micro // d.world
+        if not resume and checkpoint.find(cfg.out) is not None:
+            raise FileExistsError(f"{cfg.out!r} already holds a checkpoint: pass --resume to continue it, "
+                                  "or choose another --out")
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.train_data, self.val_data = split_stream(
+            encode_documents(load_documents(cfg.data), self.tokenizer), cfg.val_fraction)
+        torch.manual_seed(cfg.seed)            # same initial weights on every rank
+        self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
+        self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
+        self.model = distributed.wrap(self.plain, d, self.device)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout masks differ per rank
+        self.step, self.train_time, self.skipped = 0, 0.0, 0
+        os.makedirs(cfg.out, exist_ok=True)
+        if resume:
+            self._restore()
+        elif d.main:
+            open(os.path.join(cfg.out, report.METRICS), "w").close()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self):
+        ckpt = checkpoint.find(self.cfg.out)
+        st = checkpoint.restore(ckpt, self.model, self.opt)
+        self.step, self.train_time, self.skipped = int(st["step"]), float(st["train_time"]), int(st["skipped"])
+        self.data_gen.set_state(st["data_rng"])
+        rng = st["rng"]
+        if len(rng["torch"]) == self.d.world:   # same world size: every rank continues its own dropout stream
+            torch.set_rng_state(rng["torch"][self.d.rank])
+            if self.device.type == "cuda" and rng["cuda"]:
+                torch.cuda.set_rng_state(rng["cuda"][self.d.rank], self.device)
+        else:
+            _say(self.d, f"resuming on {self.d.world} processes from {len(rng['torch'])}: dropout RNG reseeded")
+        if self.d.main:
+            report.truncate_metrics(self.cfg.out, self.step)
+        _say(self.d, f"resumed {self.cfg.out} at step {self.step}")
+
+    def save(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        mine = {"torch": torch.get_rng_state(), "cuda": cuda}
+        ranks = self.d.gather_objects(mine)
+        state = {"step": self.step, "train_time": self.train_time, "skipped": self.skipped,
+                 "data_rng": self.data_gen.get_state(),
+                 "rng": {"torch": [r["torch"] for r in ranks],
+                         "cuda": [r["cuda"] for r in ranks] if cuda is not None else []}}
+        plain = None if self.d.parallel == "fsdp" else self.plain
+        checkpoint.save(self.cfg.out, self.model, plain, self.opt, state, self.cfg.to_dict(), self.tokenizer,
+                        self.d)
+
+    # ---------------------------------------------------------------- steps
+    def _nll(self, batch) -> torch.Tensor:
+        """Summed next-token negative log-likelihood (nats) of one micro-batch."""
+        x = batch["input_ids"].to(self.device, non_blocking=True)
+        y = batch["targets"].to(self.device, non_blocking=True)
+        cu = batch["cu_seqlens"]
+        with self.autocast:
+            logits, _ = self.model(x, cu_seqlens=None if cu is None else cu.to(self.device))
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.d
+        offsets = sample_offsets(self.train_data, cfg.seq_len, cfg.batch_size, self.data_gen)
+        offsets = offsets.view(cfg.grad_accum, d.world, self.micro)[:, d.rank]
+        batches = [make_batch(self.train_data, o, cfg.seq_len) for o in offsets]
+        count = d.sum(torch.tensor(float(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches))))
+        lr = lr_at(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        scale = distributed.loss_scale(d) / max(float(count), 1.0)
+        total = torch.zeros((), device=self.device)
+        for i, b in enumerate(batches):
+            with distributed.grad_sync(self.model, d, i == len(batches) - 1):
+                nll = self._nll(b)
+                (nll * scale).backward()
+            total += nll.detach()
+        loss = float(d.sum(total.cpu())) / max(float(count), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.opt.step()
+        else:
+            self.skipped += 1
+            _say(d, f"warning: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); "
+                    "update skipped")
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss (nats/token) over eval_batches micro-batches of fixed random windows."""
+        cfg, d = self.cfg, self.d
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same windows at every evaluation
+        n = cfg.eval_batches * self.micro * d.world
+        offsets = sample_offsets(self.val_data, cfg.seq_len, n, gen).view(cfg.eval_batches, d.world, self.micro)
+        self.model.eval()
+        total, count = torch.zeros(()), torch.zeros(())
+        for o in offsets[:, d.rank]:
+            b = make_batch(self.val_data, o, cfg.seq_len)
+            total += self._nll(b).cpu()
+            count += (b["targets"] != IGNORE_INDEX).sum()
+        self.model.train()
+        return float(d.sum(total)) / max(float(d.sum(count)), 1.0)
+
+    def samples(self, n: int = 2) -> list[str]:
+        """Text continuing the first 32 validation tokens, temperature 0.8 (all ranks under FSDP)."""
+        from gla.generation import generate
+        model = self.model if self.d.parallel == "fsdp" else self.plain
+        prompt = self.val_data.tokens[:32].unsqueeze(0).repeat(n, 1).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        with self.autocast:
+            out = generate(model, prompt, self.cfg.sample_tokens, temperature=0.8, generator=gen)
+        return [self.tokenizer.decode(row.tolist()) for row in out.cpu()]
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        from tqdm import tqdm
+        cfg, d = self.cfg, self.d
+        ckpt_every = cfg.ckpt_every or cfg.eval_every
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        n_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global size
+        _say(d, f"gla train: {n_params / 1e6:.2f}M parameters, {len(self.train_data):,} train / "
+                f"{len(self.val_data):,} val tokens, {d.world} process(es) on {self.device}, out {cfg.out}")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (d.main and self.progress), unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        self.model.train()
+        val_loss, last = None, {}
+        t_log, step_log = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            last = self.train_step()
+            self.train_time += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                rate = (self.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+                t_log, step_log = now, self.step
+                if d.main:
+                    report.append_metrics(cfg.out, {**last, "tok_per_s": round(rate, 1),
+                                                    "time": round(self.train_time, 3)})
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                val_loss = self.evaluate()
+                _say(d, f"step {self.step}: train loss {last['loss']:.4f}, val loss {val_loss:.4f}, "
+                        f"{self.train_time:.1f}s")
+                if d.main:
+                    report.append_metrics(cfg.out, {"step": self.step, "val_loss": val_loss,
+                                                    "time": round(self.train_time, 3)})
+                    report.plot_loss(cfg.out)
+            if self.step % ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        summary = {"out": cfg.out, "step": self.step, "loss": last.get("loss"), "val_loss": val_loss,
+                   "train_time_s": round(self.train_time, 2), "skipped_steps": self.skipped,
+                   "params": n_params}
+        if cfg.sample_tokens and (d.main or d.parallel == "fsdp"):
+            texts = self.samples()
+            if d.main:
+                summary["samples"] = report.write_samples(cfg.out, texts)
+                summary["sample"] = texts[0]
+        if d.main:
+            summary["plot"] = report.plot_loss(cfg.out)
+        d.barrier()
+        return summary
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) training; returns a summary (out, step, loss, val_loss, train_time_s, plot, ...)."""
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.d)
