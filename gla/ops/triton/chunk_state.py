@@ -112,11 +112,13 @@ def chunk_state_bwd_kernel(q, g, do, dht, dh0, dhs, scale, cu_seqlens, chunk_off
 
 def _state_config(N: int, H: int, K: int, V: int) -> dict:
     """Tile of the state per program. These kernels are sequential over chunks, so parallelism comes only from
-    N * H * tiles: use the small tiles when the large ones would give fewer than ~4 programs per SM (132 SMs)."""
-    c = config("state", K, V)
-    if N * H * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) < 4 * 132:
-        c = config("state_small", K, V)
-    return c
+    N * H * tiles: take the largest tile that still gives at least 4 programs per SM (132 SMs on the H200); two fit
+    on an SM at once, so each SM interleaves several chunk loops and hides their memory latency."""
+    for name in ("state", "state_mid"):
+        c = config(name, K, V)
+        if N * H * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) >= 4 * 132:
+            return c
+    return config("state_small", K, V)
 
 
 def chunk_state_fwd(k, v, g, h0, meta: ChunkMeta, output_final_state: bool):

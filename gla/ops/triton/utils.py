@@ -129,11 +129,13 @@ def pow2(n: int, lo: int = 16) -> int:
 # Fixed tile configurations, no autotuning (first call = compile only). Chosen from ptxas register reports (no
 # spills on sm_90) and H200 timings, see benchmarks/NOTES.md; benchmarks/gpu_ops.py edits this dict to time variants.
 CONFIGS = {
-    "state": dict(BK=64, BV=64, num_warps=8),
-    "state_small": dict(BK=32, BV=32, num_warps=4),  # sequential kernels when N * H * tiles is too small to fill
-    "output": dict(BK=32, BV=128, num_warps=8),
-    "dv": dict(BK=32, BV=128, num_warps=8),
-    "dqkg": dict(BK=32, BV=64, num_warps=8),
+    # sequential state kernels, largest tile that still gives >= 4 programs per SM (see chunk_state._state_config)
+    "state": dict(BK=64, BV=64, num_warps=4),
+    "state_mid": dict(BK=32, BV=64, num_warps=4),
+    "state_small": dict(BK=16, BV=64, num_warps=4),
+    "output": dict(BK=64, BV=64, num_warps=4),
+    "dv": dict(BK=32, BV=128, num_warps=4),
+    "dqkg": dict(BK=32, BV=64, num_warps=4),
 }
 
 
