@@ -94,14 +94,15 @@ def make_batch(stream: TokenStream, offsets: torch.Tensor, seq_len: int) -> dict
             "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}
 
 
-def eval_windows(stream: TokenStream, seq_len: int | None):
+def eval_windows(stream: TokenStream, seq_len: int | None, stream_window: int = 2048):
     """Yield (input_ids [1, n], targets [1, n], new_doc) covering every document of the stream in order:
-    non-overlapping windows of at most seq_len inputs, the state reset at each window (seq_len given) or only at
-    document starts (seq_len None: new_doc says when to reset; the caller streams the state otherwise)."""
+    non-overlapping windows of at most seq_len inputs, the state reset at each window (seq_len given) or windows
+    of stream_window inputs with the state reset only at document starts (seq_len None: new_doc says when to
+    reset; the caller carries the state otherwise)."""
     for a, b in stream.segments():
         if b - a < 2:
             continue
         x, y = stream.tokens[a:b - 1], stream.tokens[a + 1:b]
-        step = seq_len or 2048
+        step = seq_len or stream_window
         for i in range(0, x.numel(), step):
             yield x[None, i:i + step], y[None, i:i + step], i == 0 or seq_len is not None

@@ -68,3 +68,20 @@ def load_tokenizer(spec: str | None, base_dir: str | None = None):
         return ByteTokenizer()
     path = os.path.join(base_dir, spec) if base_dir and not os.path.isabs(spec) else spec
     return HFTokenizer(path)
+
+
+def tokenizer_for(model_dir: str):
+    """The tokenizer a checkpoint / run directory was trained with: its train_config.json says which; a bare model
+    directory with a tokenizer.json uses that; otherwise bytes."""
+    import json
+    cfg_path = os.path.join(model_dir, "train_config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                spec = json.load(f).get("tokenizer", "bytes")
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{cfg_path} is not a valid training config") from None
+        return load_tokenizer(spec, base_dir=model_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return HFTokenizer(model_dir)
+    return ByteTokenizer()

@@ -33,10 +33,15 @@ def resume_config(out: str, overrides: dict) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
+    """The preset's GLAConfig with the flags on top; a new --d-model without --d-ff gets the preset rule's
+    SwiGLU width for that model size."""
     from gla.models import GLAConfig
+    from gla.models.config import ffn_size
     base = GLAConfig.preset(cfg.preset)
-    return GLAConfig.preset(cfg.preset, vocab_size=vocab_size, max_seq_len=max(base.max_seq_len, cfg.seq_len),
-                            **cfg.model_overrides())
+    over = cfg.model_overrides()
+    if "d_model" in over and "d_ff" not in over:
+        over["d_ff"] = ffn_size(over["d_model"])
+    return GLAConfig.preset(cfg.preset, vocab_size=vocab_size, max_seq_len=max(base.max_seq_len, cfg.seq_len), **over)
 
 
 def _param_groups(model, weight_decay: float):

@@ -1,0 +1,188 @@
+"""The `gla` command: train, generate, eval (ppl, mqar), bench (ops).
+
+    gla train --data PATH --out DIR [--preset demo --steps N ...]     (torchrun ... gla train --parallel ddp|fsdp)
+    gla generate --ckpt DIR --prompt TEXT
+    gla eval ppl --ckpt DIR --data PATH [--seq-len N] [--split val] --json
+    gla bench ops [--T 4096 ... --json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+S = argparse.SUPPRESS  # train flags not given keep the TrainConfig default, or the saved value on --resume
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train a GLA language model", argument_default=S,
+                       description="Train a GLA language model on a corpus (default: Shakespeare's plays).")
+    a = p.add_argument
+    a("--data", help="'shakespeare' (default corpus), a .txt/.md/.jsonl file, a folder, or hf:NAME[:CONFIG]")
+    a("--tokenizer", help="'bytes' (default) or a tokenizer.json file")
+    a("--preset", help="model preset: tiny, demo (default), gla-340m, gla-1.3b")
+    for name, kind in (("d-model", int), ("n-layers", int), ("n-heads", int), ("d-ff", int), ("dropout", float)):
+        a(f"--{name}", type=kind, help="override the preset")
+    a("--seq-len", type=int, help="tokens per training sequence (256)")
+    a("--batch-size", type=int, help="sequences per optimizer step, over all processes (32)")
+    a("--grad-accum", type=int, help="micro-steps per optimizer step (1)")
+    a("--steps", type=int, help="optimizer steps (1000)")
+    a("--lr", type=float, help="peak learning rate (1e-3)")
+    a("--min-lr", type=float, help="final learning rate of the cosine (lr / 10)")
+    a("--warmup", type=int, help="linear warmup steps (100)")
+    a("--weight-decay", type=float, help="AdamW weight decay on matrices (0.1)")
+    a("--beta1", type=float, help="AdamW beta1 (0.9)")
+    a("--beta2", type=float, help="AdamW beta2 (0.95)")
+    a("--grad-clip", type=float, help="gradient-norm clipping, 0 = off (1.0)")
+    a("--val-fraction", type=float, help="last fraction of the tokens held out for validation (0.1)")
+    a("--eval-every", type=int, help="validate every N steps (250)")
+    a("--eval-batches", type=int, help="micro-batches per validation (20)")
+    a("--ckpt-every", type=int, help="checkpoint every N steps (default: --eval-every)")
+    a("--log-every", type=int, help="metrics.jsonl record every N steps (10)")
+    a("--sample-tokens", type=int, help="tokens per sample written to samples.txt at the end, 0 = none (300)")
+    a("--seed", type=int, help="random seed (1337)")
+    a("--device", help="auto (default), cpu, cuda")
+    a("--dtype", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    a("--parallel", choices=("none", "ddp", "fsdp"), help="data parallelism under torchrun")
+    a("--out", help="run directory (runs/gla)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--json", action="store_true", help="print a JSON summary instead of a progress bar")
+
+
+def _cmd_train(args) -> int:
+    from gla.training import TrainConfig, resume_config, train
+    given = vars(args).copy()
+    for k in ("cmd", "func", "resume", "json"):
+        given.pop(k, None)
+    resume, as_json = getattr(args, "resume", False), getattr(args, "json", False)
+    cfg = resume_config(given.pop("out", "runs/gla"), given) if resume else TrainConfig(**given)
+    summary = train(cfg, resume=resume, progress=not as_json)
+    if summary is None or "plot" not in summary:  # ranks other than 0 print nothing
+        return 0
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print(f"\n--- sample ---\n{summary.get('sample', '')}\n--------------")
+        print(f"step {summary['step']}: train loss {summary['loss']:.4f}, val loss {summary['val_loss']:.4f} "
+              f"(nats/token), {summary['train_time_s']:.1f}s of training")
+        print(f"checkpoint: {summary['out']}   loss plot: {summary['plot']}   samples: {summary.get('samples')}")
+    return 0
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cmd_generate(args) -> int:
+    import torch
+    from gla.data import tokenizer_for
+    from gla.generation import generate
+    from gla.models import from_pretrained
+    dev = _device(args.device)
+    model = from_pretrained(args.ckpt).to(dev)
+    tok = tokenizer_for(args.ckpt)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    new, shown = [], [0]
+
+    def emit(token):  # stream: print the decoded suffix, holding back an incomplete multi-byte character
+        new.append(int(token[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    out = generate(model, torch.tensor([ids], device=dev), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, callback=None if args.json else emit, generator=gen)
+    text = tok.decode(out[0, len(ids):].tolist())
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text, "new_tokens": out.shape[1] - len(ids)}))
+    else:
+        sys.stdout.write(text[shown[0]:] + "\n")
+    return 0
+
+
+def _cmd_ppl(args) -> int:
+    from gla.eval.ppl import evaluate
+    res = evaluate(args.ckpt, args.data, args.seq_len, args.split, args.val_fraction, args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        ctx = f"windows of {args.seq_len} tokens" if args.seq_len else "unbounded context (recurrent state)"
+        print(f"{res['data']} [{res['split']}], {ctx}: loss {res['loss']:.4f} nats/token, "
+              f"{res['bpb']:.4f} bits/byte, perplexity {res['ppl']:.2f} over {res['tokens']:,} tokens")
+    return 0
+
+
+def _cmd_mqar(args) -> int:
+    from gla.eval import mqar
+    mqar.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gla", description="Gated Linear Attention language models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _train_parser(sub)
+    sub.choices["train"].set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint, streamed to stdout")
+    g.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--max-new-tokens", type=int, default=300)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
+    g.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
+    pp = ev.add_parser("ppl", help="loss / bits per byte / perplexity on text")
+    pp.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    pp.add_argument("--data", required=True, help="as for gla train --data")
+    pp.add_argument("--seq-len", type=int, default=None, help="windows of N tokens (default: unbounded context)")
+    pp.add_argument("--split", choices=("all", "train", "val"), default="all",
+                    help="score all the text or one side of the training split")
+    pp.add_argument("--val-fraction", type=float, default=0.1)
+    pp.add_argument("--device", default="auto")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=_cmd_ppl)
+    from gla.eval import mqar
+    mq = ev.add_parser("mqar", help="multi-query associative recall across token mixers")
+    mqar.add_arguments(mq)
+    mq.set_defaults(func=_cmd_mqar)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    b.add_parser("ops", help="operator benchmark: gla bench ops --help")  # dispatched in main()
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "ops"]:  # its own parser, --help included
+        from gla.bench import ops
+        ops.main(argv[2:])
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"gla {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gla {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
