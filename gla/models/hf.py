@@ -1,0 +1,283 @@
+"""Hugging Face transformers (5.x) adapter: AutoConfig / AutoModelForCausalLM for our checkpoint directories.
+
+After ``import gla`` (which imports this module when transformers is installed),
+``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads a directory written by
+``GLATransformer.save_pretrained`` and ``.generate()`` decodes with our recurrent state: the prompt is run once
+(prefill), then one token per step through a ``GLACache`` that wraps a ``gla.models.ModelState``.
+
+The adapter adds no parameters of its own: ``GLAForCausalLM.model`` is a ``GLATransformer``, so the checkpoint keys
+("model.embeddings.weight", ..., "model.lm_head.weight" unless tied) load unchanged in both directions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from gla.layers.conv import ShortConv
+from gla.layers.gla_attention import GatedLinearAttention
+from .config import GLAConfig
+from .state import ModelState
+from .transformer import MODEL_TYPE, GLATransformer
+
+_GLA_FIELDS = tuple(f.name for f in dataclasses.fields(GLAConfig))
+
+
+class GLALMConfig(PreTrainedConfig):
+    """The Hugging Face view of a GLAConfig: the same field names and defaults, model_type "gla_lm".
+
+    The standard names transformers looks for (hidden_size, num_hidden_layers, tie_word_embeddings, ...) are
+    aliases of our fields (``attribute_map``), so config.json holds each value once.
+    """
+
+    model_type = MODEL_TYPE
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                     "intermediate_size": "d_ff", "max_position_embeddings": "max_seq_len",
+                     "tie_word_embeddings": "tie_embeddings", "rms_norm_eps": "norm_eps"}
+
+    # Field for field GLAConfig's (tests/models/test_hf.py checks that names and defaults agree).
+    vocab_size: int = 256
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_layers: int = 6
+    max_seq_len: int = 32768
+    dropout: float | int = 0.1
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    norm_eps: float | int = 1e-6
+    tie_embeddings: bool = False
+    initializer_range: float | int = 0.02
+    expand_k: float | int = 0.5
+    expand_v: float | int = 1.0
+    num_kv_heads: int | None = None
+    feature_map: str | None = None
+    output_gate: str | None = "swish"
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float | int = 16.0
+    clamp_min: float | int | None = None
+    use_short_conv: bool = False
+    conv_size: int = 4
+    mixer: str = "gla"
+    attn_layers: list | tuple = ()
+    layer_mixers: list | tuple = ()
+    attn_heads: int | None = None
+    attn_kv_heads: int | None = None
+    rope_theta: float | int = 10000.0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    use_cache: bool = True
+
+    def to_gla_config(self) -> GLAConfig:
+        """The GLAConfig with these values (validated by GLAConfig)."""
+        return GLAConfig(**{name: getattr(self, name) for name in _GLA_FIELDS if hasattr(self, name)})
+
+    @classmethod
+    def from_gla_config(cls, cfg: GLAConfig, **kwargs) -> "GLALMConfig":
+        return cls(**cfg.to_dict(), **kwargs)
+
+
+class GLACache(Cache):
+    """A transformers Cache holding our ModelState (one entry per layer: GLA [B, H, K, V] state or KV cache).
+
+    It has no transformers cache layers; generate() only needs get_seq_length (columns consumed so far, padding
+    included, to slice the prompt when a cache is reused) and the batch operations used by beam search.
+    A recurrent state cannot be rolled back, so crop() only accepts 0.
+    """
+
+    def __init__(self, state: ModelState | None = None, seq_length: int = 0):
+        super().__init__(layers=[])
+        self.state = state
+        self.seq_length = seq_length
+
+    def __repr__(self):
+        return f"GLACache(seq_length={self.seq_length}, bytes={self.nbytes()})"
+
+    def __len__(self):
+        return 0 if self.state is None else len(self.state.layers)
+
+    def update_state(self, state: ModelState, new_columns: int) -> None:
+        self.state, self.seq_length = state, self.seq_length + new_columns
+
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors (constant in the context length for a GLA-only model)."""
+        total = []
+        _walk(self.state, lambda t: total.append(t.numel() * t.element_size()))
+        return sum(total)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_length + query_length, 0
+
+    def reset(self):
+        self.state, self.seq_length = None, 0
+
+    def _select(self, rows: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state.select(rows.to(self.state.seen.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.state is not None:
+            self._select(torch.arange(self.state.seen.shape[0]).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("a recurrent GLA state cannot be rolled back (assisted / speculative decoding)")
+
+    def activate_past_recording(self):
+        pass  # nothing to record: crop() only ever accepts 0
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else int(self.state.seen.shape[0])
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # False: generate() then slices already-consumed prompt columns using get_seq_length().
+        return [False]
+
+
+def _walk(x, fn):
+    """Call fn on every tensor inside x (tensors, lists, tuples, dataclasses, None)."""
+    if isinstance(x, torch.Tensor):
+        fn(x)
+    elif isinstance(x, (list, tuple)):
+        for t in x:
+            _walk(t, fn)
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            _walk(getattr(x, f.name), fn)
+
+
+def _fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
+    """The "retnet" mixer's log_gamma buffer [num_kv_heads * head_k] (gamma_h = 1 - 2^(-5-h)), recomputed here
+    because transformers builds the model on the meta device and non-persistent buffers are not in the checkpoint."""
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
+    return gamma.log().float().repeat_interleave(head_k)
+
+
+class GLAForCausalLM(PreTrainedModel, GenerationMixin):
+    """transformers causal LM around a GLATransformer.
+
+    forward(input_ids [B, T], attention_mask [B, L] (L >= T: the last T columns are this call's), cache GLACache,
+    labels [B, T]) -> CausalLMOutputWithPast(loss, logits [B, T or logits_to_keep, vocab], cache).
+    """
+
+    config_class = GLALMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["GLALayer"]
+    _is_stateful = True  # no assisted decoding: a recurrent state cannot be rolled back
+    _tied_weights_keys = {"model.lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: GLALMConfig):
+        super().__init__(config)
+        self.model = GLATransformer.from_config(config.to_gla_config())
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() creates its own GLACache on the first call
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value):
+        self.model.lm_head = value
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ShortConv):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, GatedLinearAttention) and module.decay == "fixed":
+            init.copy_(module.log_gamma, _fixed_log_decay(module.num_kv_heads, module.head_k))
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: GLACache | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                inputs_embeds: torch.Tensor | None = None, past_key_values: GLACache | None = None,
+                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Positions come from the cache (padding excluded), so position_ids and similar kwargs are ignored."""
+        if inputs_embeds is not None:
+            raise ValueError("GLAForCausalLM takes input_ids only (inputs_embeds is not supported)")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, GLACache):
+            raise TypeError(f"cache must be a gla GLACache (from an earlier call), got {type(cache).__name__}")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        T = input_ids.shape[1]
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be [B, L] with L >= {T}, got {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -T:]
+            if bool(mask.all()):
+                mask = None  # no padding here: take the unmasked (faster) path
+        state = cache.state if cache is not None else None
+        h, new_state = self.model.features(input_ids, state, attention_mask=mask)
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            h = h[:, logits_to_keep]
+        logits = self.model.lm_head(h)
+        loss = None
+        if labels is not None:
+            if h.shape[1] != T:
+                raise ValueError("labels need logits at every position: pass logits_to_keep=0")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        out_cache = None
+        if use_cache:
+            out_cache = cache if cache is not None else GLACache()
+            out_cache.update_state(new_state, T)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out_cache)
+
+
+def register() -> None:
+    """Register GLALMConfig / GLAForCausalLM with AutoConfig and AutoModelForCausalLM (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, GLALMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(GLALMConfig, GLAForCausalLM, exist_ok=True)
+
+
+register()
