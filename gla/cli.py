@@ -36,7 +36,7 @@ def _train_parser(sub):
     a("--grad-clip", type=float, help="gradient-norm clipping, 0 = off (1.0)")
     a("--val-fraction", type=float, help="last fraction of the tokens held out for validation (0.1)")
     a("--eval-every", type=int, help="validate every N steps (250)")
-    a("--eval-batches", type=int, help="micro-batches per validation (20)")
+    a("--eval-batches", type=int, help="batches of --batch-size windows per validation (20)")
     a("--ckpt-every", type=int, help="checkpoint every N steps (default: --eval-every)")
     a("--log-every", type=int, help="metrics.jsonl record every N steps (10)")
     a("--sample-tokens", type=int, help="tokens per sample written to samples.txt at the end, 0 = none (300)")

@@ -164,11 +164,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss (nats/token) over eval_batches micro-batches of fixed random windows."""
+        """Mean validation loss (nats/token) over eval_batches * batch_size fixed random windows."""
         cfg, d = self.cfg, self.d
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same windows at every evaluation
-        n = cfg.eval_batches * self.micro * d.world
-        offsets = sample_offsets(self.val_data, cfg.seq_len, n, gen).view(cfg.eval_batches, d.world, self.micro)
+        # eval_batches global batches of windows, whatever the accumulation or number of processes
+        n = cfg.eval_batches * cfg.batch_size
+        offsets = sample_offsets(self.val_data, cfg.seq_len, n, gen).view(-1, d.world, self.micro)
         self.model.eval()
         total, count = torch.zeros(()), torch.zeros(())
         for o in offsets[:, d.rank]:

@@ -1,0 +1,130 @@
+"""The training loop: schedule, exact resume, accumulation, non-finite steps, packed documents, checkpoints."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from gla.training import TrainConfig, Trainer, lr_at, resume_config, train
+from gla.training import checkpoint, report
+
+
+def _cfg(out, data, **kw):
+    base = dict(out=str(out), data=data, preset="tiny", seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup=2,
+                eval_every=4, eval_batches=2, log_every=1, sample_tokens=0, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out):
+    recs = report.read_metrics(str(out))
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r], [(r["step"], r["val_loss"]) for r in recs
+                                                                    if "val_loss" in r]
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 60) == pytest.approx(5.5e-4) and lr_at(cfg, 110) == pytest.approx(1e-4)
+    assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(10, 120))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="--seq-len must be >= 1"):
+        TrainConfig(seq_len=0)
+    with pytest.raises(ValueError, match="not divisible by --grad-accum"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_exact_resume(tmp_path, small_text, monkeypatch):
+    """A run interrupted after its step-4 checkpoint and resumed reproduces the uninterrupted loss curve exactly
+    (dropout on, so the RNG state matters too)."""
+    full = train(_cfg(tmp_path / "full", small_text, dropout=0.1), progress=False)
+    ref_train, ref_val = _losses(tmp_path / "full")
+    assert len(ref_train) == 8 and len(ref_val) == 2
+
+    real_step = Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == 6:
+            raise KeyboardInterrupt  # the power goes out after step 6; the last checkpoint is step 4
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "cut", small_text, dropout=0.1), progress=False)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert [s for s, _ in _losses(tmp_path / "cut")[0]] == list(range(1, 7))
+    resumed = train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
+    assert _losses(tmp_path / "cut") == (ref_train, ref_val)      # bit-exact
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_checkpoint_contents(tmp_path, small_text):
+    out = tmp_path / "run"
+    summary = train(_cfg(out, small_text, steps=4, sample_tokens=20), progress=False)
+    for name in ("config.json", "model.safetensors", "train_config.json", "metrics.jsonl", "loss.png",
+                 "samples.txt"):
+        assert os.path.isfile(out / name), name
+    state = torch.load(out / "checkpoint" / checkpoint.STATE, weights_only=True)   # plain data only
+    assert state["step"] == 4 and "exp_avg" in next(iter(state["optimizer"]["state"].values()))
+    from gla.models import from_pretrained
+    assert from_pretrained(str(out)).config.d_model == 64
+    assert summary["plot"].endswith("loss.png") and "sample" in summary
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_cfg(out, small_text), progress=False)
+
+
+def test_resume_errors(tmp_path, small_text):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resume_config(str(tmp_path / "none"), {})
+    out = tmp_path / "run"
+    train(_cfg(out, small_text, steps=2), progress=False)
+    (out / "checkpoint" / checkpoint.STATE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupted"):
+        Trainer(resume_config(str(out), {"steps": 4}), resume=True, progress=False)
+    train(_cfg(tmp_path / "run2", small_text, steps=2), progress=False)
+    bad = resume_config(str(tmp_path / "run2"), {"d_model": 32, "steps": 4})
+    with pytest.raises(ValueError, match="does not match"):
+        Trainer(bad, resume=True, progress=False)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, small_text):
+    train(_cfg(tmp_path / "a", small_text, steps=3, eval_every=3), progress=False)
+    train(_cfg(tmp_path / "b", small_text, steps=3, eval_every=3, grad_accum=2), progress=False)
+    (a, va), (b, vb) = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a + va, b + vb):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_non_finite_step_is_skipped(tmp_path, small_text, monkeypatch):
+    real = Trainer._nll
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        nll = real(self, batch)
+        return nll * float("nan") if calls["n"] == 2 else nll   # the second step's loss is NaN
+
+    monkeypatch.setattr(Trainer, "_nll", poisoned)
+    t = Trainer(_cfg(tmp_path / "run", small_text, steps=3), progress=False)
+    t.train_step()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    rec = t.train_step()
+    assert math.isnan(rec["loss"]) and t.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    assert math.isfinite(t.train_step()["loss"])
+
+
+def test_packed_documents_train(tmp_path, small_docs):
+    """Short documents: windows are cut at document starts (cu_seqlens) and training still learns."""
+    t = Trainer(_cfg(tmp_path / "run", small_docs, steps=30, lr=1e-2, batch_size=8), progress=False)
+    from gla.data import make_batch, sample_offsets
+    b = make_batch(t.train_data, sample_offsets(t.train_data, 32, 8, torch.Generator().manual_seed(0)), 32)
+    assert b["cu_seqlens"] is not None and b["input_ids"].shape == (1, 8 * 32)
+    first = t.train_step()["loss"]
+    last = [t.train_step()["loss"] for _ in range(29)][-1]
+    assert last < first - 1.0
