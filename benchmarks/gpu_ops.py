@@ -29,15 +29,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128), (8, 2048, 4, 256, 512)]
 DECODE = (16, 16, 128, 128)
 VARIANTS = {  # name -> CONFIGS overrides
-    "state 64x32/4w": {"state": dict(BK=64, BV=32, num_warps=4)},
+    "state 64x64/8w": {"state": dict(BK=64, BV=64, num_warps=8)},
     "mid 32x32/4w": {"state_mid": dict(BK=32, BV=32, num_warps=4)},
     "small 16x32/4w": {"state_small": dict(BK=16, BV=32, num_warps=4)},
-    "small 16x128/4w": {"state_small": dict(BK=16, BV=128, num_warps=4)},
+    "small 32x32/4w": {"state_small": dict(BK=32, BV=32, num_warps=4)},
     "output 32x64/4w": {"output": dict(BK=32, BV=64, num_warps=4)},
     "output 32x128/4w": {"output": dict(BK=32, BV=128, num_warps=4)},
     "dv 32x64/4w": {"dv": dict(BK=32, BV=64, num_warps=4)},
+    "dqkg 64x64/8w": {"dqkg": dict(BK=64, BV=64, num_warps=8)},
     "dqkg 16x64/4w": {"dqkg": dict(BK=16, BV=64, num_warps=4)},
-    "dqkg 32x32/4w": {"dqkg": dict(BK=32, BV=32, num_warps=4)},
 }
 
 

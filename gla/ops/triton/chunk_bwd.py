@@ -23,12 +23,11 @@ from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, chunk_cumsum, config
 
 
 @triton.jit
-def dqk_logspace(b_dA, b_q, b_k, b_gc, BT: tl.constexpr):
-    """Intra-chunk dq, dk ([BT, BK] each) from dA [BT, BT] (lower-triangular) in log space: token t contributes
-    dA[:, t] k_t exp(gc - gc_t) to dq (rows i >= t) and dA[t, :] q_t exp(gc_t - gc) to dk (rows j <= t)."""
+def dqk_logspace(b_dq, b_dk, b_dA, b_q, b_k, b_gc, BT: tl.constexpr):
+    """Adds the intra-chunk dq, dk ([BT, BK] each) from dA [BT, BT] (lower-triangular) in log space: token t
+    contributes dA[:, t] k_t exp(gc - gc_t) to dq (rows i >= t) and dA[t, :] q_t exp(gc_t - gc) to dk (rows j <= t).
+    Accumulates in place to keep this rarely taken branch from raising the kernel's register count."""
     o_t = tl.arange(0, BT)
-    b_dq = tl.zeros(b_q.shape, dtype=tl.float32)
-    b_dk = tl.zeros(b_k.shape, dtype=tl.float32)
     for t in range(0, BT):
         m_c = o_t == t
         b_qt = tl.sum(tl.where(m_c[:, None], b_q, 0.), 0)
@@ -130,9 +129,7 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, hs, dhs, dq, dk, dg, scale, cu_seqlens
         b_dq += tl.dot(b_dAd, b_kg, input_precision="ieee") * b_eg
         b_dk += tl.dot(tl.trans(b_dAd), b_qg, input_precision="ieee") * tl.exp(-b_gc)
     else:
-        b_dqi, b_dki = dqk_logspace(b_dA, b_q, b_k, b_gc, BT)
-        b_dq += b_dqi
-        b_dk += b_dki
+        b_dq, b_dk = dqk_logspace(b_dq, b_dk, b_dA, b_q, b_k, b_gc, BT)
     b_dg = tl.cumsum(b_q * b_dq - b_k * b_dk, 0, reverse=True) + b_dgl[None, :]
     p_dq = tl.make_block_ptr(dq + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
     p_dk = tl.make_block_ptr(dk + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))

@@ -19,17 +19,17 @@ from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, chunk_cumsum, config
 
 
 @triton.jit
-def attn_logspace(b_q, b_k, b_gc, BT: tl.constexpr):
-    """[BT, BT] scores sum_k q_ik k_jk exp(gc_ik - gc_jk) for j <= i (above the diagonal: don't care), computed
-    column by column with exponents clamped to <= 0. b_q, b_k, b_gc: [BT, BK] fp32."""
+def attn_logspace(b_A, b_q, b_k, b_gc, BT: tl.constexpr):
+    """Adds to b_A [BT, BT] the scores sum_k q_ik k_jk exp(gc_ik - gc_jk) for j <= i (above the diagonal: don't
+    care), column by column with exponents clamped to <= 0. b_q, b_k, b_gc: [BT, BK] fp32. Accumulating in place
+    keeps this rarely taken branch from raising the register count of the whole kernel."""
     o_t = tl.arange(0, BT)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for j in range(0, BT):
         m_j = o_t == j
         b_kj = tl.sum(tl.where(m_j[:, None], b_k, 0.), 0)
         b_gj = tl.sum(tl.where(m_j[:, None], b_gc, 0.), 0)
         b_a = tl.sum(b_q * b_kj[None, :] * tl.exp(tl.minimum(b_gc - b_gj[None, :], 0.)), 1)
-        b_A = tl.where(m_j[None, :], b_a[:, None], b_A)
+        b_A += tl.where(m_j[None, :], b_a[:, None], 0.)
     return b_A
 
 
@@ -64,7 +64,7 @@ def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indic
             b_kg = (b_k * tl.exp(-b_gc)).to(DOT)
             b_A += tl.dot(b_qg.to(DOT), tl.trans(b_kg), input_precision="ieee")
         else:
-            b_A += attn_logspace(b_q, b_k, b_gc, BT)
+            b_A = attn_logspace(b_A, b_q, b_k, b_gc, BT)
     b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.)
     p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
     b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
