@@ -81,8 +81,12 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
         for block in blocks:   # one shard unit per layer: parameters are gathered just in time, layer by layer
             fully_shard(block)
         fully_shard(model)
+        if not hasattr(model, "set_force_sum_reduction_for_comms"):
+            raise ValueError(f"--parallel fsdp needs a newer torch (FSDP2 with sum reductions), got {torch.__version__}")
         for m in [*blocks, model]:
-            m.set_gradient_divide_factor(1.0)   # SUM, not AVG: see the module docstring
+            # plain SUM collectives, no AVG / PREMUL_SUM (gloo has neither) and no division: see the docstring
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
         return model
     return model
 
