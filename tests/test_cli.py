@@ -1,0 +1,90 @@
+"""The `gla` command end to end, as a user runs it: train -> resume -> generate -> eval ppl, and its errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gla(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "gla.cli", *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"gla {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    data = d / "text.txt"
+    data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60)
+    out = d / "run"
+    r = gla("train", "--data", str(data), "--preset", "tiny", "--seq-len", "32", "--batch-size", "4",
+            "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--sample-tokens", "16",
+            "--out", str(out), "--json")
+    summary = json.loads(r.stdout)
+    assert summary["step"] == 4 and os.path.isfile(summary["plot"])
+    return str(data), str(out)
+
+
+def test_train_resume_with_more_steps(run):
+    data, out = run
+    r = gla("train", "--out", out, "--resume", "--steps", "6", "--json")
+    assert json.loads(r.stdout)["step"] == 6
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+    assert steps[-1] == 6
+
+
+def test_generate_streams(run):
+    _, out = run
+    r = gla("generate", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", "12", "--temperature", "0")
+    assert r.stdout.startswith("All:") and len(r.stdout.encode()) >= 4 + 1
+    j = json.loads(gla("generate", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", "5", "--json").stdout)
+    assert j["new_tokens"] == 5
+
+
+def test_eval_ppl_json(run):
+    data, out = run
+    windows = json.loads(gla("eval", "ppl", "--ckpt", out, "--data", data, "--seq-len", "64", "--json").stdout)
+    assert {"loss", "bpb", "ppl", "tokens", "bytes"} <= set(windows) and windows["seq_len"] == 64
+    streamed = json.loads(gla("eval", "ppl", "--ckpt", out, "--data", data, "--split", "val", "--json").stdout)
+    assert streamed["seq_len"] is None and streamed["tokens"] < windows["tokens"]
+    assert 0 < streamed["loss"] < 6
+
+
+def test_clear_errors(run, tmp_path, capsys):
+    """Bad input ends with one clear line and exit status 2, never a traceback (in-process: fast)."""
+    from gla.cli import main
+    data, out = run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "train_config.json"):
+        (broken / name).write_text(open(os.path.join(out, name)).read())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 10)
+    cases = [
+        (["eval", "ppl", "--ckpt", str(tmp_path / "nope"), "--data", data], "no config.json"),
+        (["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "data not found"),
+        (["train", "--out", out, "--steps", "2"], "--resume"),
+        (["train", "--out", str(tmp_path / "empty"), "--resume"], "no checkpoint"),
+        (["train", "--seq-len", "0", "--out", str(tmp_path / "o")], "--seq-len must be >= 1"),
+        (["generate", "--ckpt", str(broken)], "safetensors"),
+        (["eval", "ppl", "--ckpt", out, "--data", data, "--seq-len", "-3"], "--seq-len must be >= 1"),
+    ]
+    for args, msg in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (args, err)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dtype", "fp8"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_ops_help():
+    r = gla("bench", "ops", "--help")
+    assert "--json" in r.stdout
