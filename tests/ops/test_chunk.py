@@ -80,10 +80,18 @@ def test_no_overflow_with_extreme_gates():
     assert_close(errs)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 with sub-chunks of 8, so gradcheck's tiny inputs still span several chunks and sub-chunks."""
+    import gla.ops.chunk as chunk
+    monkeypatch.setattr(chunk, "BT", 16)
+    monkeypatch.setattr(chunk, "BC", 8)
+
+
 @pytest.mark.parametrize("backend", ["chunk", "recurrent"])
 @pytest.mark.parametrize("normalizer", [4.0, 0.1])
-def test_gradcheck(backend, normalizer):
-    q, k, v, g, h0 = gla_inputs(1, 70, 1, 3, 2, dtype=torch.float64, normalizer=normalizer, state=True)
+def test_gradcheck(backend, normalizer, small_chunks):
+    q, k, v, g, h0 = gla_inputs(1, 37, 1, 3, 2, dtype=torch.float64, normalizer=normalizer, state=True)
 
     def f(q, k, v, g, h0):
         return gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
@@ -91,9 +99,9 @@ def test_gradcheck(backend, normalizer):
     assert torch.autograd.gradcheck(f, (q, k, v, g, h0), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_gradcheck_varlen():
-    q, k, v, g, h0 = gla_inputs(1, 80, 1, 2, 3, dtype=torch.float64, state=True, N=3)
-    cu = torch.tensor([0, 10, 10, 80])
+def test_gradcheck_varlen(small_chunks):
+    q, k, v, g, h0 = gla_inputs(1, 45, 1, 2, 3, dtype=torch.float64, state=True, N=3)
+    cu = torch.tensor([0, 10, 10, 45])
 
     def f(q, k, v, g, h0):
         return gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
