@@ -81,12 +81,15 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
         for block in blocks:   # one shard unit per layer: parameters are gathered just in time, layer by layer
             fully_shard(block)
         fully_shard(model)
-        if not hasattr(model, "set_force_sum_reduction_for_comms"):
-            raise ValueError(f"--parallel fsdp needs a newer torch (FSDP2 with sum reductions), got {torch.__version__}")
+        force_sum = hasattr(model, "set_force_sum_reduction_for_comms")
+        if not force_sum and device.type != "cuda":
+            raise ValueError(f"--parallel fsdp on CPU (gloo) needs torch >= 2.9, got {torch.__version__}")
         for m in [*blocks, model]:
-            # plain SUM collectives, no AVG / PREMUL_SUM (gloo has neither) and no division: see the docstring
+            # sum the gradients, no division; gloo has neither AVG nor the PREMUL_SUM that a divide factor of 1
+            # otherwise becomes (NCCL has both), so force plain SUM collectives where torch allows it
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+            if force_sum:
+                m.set_force_sum_reduction_for_comms(True)
         return model
     return model
 
