@@ -1,0 +1,47 @@
+"""Decode benchmark at a tiny size: table shape, constant GLA state, growing KV cache, files written."""
+import json
+import os
+
+import pytest
+
+from gla.bench import decode
+
+TINY = dict(contexts=(32, 128), d_model=32, n_heads=2, n_layers=2, vocab=64, steps=2)
+
+
+def test_rows_state_bytes_and_table():
+    rows = decode.run(**TINY)
+    assert [(r["model"], r["context"]) for r in rows] == [("gla", 32), ("gla", 128), ("softmax", 32),
+                                                         ("softmax", 128)]
+    gla_bytes = {r["state_bytes"] for r in rows if r["model"] == "gla"}
+    # 2 layers x [B=1, H=2, K=8, V=16] float32 + seen [B] int64, whatever the context
+    assert gla_bytes == {2 * 2 * 8 * 16 * 4 + 8}
+    sm = [r["state_bytes"] for r in rows if r["model"] == "softmax"]
+    assert sm[1] > 3 * sm[0]  # the KV cache grows with the context
+    assert all(r["ms_per_token"] > 0 and r["prefill_s"] > 0 for r in rows)
+    lines = decode.format_table(rows, "title").splitlines()
+    assert lines[0] == "title" and len(lines) == 2 + 2 + 2
+    assert all(line.count("|") == 1 + 1 + 4 * 2 for line in lines[2:])
+    assert lines[4].startswith("| 32 |") and lines[5].startswith("| 128 |")
+
+
+def test_main_writes_table_json_and_plot(tmp_path, capsys):
+    argv = ["--contexts", "16,48", "--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--vocab", "64",
+            "--steps", "2", "--models", "gla", "--out", str(tmp_path)]
+    assert decode.main(argv) == 0
+    assert "| 48 |" in capsys.readouterr().out
+    rows = json.load(open(tmp_path / "decode.json"))["rows"]
+    assert len(rows) == 2 and rows[0]["state_bytes"] == rows[1]["state_bytes"]
+    assert (tmp_path / "decode.md").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert os.path.getsize(tmp_path / "decode.png") > 1000
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        decode.main(["--contexts", "1k"])
+    with pytest.raises(ValueError, match="unknown model"):
+        decode.run(**{**TINY, "models": ("mamba",)})
