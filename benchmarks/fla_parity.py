@@ -125,10 +125,14 @@ def main(argv=None):
         for name in cases:
             t0 = time.time()
             try:
-                rows += run_case(name, args.device, workdir)
+                new = run_case(name, args.device, workdir)
             except Exception as e:  # report every case, not only the first failure
+                new = []
                 failures.append(f"{name}: {type(e).__name__}: {e}")
-            print(f"# {name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+            rows += new
+            # As each case ends, so a run stopped at a time limit still shows what it got.
+            print(f"# {name}: {time.time() - t0:.1f} s " + " ".join(f"T={r['T']} rel={r['rel']:.2e}" for r in new)
+                  + (f" FAILED {failures[-1]}" if not new else ""), flush=True)
     lines = ["| case | T | max abs diff | rel err | logit std |", "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['T']} | {r['max_abs']:.2e} | {r['rel']:.2e} | {r['logit_std']:.3f} |"
               for r in rows]
