@@ -20,17 +20,19 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     parallel: str = "none"
+    device: torch.device = torch.device("cpu")   # where collectives run (NCCL needs CUDA tensors)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """All-reduce SUM (a copy); identity in a single process."""
-        x = x.clone()
-        if self.world > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
+        """All-reduce SUM; a copy on x's device (identity in a single process)."""
+        if self.world == 1:
+            return x.clone()
+        y = x.to(self.device, copy=True)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y.to(x.device)
 
     def barrier(self):
         if self.world > 1:
@@ -66,7 +68,7 @@ def setup(parallel: str, device: str) -> tuple[Dist, torch.device]:
         dev = torch.device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, parallel), dev
+    return Dist(rank, world, local_rank, parallel, dev), dev
 
 
 def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
