@@ -78,13 +78,30 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _sdpa_backends(device, allow_cudnn: bool):
+    """On CUDA, SDPA without cuDNN unless allowed: torch 2.11 picks cuDNN attention for a decode step and builds a
+    plan for every new KV length (~10 ms of host time per layer per token on an H200, 57 ms/token for 4 layers),
+    which would make the softmax baseline look far worse than a KV cache costs."""
+    import contextlib
+    if device.type != "cuda" or allow_cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @torch.inference_mode()
-def measure(model, context: int, steps: int, batch: int = 1, prefill_chunk: int = 0, warmup: int = 2) -> dict:
+def measure(model, context: int, steps: int, batch: int = 1, prefill_chunk: int = 0, warmup: int = 2,
+            allow_cudnn: bool = False) -> dict:
     """Prefill a random prompt [batch, context], then time ``steps`` single-token decode steps.
 
     Returns {context, ms_per_token, prefill_s, state_bytes, rss_delta_bytes, decode_peak_bytes}.
     """
     device = next(model.parameters()).device
+    with _sdpa_backends(device, allow_cudnn):
+        return _measure(model, device, context, steps, batch, prefill_chunk, warmup)
+
+
+def _measure(model, device, context, steps, batch, prefill_chunk, warmup):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, context), device=device)
     if device.type == "cuda":
@@ -119,7 +136,7 @@ def measure(model, context: int, steps: int, batch: int = 1, prefill_chunk: int 
 
 
 def run(contexts=CPU_CONTEXTS, d_model=128, n_heads=2, n_layers=2, vocab=256, steps=16, batch=1, device="cpu",
-        dtype=torch.float32, prefill_chunk=0, models=MODELS, log=None) -> list[dict]:
+        dtype=torch.float32, prefill_chunk=0, models=MODELS, log=None, allow_cudnn=False) -> list[dict]:
     """Rows {model, context, ms_per_token, prefill_s, state_bytes, rss_delta_bytes, decode_peak_bytes} for every
     model in ``models`` and context in ``contexts`` (ascending)."""
     device = torch.device(device)
@@ -128,9 +145,9 @@ def run(contexts=CPU_CONTEXTS, d_model=128, n_heads=2, n_layers=2, vocab=256, st
         if kind not in MODELS:
             raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
         model = build(kind, vocab, d_model, n_heads, n_layers, max(contexts) + steps + 8, device, dtype)
-        measure(model, min(contexts), 2, batch, prefill_chunk)  # untimed: first-call allocations and lazy inits
+        measure(model, min(contexts), 2, batch, prefill_chunk, allow_cudnn=allow_cudnn)  # untimed: first-call allocations and lazy inits
         for L in sorted(contexts):
-            row = {"model": kind, **measure(model, L, steps, batch, prefill_chunk)}
+            row = {"model": kind, **measure(model, L, steps, batch, prefill_chunk, allow_cudnn=allow_cudnn)}
             rows.append(row)
             if log is not None:
                 log(f"{kind:8s} L={L:7d}  {row['ms_per_token']:8.2f} ms/token  prefill {row['prefill_s']:7.2f} s  "
@@ -218,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--out", default=None, help="directory for decode.md, decode.json and decode.png")
+    p.add_argument("--allow-cudnn", action="store_true", help="let SDPA use cuDNN attention (slow decode steps)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     a = p.parse_args(argv)
     try:
@@ -233,7 +251,7 @@ def main(argv=None) -> int:
         p.error("--device cuda but CUDA is not available")
     rows = run(contexts, a.d_model, a.n_heads, a.n_layers, a.vocab, a.steps, a.batch, device,
                getattr(torch, a.dtype), a.prefill_chunk, tuple(a.models.split(",")),
-               log=None if a.json else lambda s: print(s, flush=True))
+               log=None if a.json else lambda s: print(s, flush=True), allow_cudnn=a.allow_cudnn)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     title = (f"Decode: d_model={a.d_model}, {a.n_layers} layers, {a.n_heads} heads, B={a.batch}, {a.dtype}, "
              f"{a.steps} steps, {where}, torch {torch.__version__}")
