@@ -197,15 +197,15 @@ def plot(rows, path: str, title: str = "") -> None:
     except ImportError as e:
         raise ImportError("the decode plot needs matplotlib: pip install 'gla[train]'") from e
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in MODELS:
+    for i, m in enumerate(MODELS):
         rs = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context"])
         if not rs:
             continue
-        x = [r["context"] for r in rs]
-        ax1.plot(x, [r["ms_per_token"] for r in rs], "o-", label=m)
-        ax2.plot(x, [r["state_bytes"] / 2**20 for r in rs], "o-", label=f"{m} state")
+        x, color = [r["context"] for r in rs], f"C{i}"
+        ax1.plot(x, [r["ms_per_token"] for r in rs], "o-", color=color, label=m)
+        ax2.plot(x, [r["state_bytes"] / 2**20 for r in rs], "o-", color=color, label=f"{m} state")
         if rs[0]["decode_peak_bytes"] is not None:
-            ax2.plot(x, [r["decode_peak_bytes"] / 2**20 for r in rs], "x--", label=f"{m} decode peak")
+            ax2.plot(x, [r["decode_peak_bytes"] / 2**20 for r in rs], "x--", color=color, label=f"{m} decode peak")
     for ax, ylabel in ((ax1, "ms per token"), (ax2, "MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

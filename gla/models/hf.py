@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gla.layers.conv import ShortConv
 from gla.layers.gla_attention import GatedLinearAttention
+
 from .config import GLAConfig
 from .state import ModelState
 from .transformer import MODEL_TYPE, GLATransformer
@@ -80,7 +81,7 @@ class GLALMConfig(PreTrainedConfig):
         return GLAConfig(**{name: getattr(self, name) for name in _GLA_FIELDS if hasattr(self, name)})
 
     @classmethod
-    def from_gla_config(cls, cfg: GLAConfig, **kwargs) -> "GLALMConfig":
+    def from_gla_config(cls, cfg: GLAConfig, **kwargs) -> GLALMConfig:
         return cls(**cfg.to_dict(), **kwargs)
 
 

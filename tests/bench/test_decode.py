@@ -30,7 +30,8 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
             "--steps", "2", "--models", "gla", "--out", str(tmp_path)]
     assert decode.main(argv) == 0
     assert "| 48 |" in capsys.readouterr().out
-    rows = json.load(open(tmp_path / "decode.json"))["rows"]
+    with open(tmp_path / "decode.json") as f:
+        rows = json.load(f)["rows"]
     assert len(rows) == 2 and rows[0]["state_bytes"] == rows[1]["state_bytes"]
     assert (tmp_path / "decode.md").exists()
     try:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 pytest.importorskip("safetensors")
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-import gla  # noqa: E402
-from gla.models.fla import config_from_fla  # noqa: E402
-from tests.utils import rel_err  # noqa: E402
+import gla
+from gla.models.fla import config_from_fla
+from tests.utils import rel_err
 
 D, V, L = 64, 97, 3
 
