@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 BASE = dict(hidden_size=128, num_heads=2, num_hidden_layers=2, vocab_size=257, fuse_cross_entropy=False)
 CASES = {
     "base": {},
+    "recurrent_mode": dict(attn_mode="fused_recurrent"),  # FLA's exact fp32 kernel also at T = 300
     "tied": dict(tie_word_embeddings=True),
     "conv_gqa": dict(use_short_conv=True, num_kv_heads=1, num_heads=4),
     "feature_clamp": dict(feature_map="relu", clamp_min=-0.05),
