@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q -e ".[dev,train,hf]"
+	$(BIN)/pip install -q -e ".[dev,train,hf,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)
