@@ -98,6 +98,7 @@ def test_hf_source_offline_error(monkeypatch):
             load_documents("hf:tiny_shakespeare")
         return
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="without network access"):
         load_documents("hf:no-such-user/no-such-dataset")
 
