@@ -128,3 +128,20 @@ def test_packed_documents_train(tmp_path, small_docs):
     first = t.train_step()["loss"]
     last = [t.train_step()["loss"] for _ in range(29)][-1]
     assert last < first - 1.0
+
+
+def test_tokenizer_json_run(tmp_path, small_text):
+    """A run with a tokenizer.json keeps a copy, and evaluation decodes with it (bits per byte from the text)."""
+    from tests.data.test_data import _hf_tokenizer_file
+    from gla.data import HFTokenizer, tokenizer_for
+    from gla.eval import evaluate
+    tok_path = _hf_tokenizer_file(tmp_path / "tokenizer.json")
+    out = tmp_path / "run"
+    train(_cfg(out, small_text, tokenizer=str(tok_path), steps=2), progress=False)
+    assert os.path.isfile(out / "tokenizer.json")
+    assert json.loads((out / "train_config.json").read_text())["tokenizer"] == "tokenizer.json"
+    assert isinstance(tokenizer_for(str(out)), HFTokenizer)
+    res = evaluate(str(out), small_text, seq_len=32, split="val", device="cpu")
+    assert res["bytes"] > res["tokens"] and res["bpb"] < res["loss"] / math.log(2)
+    resumed = train(resume_config(str(out), {"steps": 3}), resume=True, progress=False)
+    assert resumed["step"] == 3
