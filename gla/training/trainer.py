@@ -229,6 +229,7 @@ class Trainer:
         bar.close()
         summary = {"out": cfg.out, "step": self.step, "loss": last.get("loss"), "val_loss": val_loss,
                    "train_time_s": round(self.train_time, 2), "skipped_steps": self.skipped,
+                   "tok_per_s": round(self.step * tokens_per_step / max(self.train_time, 1e-9), 1),
                    "params": n_params}
         if cfg.sample_tokens and (d.main or d.parallel == "fsdp"):
             texts = self.samples()
