@@ -79,11 +79,7 @@ def make_batch(stream: TokenStream, offsets: torch.Tensor, seq_len: int) -> dict
     idx = offsets[:, None] + torch.arange(seq_len + 1)            # [B, T+1]
     win = stream.tokens[idx]
     x, y = win[:, :-1], win[:, 1:].clone()
-    starts = stream.doc_starts
-    # starts inside (o, o+T] of each window: such a token begins a new document
-    is_start = torch.zeros(len(stream) + 1, dtype=torch.bool)
-    is_start[starts] = True
-    new_doc = is_start[idx[:, 1:]]                                # [B, T]: target t+1 begins a document
+    new_doc = torch.isin(idx[:, 1:], stream.doc_starts)           # [B, T]: target t+1 begins a document
     y[new_doc] = IGNORE_INDEX
     if not bool(new_doc[:, :-1].any()):                           # a start at the last target needs no cut
         return {"input_ids": x, "targets": y, "cu_seqlens": None}
