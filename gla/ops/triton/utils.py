@@ -133,7 +133,7 @@ CONFIGS = {
     "state": dict(BK=64, BV=64, num_warps=4),
     "state_mid": dict(BK=32, BV=64, num_warps=4),
     "state_small": dict(BK=16, BV=64, num_warps=4),
-    "output": dict(BK=64, BV=64, num_warps=4),
+    "output": dict(BK=32, BV=128, num_warps=4),
     "dv": dict(BK=32, BV=128, num_warps=4),
     "dqkg": dict(BK=32, BV=64, num_warps=4),
 }
