@@ -23,6 +23,8 @@ def _train_parser(sub):
     a("--preset", help="model preset: tiny, demo (default), gla-340m, gla-1.3b")
     for name, kind in (("d-model", int), ("n-layers", int), ("n-heads", int), ("d-ff", int), ("dropout", float)):
         a(f"--{name}", type=kind, help="override the preset")
+    a("--mixer", choices=("gla", "linear", "retnet", "seed", "softmax"),
+      help="token mixer of every layer (gla; the others are baselines for comparisons)")
     a("--seq-len", type=int, help="tokens per training sequence (256)")
     a("--batch-size", type=int, help="sequences per optimizer step, over all processes (32)")
     a("--grad-accum", type=int, help="micro-steps per optimizer step (1)")

@@ -15,7 +15,8 @@ def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
 class GLAConfig:
     """Everything needed to rebuild a GLATransformer.
 
-    mixer: the token mixer of every layer not in attn_layers ("gla", or a baseline: "linear", "retnet", "seed").
+    mixer: the token mixer of every layer not in attn_layers: "gla", or a baseline ("linear", "retnet", "seed",
+    "softmax" for an all-attention Transformer).
     attn_layers: indices of layers that use softmax attention instead (hybrids, e.g. every 4th layer).
     layer_mixers: an explicit mixer per layer (any of gla.layers.block.MIXERS); overrides mixer and attn_layers.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout")  # overrides of the preset's GLAConfig fields
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer")  # overrides of the preset's GLAConfig fields
 PARALLEL = ("none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -22,6 +22,7 @@ class TrainConfig:
     n_heads: int | None = None
     d_ff: int | None = None
     dropout: float | None = None
+    mixer: str | None = None         # token mixer of every layer: gla (preset default), linear, retnet, seed, softmax
     seq_len: int = 256
     batch_size: int = 32
     grad_accum: int = 1

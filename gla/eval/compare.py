@@ -1,0 +1,83 @@
+"""Perplexity across token mixers: the same `gla train` and `gla eval ppl` for each mixer, on the same data and
+budget, in one command, with a table.
+
+    gla eval compare --mixers gla,softmax,retnet,linear --data shakespeare --preset demo --d-model 128 \\
+        --n-layers 4 --seq-len 64 --batch-size 12 --steps 1000 --out runs/compare
+
+Each mixer trains in OUT/MIXER with identical settings and seed; its validation loss is reported over windows of
+--seq-len tokens (the training context) and, for the recurrent mixers, with the whole text streamed through the
+state (unbounded context; softmax has no constant-size state, so that column is left empty for it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from gla.training import TrainConfig, train
+
+RECURRENT = ("gla", "linear", "retnet", "seed")
+
+
+def compare(mixers, out: str, device: str = "auto", **train_flags) -> list[dict]:
+    """Train and evaluate one model per mixer; returns one row per mixer."""
+    from gla.eval.ppl import evaluate
+
+    rows = []
+    for mixer in mixers:
+        cfg = TrainConfig(out=os.path.join(out, mixer), mixer=mixer, device=device, sample_tokens=0, **train_flags)
+        s = train(cfg, progress=False)
+        dev = "cpu" if device == "auto" else device
+        window = evaluate(cfg.out, cfg.data, cfg.seq_len, "val", cfg.val_fraction, dev)
+        row = {"mixer": mixer, "params": s["params"], "train_time_s": s["train_time_s"],
+               "val_loss": window["loss"], "val_bpb": window["bpb"], "seq_len": cfg.seq_len}
+        if mixer in RECURRENT:
+            row["val_loss_unbounded"] = evaluate(cfg.out, cfg.data, None, "val", cfg.val_fraction, dev)["loss"]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows) -> str:
+    lines = ["| mixer | params | train s | val loss (windows) | val bits/byte | val loss (unbounded) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        unb = f"{r['val_loss_unbounded']:.4f}" if "val_loss_unbounded" in r else "–"
+        lines.append(f"| {r['mixer']} | {r['params'] / 1e6:.2f}M | {r['train_time_s']:.0f} | {r['val_loss']:.4f} | "
+                     f"{r['val_bpb']:.4f} | {unb} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--mixers", default="gla,softmax,retnet,linear")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    for name, kind in (("data", str), ("preset", str), ("d-model", int), ("n-layers", int), ("n-heads", int),
+                       ("seq-len", int), ("batch-size", int), ("steps", int), ("lr", float), ("warmup", int),
+                       ("beta2", float), ("eval-every", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help="as for gla train")
+
+
+def run(args) -> list[dict]:
+    flags = {k: v for k, v in vars(args).items() if k not in ("mixers", "out", "device", "json", "cmd", "task",
+                                                              "func")}
+    rows = compare([m for m in args.mixers.split(",") if m], args.out, args.device, **flags)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(markdown_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(markdown_table(rows) + "\n")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="gla eval compare", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
