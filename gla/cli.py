@@ -130,6 +130,14 @@ def _cmd_mqar(args) -> int:
     return 0
 
 
+def _cmd_harness(args) -> int:
+    from gla.eval.harness import evaluate
+    res = evaluate(args.ckpt, [t for t in args.tasks.split(",") if t], args.text, args.limit, args.batch_size,
+                   args.device)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gla", description="Gated Linear Attention language models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -163,17 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     mq = ev.add_parser("mqar", help="multi-query associative recall across token mixers")
     mqar.add_arguments(mq)
     mq.set_defaults(func=_cmd_mqar)
+    from gla.eval import compare
+    cp = ev.add_parser("compare", help="train and evaluate one model per token mixer, same data and budget")
+    compare.add_arguments(cp)
+    cp.set_defaults(func=lambda a: compare.run(a) and 0)
+    hz = ev.add_parser("harness", help="lm-evaluation-harness tasks, or a local text file as a task")
+    hz.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    hz.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
+    hz.add_argument("--text", default=None, help="a local text file scored as a rolling-loglikelihood task")
+    hz.add_argument("--limit", type=int, default=None, help="documents per task")
+    hz.add_argument("--batch-size", type=int, default=1)
+    hz.add_argument("--device", default="cpu")
+    hz.set_defaults(func=_cmd_harness)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     b.add_parser("ops", help="operator benchmark: gla bench ops --help")  # dispatched in main()
+    b.add_parser("decode", help="decode latency and memory vs context: gla bench decode --help")
     return p
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "ops"]:  # its own parser, --help included
-        from gla.bench import ops
-        ops.main(argv[2:])
+    if argv[:2] in (["bench", "ops"], ["bench", "decode"]):  # their own parsers, --help included
+        import importlib
+        importlib.import_module(f"gla.bench.{argv[1]}").main(argv[2:])
         return 0
     args = build_parser().parse_args(argv)
     try:
