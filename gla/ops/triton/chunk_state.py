@@ -82,10 +82,10 @@ def chunk_state_bwd_kernel(q, g, do, dht, dh0, dhs, scale, cu_seqlens, chunk_off
                                   (1, 0))
         b_dh += tl.load(p_dht, boundary_check=(0, 1))
     # prefetch as in the forward, walking backwards (the load after chunk 0 re-reads chunk 0, unused)
-    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (L, K), (H * K, 1), (tl.maximum(NT - 1, 0) * BT, i_k * BK), (BT, BK), (1, 0))
-    p_g = tl.make_block_ptr(g + (bos * H + i_h) * K, (L, K), (H * K, 1), (tl.maximum(NT - 1, 0) * BT, i_k * BK), (BT, BK), (1, 0))
-    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (L, V), (H * V, 1), (tl.maximum(NT - 1, 0) * BT, i_v * BV), (BT, BV),
-                             (1, 0))
+    o_last = tl.maximum(NT - 1, 0) * BT
+    p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (L, K), (H * K, 1), (o_last, i_k * BK), (BT, BK), (1, 0))
+    p_g = tl.make_block_ptr(g + (bos * H + i_h) * K, (L, K), (H * K, 1), (o_last, i_k * BK), (BT, BK), (1, 0))
+    p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (L, V), (H * V, 1), (o_last, i_v * BV), (BT, BV), (1, 0))
     b_qn = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
     b_gn = tl.load(p_g, boundary_check=(0, 1), padding_option="zero")
     b_don = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
