@@ -104,6 +104,12 @@ def test_no_state_no_final():
         assert rel_err(a, b) <= 1e-4
 
 
+def test_float64_is_refused():
+    q, k, v, g, _ = gla_inputs(1, 8, 1, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        gated_linear_attention(q, k, v, g, backend="triton")
+
+
 def test_all_sequences_empty():
     q, k, v, g, h0 = gla_inputs(1, 0, 2, 16, 16, state=True, N=2, device=DEVICE)
     cu = torch.tensor([0, 0, 0], device=DEVICE)

@@ -50,6 +50,10 @@ def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=
     in q, k, v, g and initial_state, also through the final state. Inputs: fp32, bf16 or fp16 (fp32 state);
     K <= 256 and V <= 512 are the tuned range.
     """
+    for name, x in (("q", q), ("g", g)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f'backend="triton" takes float32, bfloat16 or float16 {name}, got {x.dtype} '
+                             '(use backend="chunk" or "recurrent" for float64)')
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
