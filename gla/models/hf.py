@@ -15,6 +15,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+import transformers
+
+if int(transformers.__version__.split(".")[0]) != 5:  # the cache API and config dataclasses are 5.x's
+    raise ImportError(f"gla's Hugging Face adapter needs transformers>=5,<6 (pip install 'gla[hf]'), "
+                      f"found {transformers.__version__}")
+
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -28,6 +34,8 @@ from .state import ModelState
 from .transformer import MODEL_TYPE, GLATransformer
 
 _GLA_FIELDS = tuple(f.name for f in dataclasses.fields(GLAConfig))
+# transformers renamed past_key_values to cache during 5.x (5.24 has "cache"; 5.17 still "past_key_values").
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class GLALMConfig(PreTrainedConfig):
@@ -272,7 +280,7 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache:
             out_cache = cache if cache is not None else GLACache()
             out_cache.update_state(new_state, T)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out_cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out_cache})
 
 
 def register() -> None:

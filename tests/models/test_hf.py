@@ -23,6 +23,12 @@ KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "tied_conv": {"tie_embeddin
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def cache_of(out):
+    """The cache in a model or generate() output (its field is "cache" in transformers 5.24, earlier
+    5.x "past_key_values")."""
+    return out[hf._CACHE_FIELD]
+
+
 def make(kind="gla"):
     torch.manual_seed(0)
     return gla.GLATransformer(101, 48, 4, 96, 3, dropout=0.0, **KINDS[kind]).eval()
@@ -95,14 +101,15 @@ def test_returned_cache_continues_generation(tmp_path):
     _, h = hf_model(tmp_path, "hybrid")
     x = torch.randint(0, 101, (2, 9))
     first = h.generate(x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(first.cache, hf.GLACache) and first.cache.get_seq_length() == 9 + 2
-    more = h.generate(first.sequences, cache=first.cache, max_new_tokens=3, do_sample=False)
+    cache = cache_of(first)
+    assert isinstance(cache, hf.GLACache) and cache.get_seq_length() == 9 + 2
+    more = h.generate(first.sequences, **{hf._CACHE_FIELD: cache}, max_new_tokens=3, do_sample=False)
     assert torch.equal(more, h.generate(x, max_new_tokens=6, do_sample=False))
 
 
 def test_gla_cache_bytes_do_not_grow_and_beam_search_runs(tmp_path):
     _, h = hf_model(tmp_path, "gla")
-    sizes = [h(torch.randint(0, 101, (1, T))).cache.nbytes() for T in (4, 64)]
+    sizes = [cache_of(h(torch.randint(0, 101, (1, T)))).nbytes() for T in (4, 64)]
     assert sizes[0] == sizes[1] > 0
     out = h.generate(torch.randint(0, 101, (2, 5)), max_new_tokens=4, num_beams=3, do_sample=False)
     assert out.shape == (2, 9)
@@ -127,7 +134,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="attention_mask"):
         h(x, attention_mask=torch.ones(1, 2))
     with pytest.raises(NotImplementedError, match="rolled back"):
-        h(x).cache.crop(1)
+        cache_of(h(x)).crop(1)
 
 
 def test_import_gla_registers_and_costs_nothing_without_transformers(tmp_path):
