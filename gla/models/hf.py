@@ -1,6 +1,6 @@
 """Hugging Face transformers (5.x) adapter: AutoConfig / AutoModelForCausalLM for our checkpoint directories.
 
-After ``import gla`` (which imports this module when transformers is installed),
+After ``import gla`` (gla/__init__.py imports this module once transformers is imported),
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads a directory written by
 ``GLATransformer.save_pretrained`` and ``.generate()`` decodes with our recurrent state: the prompt is run once
 (prefill), then one token per step through a ``GLACache`` that wraps a ``gla.models.ModelState``.
