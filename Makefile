@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-cpu clean
+.PHONY: demo test bench-cpu results clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(BIN)/python -m gla.bench.ops
+
+results: $(STAMP)
+	$(BIN)/python -m gla.bench.results --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -22,7 +22,11 @@ def _register_with_transformers() -> None:
     import sys
 
     def register():
-        importlib.import_module("gla.models.hf")
+        try:
+            importlib.import_module("gla.models.hf")
+        except ImportError as e:  # an incompatible transformers must not break `import transformers` itself
+            import warnings
+            warnings.warn(f"gla: the Hugging Face adapter is not registered: {e}")
 
     if sys.modules.get("transformers") is not None:
         register()

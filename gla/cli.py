@@ -130,6 +130,12 @@ def _cmd_mqar(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from gla.eval import compare
+    compare.run(args)
+    return 0
+
+
 def _cmd_harness(args) -> int:
     from gla.eval.harness import evaluate
     res = evaluate(args.ckpt, [t for t in args.tasks.split(",") if t], args.text, args.limit, args.batch_size,
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gla.eval import compare
     cp = ev.add_parser("compare", help="train and evaluate one model per token mixer, same data and budget")
     compare.add_arguments(cp)
-    cp.set_defaults(func=lambda a: compare.run(a) and 0)
+    cp.set_defaults(func=_cmd_compare)
     hz = ev.add_parser("harness", help="lm-evaluation-harness tasks, or a local text file as a task")
     hz.add_argument("--ckpt", required=True, help="run or checkpoint directory")
     hz.add_argument("--tasks", default="", help="comma-separated lm-eval task names")

@@ -24,6 +24,12 @@ OUTPUT_GATES = {
 }
 
 
+def fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
+    """RetNet's per-head decay as a log gate [num_kv_heads * head_k]: gamma_h = 1 - 2^(-5-h) (Sun et al. 2023)."""
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
+    return gamma.log().float().repeat_interleave(head_k)
+
+
 @dataclass
 class GLAState:
     """Per-layer recurrent state: recurrent [B, H, K, V] float32; conv: (q, k, v) caches [B, C, W-1] or None."""
@@ -80,8 +86,7 @@ class GatedLinearAttention(nn.Module):
             self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
                                          nn.Linear(gate_low_rank_dim, kv_k, bias=True))
         elif decay == "fixed":
-            gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
-            self.register_buffer("log_gamma", gamma.log().float().repeat_interleave(self.head_k), persistent=False)
+            self.register_buffer("log_gamma", fixed_log_decay(num_kv_heads, self.head_k), persistent=False)
         self.convs = nn.ModuleList([ShortConv(c, conv_size) for c in (key_dim, kv_k, kv_v)]) \
             if use_short_conv else None
         self.g_norm = make_norm(norm, self.head_v, norm_eps)

@@ -70,7 +70,7 @@ class SoftmaxAttention(nn.Module):
         mask = None
         if block_mask is not None:
             mask = block_mask
-        elif key_mask is not None or L != T:
+        elif key_mask is not None or 1 < T < L:
             mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)  # causal with a cache offset
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :]
@@ -78,8 +78,8 @@ class SoftmaxAttention(nn.Module):
             own = torch.zeros(T, L, dtype=torch.bool, device=x.device)
             own[torch.arange(T), torch.arange(L - T, L)] = True
             mask = mask | own
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:  # one new query sees every key; several without a cache are plainly causal
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, -1))), cache

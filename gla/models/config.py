@@ -49,6 +49,7 @@ class GLAConfig:
     layer_mixers: tuple = field(default_factory=tuple)
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
+    attn_qkv_bias: bool = False
     rope_theta: float = 10000.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None

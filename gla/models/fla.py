@@ -62,21 +62,20 @@ def config_from_fla(fla: dict) -> GLAConfig:
     specs = get("attn") or None  # FLA: None, one spec dict, or a list of them
     if specs is not None:
         specs = [specs] if isinstance(specs, dict) else list(specs)
-        shared = {(s.get("num_heads"), s.get("num_kv_heads") or s.get("num_heads"), float(s.get("rope_theta", 1e4)))
-                  for s in specs}
+        shared = {(s.get("num_heads"), s.get("num_kv_heads") or s.get("num_heads"), float(s.get("rope_theta", 1e4)),
+                   bool(s.get("qkv_bias", False))) for s in specs}
         if len(shared) > 1:
-            bad.append(f"attn specs with different heads or rope_theta {sorted(shared)} (one softmax shape only)")
+            bad.append(f"attn specs with different heads, rope_theta or qkv_bias {sorted(shared)} "
+                       "(one softmax shape only)")
         for s in specs:
-            if s.get("qkv_bias", False):
-                bad.append("attn.qkv_bias=true (GLAConfig has no softmax-layer bias option)")
             if s.get("window_size") is not None:
                 bad.append(f"attn.window_size={s['window_size']} (sliding-window softmax layers)")
             if s.get("num_heads") is None or "layers" not in s:
                 bad.append("attn spec without 'layers' and 'num_heads'")
         if not bad:
-            heads, kv_heads, theta = shared.pop()
+            heads, kv_heads, theta, bias = shared.pop()
             attn_kw = dict(attn_layers=tuple(sorted(i for s in specs for i in s["layers"])), attn_heads=heads,
-                           attn_kv_heads=kv_heads, rope_theta=theta)
+                           attn_kv_heads=kv_heads, rope_theta=theta, attn_qkv_bias=bias)
     if bad:
         raise ValueError("unsupported FLA GLA options: " + "; ".join(bad))
     unknown = sorted(set(fla) - KNOWN - IGNORED)

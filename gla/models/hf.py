@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gla.layers.conv import ShortConv
-from gla.layers.gla_attention import GatedLinearAttention
+from gla.layers.gla_attention import GatedLinearAttention, fixed_log_decay
 
 from .config import GLAConfig
 from .state import ModelState
@@ -78,6 +78,7 @@ class GLALMConfig(PreTrainedConfig):
     layer_mixers: list | tuple = ()
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
+    attn_qkv_bias: bool = False
     rope_theta: float | int = 10000.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -192,13 +193,6 @@ def _walk(x, fn):
             _walk(getattr(x, f.name), fn)
 
 
-def _fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
-    """The "retnet" mixer's log_gamma buffer [num_kv_heads * head_k] (gamma_h = 1 - 2^(-5-h)), recomputed here
-    because transformers builds the model on the meta device and non-persistent buffers are not in the checkpoint."""
-    gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
-    return gamma.log().float().repeat_interleave(head_k)
-
-
 class GLAForCausalLM(PreTrainedModel, GenerationMixin):
     """transformers causal LM around a GLATransformer.
 
@@ -239,7 +233,7 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, ShortConv):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, GatedLinearAttention) and module.decay == "fixed":
-            init.copy_(module.log_gamma, _fixed_log_decay(module.num_kv_heads, module.head_k))
+            init.copy_(module.log_gamma, fixed_log_decay(module.num_kv_heads, module.head_k))
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: GLACache | None = None, labels: torch.LongTensor | None = None,

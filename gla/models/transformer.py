@@ -52,7 +52,8 @@ class GLATransformer(nn.Module):
         mixer = cfg.mixer_of(i)
         if mixer == "softmax":
             return GLALayer(cfg.d_model, cfg.attn_heads or cfg.n_heads, cfg.d_ff, mixer="softmax",
-                            num_kv_heads=cfg.attn_kv_heads, rope_theta=cfg.rope_theta, **common)
+                            num_kv_heads=cfg.attn_kv_heads, qkv_bias=cfg.attn_qkv_bias, rope_theta=cfg.rope_theta,
+                            **common)
         return GLALayer(cfg.d_model, cfg.n_heads, cfg.d_ff, mixer=mixer, expand_k=cfg.expand_k,
                         expand_v=cfg.expand_v, num_kv_heads=cfg.num_kv_heads, feature_map=cfg.feature_map,
                         output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,

@@ -51,6 +51,8 @@ def fla_weights(cfg, seed=0):
             hd, kvh = D // attn["num_heads"], attn.get("num_kv_heads") or attn["num_heads"]
             t.update({p + "attn.q_proj.weight": rnd(D, D), p + "attn.k_proj.weight": rnd(kvh * hd, D),
                       p + "attn.v_proj.weight": rnd(kvh * hd, D), p + "attn.o_proj.weight": rnd(D, D)})
+            if attn.get("qkv_bias"):
+                t.update({p + f"attn.{n}_proj.bias": rnd(d) for n, d in (("q", D), ("k", kvh * hd), ("v", kvh * hd))})
             continue
         t.update({p + "attn.q_proj.weight": rnd(dk, D), p + "attn.k_proj.weight": rnd(dk_kv, D),
                   p + "attn.v_proj.weight": rnd(dv_kv, D), p + "attn.o_proj.weight": rnd(D, dv),
@@ -91,7 +93,8 @@ def by_hand(cfg, tensors, **ours):
     attn = cfg["attn"]
     hybrid = {} if attn is None else dict(attn_layers=tuple(attn["layers"]), attn_heads=attn["num_heads"],
                                           attn_kv_heads=attn.get("num_kv_heads"),
-                                          rope_theta=attn.get("rope_theta", 10000.0))
+                                          rope_theta=attn.get("rope_theta", 10000.0),
+                                          attn_qkv_bias=attn.get("qkv_bias", False))
     m = gla.GLATransformer(V, D, cfg["num_heads"], cfg["intermediate_size"] or 256, L, dropout=0.0,
                            num_kv_heads=cfg["num_kv_heads"], tie_embeddings=cfg["tie_word_embeddings"],
                            use_short_conv=cfg["use_short_conv"], clamp_min=cfg["clamp_min"],
@@ -114,6 +117,7 @@ CASES = {
     "plain": {},
     "hybrid": dict(attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": False,
                          "window_size": None, "rope_theta": 500000.0}),
+    "hybrid_bias": dict(attn={"layers": [0], "num_heads": 2, "qkv_bias": True}),
     "tied": dict(tie_word_embeddings=True),
     "conv_gqa_clamp": dict(use_short_conv=True, num_kv_heads=1, clamp_min=-0.05),
     "no_gate_no_affine": dict(use_output_gate=False, elementwise_affine=False, intermediate_size=160),
@@ -160,7 +164,6 @@ def test_config_mapping():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(feature_map="sqrelu"), "feature_map"),
     (dict(attn={"layers": [0], "num_heads": 2, "window_size": 64}), "window_size"),
-    (dict(attn={"layers": [0], "num_heads": 2, "qkv_bias": True}), "qkv_bias"),
     (dict(attn=[{"layers": [0], "num_heads": 2}, {"layers": [1], "num_heads": 4}]), "different heads"),
     (dict(attnres_block_size=2), "attnres_block_size"),
     (dict(clamp_min=0.0), "clamp_min"),
