@@ -96,7 +96,8 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     initial_state: [N, H, K, V] (N = B, or the number of sequences with cu_seqlens), float32 recommended.
     output_final_state: also return the state after the last token, [N, H, K, V] float32.
     cu_seqlens: [N+1] int offsets of packed sequences (B must be 1); no state crosses a boundary.
-    backend: "auto" (triton on CUDA when installed, the recurrent step for T == 1, else chunk), "recurrent"
+    backend: "auto" (triton on CUDA when installed, else the recurrent step for T == 1 and chunk otherwise),
+        "recurrent"
         (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels).
     Returns (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in q, k, v, g and initial_state.
     Raises ValueError naming the argument on malformed input.
@@ -105,23 +106,41 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        if q.shape[1] == 1:
-            backend = "recurrent"
-        elif q.device.type == "cuda" and _triton_importable():
+        if q.device.type == "cuda" and _triton_importable():
             backend = "triton"
         else:
-            backend = "chunk"
+            backend = "recurrent" if q.shape[1] == 1 else "chunk"
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError('backend="triton" needs the triton package: pip install "gla[triton]"')
         if not _triton_usable(q.device):
             raise ValueError(f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}')
+        if _is_decode_step(q, k, v, g, initial_state, cu_seqlens):
+            return _triton_decode(q, k, v, g, float(scale), initial_state, output_final_state)
         from .triton import triton_gla as impl
     elif backend == "chunk":
         from .chunk import chunk_gla as impl
     else:
         impl = recurrent_gla
     return impl(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
+
+
+def _is_decode_step(q, k, v, g, initial_state, cu_seqlens) -> bool:
+    """One token per sequence with no gradient wanted: generation's step, served by the decode kernel."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
+    return q.shape[1] == 1 and cu_seqlens is None and not needs_grad
+
+
+def _triton_decode(q, k, v, g, scale, initial_state, output_final_state):
+    """q, k, g: [B, 1, H, K]; v: [B, 1, H, V] -> (o [B, 1, H, V], state [B, H, K, V] or None): one read and one
+    write of the state (gla.ops.triton.decode)."""
+    from .triton import triton_recurrent_step
+
+    B, _, H, K = q.shape
+    h0 = initial_state if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+    o, state = triton_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], h0, scale)
+    return o.unsqueeze(1), state if output_final_state else None
 
 
 def _triton_importable() -> bool:

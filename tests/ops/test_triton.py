@@ -137,3 +137,21 @@ def test_recurrent_step(dtype, inplace):
     assert rel_err(o, o_r) <= tol and rel_err(s, s_r) <= 1e-5
     if not inplace:
         assert torch.equal(s_in, state)
+
+
+def test_one_token_without_grad_takes_the_decode_kernel(monkeypatch):
+    """backend="triton" (and "auto" on CUDA) with T = 1 and no gradient: the decode kernel, same result."""
+    import gla.ops.triton as tr
+    calls = []
+    real = tr.triton_recurrent_step
+    monkeypatch.setattr(tr, "triton_recurrent_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, g, h0 = gla_inputs(3, 1, 2, 60, 100, state=True, requires_grad=False, device=DEVICE)
+    with torch.no_grad():
+        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+    o_ref, s_ref = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True,
+                                          backend="recurrent")
+    assert calls == [1]
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    q.requires_grad_()
+    o2, _ = gated_linear_attention(q, k, v, g, initial_state=h0, backend="triton")  # gradients: chunk kernels
+    assert calls == [1] and o2.requires_grad
