@@ -178,16 +178,20 @@ class GLATransformer(nn.Module):
         return model
 
 
-def read_config(path: str) -> dict:
-    """config.json of a checkpoint directory, with clear errors for a missing or malformed file."""
-    cpath = os.path.join(path, CONFIG)
-    if not os.path.isfile(cpath):
-        raise FileNotFoundError(f"no {CONFIG} in {path!r}: not a checkpoint directory")
+def read_json(path: str, what: str) -> dict:
+    """A JSON file with clear errors: FileNotFoundError naming ``what`` it should be, ValueError if malformed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}: not {what}")
     try:
-        with open(cpath) as f:
+        with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cpath} is not valid JSON: {e}") from e
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_config(path: str) -> dict:
+    """config.json of a checkpoint directory."""
+    return read_json(os.path.join(path, CONFIG), "a checkpoint directory")
 
 
 def _atomic_write(path: str, write) -> None:

@@ -116,11 +116,5 @@ def restore(ckpt_dir: str, model: nn.Module, optimizer) -> dict:
 
 
 def read_train_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, TRAIN_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {TRAIN_CONFIG} in {run_dir}: not a gla training run")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    from gla.models.transformer import read_json
+    return read_json(os.path.join(run_dir, TRAIN_CONFIG), "a gla training run")
