@@ -3,7 +3,7 @@ operator benchmark, each with the exact command that produced it.
 
     python -m gla.bench.results [--out docs] [--quick]     (make results)
 
-The CPU settings are the small end of each experiment (about 25 minutes on 2 cores; --quick: a few minutes, for
+The CPU settings are the small end of each experiment (about 20 minutes on 2 cores; --quick: a few minutes, for
 checking the pipeline). The full MQAR grid of the GLA paper (Fig. 4) needs a GPU: add --device cuda and larger
 --d-model / --steps to the mqar command.
 """
@@ -27,8 +27,8 @@ def _run(cmd: list[str]) -> str:
 def build(out: str, quick: bool) -> str:
     res = os.path.join(out, "results")
     os.makedirs(res, exist_ok=True)
-    steps = "40" if quick else "800"
-    mqar = ["eval", "mqar", "--mixers", "softmax,gla,retnet,linear", "--d-model", "32" if quick else "64,128",
+    steps = "40" if quick else "600"
+    mqar = ["eval", "mqar", "--mixers", "softmax,gla,retnet,linear", "--d-model", "32" if quick else "32,64",
             "--seq-len", "64", "--kv-pairs", "4", "--steps", steps, "--lrs", "3e-3", "--vocab-size", "256",
             "--out", res]
     compare = ["eval", "compare", "--mixers", "gla,softmax,retnet,linear", "--data", "shakespeare", "--preset", "demo",
