@@ -13,6 +13,7 @@ import argparse
 import datetime
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +38,7 @@ def build(out: str, quick: bool) -> str:
                "--out", os.path.join("runs", "compare")]
     decode = ["bench", "decode", "--contexts", "1024,4096" if quick else "1024,4096,16384,65536", "--out", res]
     ops = ["bench", "ops", "--T", "1024" if quick else "4096"]
+    shutil.rmtree(os.path.join("runs", "compare"), ignore_errors=True)  # the comparison's own runs start afresh
     sections = [("MQAR recall across token mixers", mqar, lambda: open(os.path.join(res, "mqar.md")).read(),
                  "![MQAR accuracy](results/mqar.png)"),
                 ("Perplexity across token mixers (character-level Shakespeare)", compare,
