@@ -17,7 +17,9 @@ float64 cumulative sums so that large b values do not cost precision in their di
 Backward: per chunk, the gradients of q, k, v follow from the same factored blocks; the state gradient runs a
 reverse scan over chunks. The gate gradient uses the identity dL/db_t = q_t ⊙ dq_t − k_t ⊙ dk_t (plus
 (S_T ⊙ dS_T) summed over V at each sequence's last token) and dg is its reverse cumulative sum within each
-sequence, taken in float64 (DESIGN.md).
+sequence, taken in float64 (DESIGN.md). Two parts of that sum cancel exactly — each token's own j = t score, and the
+last token's own k_T^T v_T inside S_T — and with strong gates they would leave rounding errors larger than dg
+itself, so both are left out analytically rather than subtracted.
 
 Varlen: sequences are laid out chunk-aligned (each sequence padded to a multiple of BT with zero q, k, v and g = 0,
 which leaves outputs and states unchanged), so no chunk straddles a boundary; the state scan runs over the chunk
