@@ -30,7 +30,7 @@ def build(out: str, quick: bool) -> str:
     os.makedirs(res, exist_ok=True)
     steps = "40" if quick else "600"
     mqar = ["eval", "mqar", "--mixers", "softmax,gla,retnet,linear", "--d-model", "32" if quick else "32,64",
-            "--seq-len", "64", "--kv-pairs", "4", "--steps", steps, "--lrs", "3e-3", "--vocab-size", "256",
+            "--seq-len", "64", "--kv-pairs", "4", "--steps", steps, "--lrs", "1e-3,3e-3", "--vocab-size", "256",
             "--out", res]
     compare = ["eval", "compare", "--mixers", "gla,softmax,retnet,linear", "--data", "shakespeare", "--preset", "demo",
                "--d-model", "128", "--n-layers", "4", "--n-heads", "4", "--seq-len", "64", "--batch-size", "12",
