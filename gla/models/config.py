@@ -5,6 +5,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+def strict_from_dict(cls, d: dict, what: str):
+    """Build dataclass ``cls`` from ``d``, naming any keys it does not have (a typo in a saved config fails loudly)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {unknown}")
+    return cls(**d)
+
+
 def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
     """SwiGLU width with the parameter count of a ratio*d MLP: d * ratio * 2/3, rounded up to ``multiple``."""
     n = int(d_model * ratio * 2 / 3)
@@ -83,11 +91,7 @@ class GLAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GLAConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GLAConfig fields: {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "GLAConfig fields")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GLAConfig":

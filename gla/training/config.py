@@ -76,11 +76,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings: {unknown}")
-        return cls(**d)
+        from gla.models.config import strict_from_dict
+        return strict_from_dict(cls, d, "training settings")
 
     def model_overrides(self) -> dict:
         return {k: getattr(self, k) for k in MODEL_FLAGS if getattr(self, k) is not None}
