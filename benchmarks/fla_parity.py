@@ -19,7 +19,6 @@ without it installed the hybrid case swaps in an SDPA stand-in for flash_attn_fu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -141,11 +140,8 @@ def main(argv=None):
     text = f"FLA vs gla logits, float32, device {args.device}\n\n" + "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "fla_parity.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "fla_parity.json"), "w") as f:
-            json.dump({"rows": rows, "failures": failures}, f, indent=1)
+        from gla.bench import write_report
+        write_report(args.out, "fla_parity", text, {"rows": rows, "failures": failures})
     return 1 if failures else 0
 
 

@@ -1,1 +1,14 @@
 """Benchmark runners (``gla bench ...``): each prints a table of ours vs references measured in one run."""
+
+import json
+import os
+
+
+def write_report(out: str, stem: str, markdown: str, data=None) -> None:
+    """Write OUT/STEM.md (the table as printed) and, when ``data`` is given, OUT/STEM.json (the raw rows)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(markdown.rstrip("\n") + "\n")
+    if data is not None:
+        with open(os.path.join(out, f"{stem}.json"), "w") as f:
+            json.dump(data, f, indent=1)

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from gla.bench import write_report
 from gla.models import GLATransformer
 
 CPU_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -258,11 +259,7 @@ def main(argv=None) -> int:
     table = format_table(rows, title)
     print(json.dumps(rows) if a.json else "\n" + table)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "decode.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(a.out, "decode.json"), "w") as f:
-            json.dump({"title": title, "rows": rows}, f, indent=1)
+        write_report(a.out, "decode", table, {"title": title, "rows": rows})
         try:
             plot(rows, os.path.join(a.out, "decode.png"), title)
         except ImportError as e:

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 
+from gla.bench import write_report
 from gla.training import TrainConfig, train
 
 RECURRENT = ("gla", "linear", "retnet", "seed")
@@ -67,9 +68,7 @@ def run(args) -> list[dict]:
             print(json.dumps(r))
     else:
         print(markdown_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(markdown_table(rows) + "\n")
+    write_report(args.out, "compare", markdown_table(rows))
     return rows
 
 

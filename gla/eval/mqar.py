@@ -198,9 +198,9 @@ def run(args) -> list:
         print(f"\n{title}\n\n{table}")
     if args.out:
         import os
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mqar.md"), "w") as f:
-            f.write(f"{title}\n\n{table}\n")
+
+        from gla.bench import write_report
+        write_report(args.out, "mqar", f"{title}\n\n{table}")
         with open(os.path.join(args.out, "mqar.jsonl"), "w") as f:
             f.writelines(json.dumps(r.__dict__) + "\n" for r in results)
         plot(results, os.path.join(args.out, "mqar.png"), title)

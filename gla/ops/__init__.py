@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .recurrent import recurrent_gla, recurrent_step, state_dtype
+from .recurrent import recurrent_gla, recurrent_step
 
 __all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
