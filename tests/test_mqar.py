@@ -1,6 +1,7 @@
 """MQAR data: the structure the task relies on, and a run of the sweep at toy size."""
 import json
 
+import pytest
 import torch
 
 from gla.eval.mqar import IGNORE, main, make_mqar
@@ -34,3 +35,26 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in (tmp_path / "mqar.md").read_text()
+
+
+def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
+    main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "16,32", "--kv-pairs", "2,4", "--steps", "2",
+          "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--short-conv", "--json",
+          "--out", str(tmp_path)])
+    best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["seq_len"], r["kv_pairs"], r["mixer"]) for r in best] == [
+        (16, 2, "gla"), (16, 2, "softmax"), (32, 4, "gla"), (32, 4, "softmax")]
+    runs = [json.loads(line) for line in (tmp_path / "mqar-runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 8 and all(r["short_conv"] for r in runs)
+    for b in best:  # the reported cell is the best of its learning rates
+        mine = [r["accuracy"] for r in runs if (r["seq_len"], r["mixer"]) == (b["seq_len"], b["mixer"])]
+        assert len(mine) == 2 and b["accuracy"] == max(mine)
+    md = (tmp_path / "mqar.md").read_text()
+    assert "T=16, 2 KV pairs" in md and "T=32, 4 KV pairs" in md
+
+
+@pytest.mark.parametrize("flags, message", [(["--seq-len", "16,32", "--kv-pairs", "2"], "must pair up"),
+                                            (["--seq-len", "8", "--kv-pairs", "4"], "too short")])
+def test_bad_task_settings_fail_before_training(flags, message):
+    with pytest.raises((SystemExit, ValueError), match=message):
+        main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])

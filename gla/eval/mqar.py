@@ -6,11 +6,13 @@ model must emit the key's value at the token after each query. Only those positi
 is random filler, so the task measures recall from the state, not language modelling.
 
     gla eval mqar --mixers gla,softmax,retnet,linear --d-model 64,128 --seq-len 64 --kv-pairs 4 --steps 400 --json
+    gla eval mqar --device cuda --jobs 12 --d-model 64,128,256 --seq-len 64,128,256 --kv-pairs 4,8,16 ...  (the grid)
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -66,6 +68,7 @@ class MQARResult:
     accuracy: float
     steps: int
     seconds: float
+    short_conv: bool = False
 
 
 def _loss_and_acc(model, x, y):
@@ -78,7 +81,7 @@ def _loss_and_acc(model, x, y):
 
 def train_mqar(mixer: str, d_model: int, seq_len: int, kv_pairs: int, lr: float, steps: int = 400,
                batch_size: int = 64, n_test: int = 1000, vocab_size: int = 8192, n_heads: int | None = None,
-               seed: int = 0, device: str = "cpu") -> MQARResult:
+               seed: int = 0, device: str = "cpu", short_conv: bool = False) -> MQARResult:
     """Train a 2-layer model of one mixer on MQAR and return its accuracy on held-out sequences.
 
     Every step draws a fresh batch (the same batches for every mixer and learning rate); the test set is fixed.
@@ -87,7 +90,7 @@ def train_mqar(mixer: str, d_model: int, seq_len: int, kv_pairs: int, lr: float,
     x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
     heads = n_heads or max(1, d_model // 64)
     model = GLATransformer(vocab_size, d_model, heads, 2 * d_model, 2, max_seq_len=seq_len, dropout=0.0,
-                           layer_mixers=(mixer, mixer)).to(device)
+                           layer_mixers=(mixer, mixer), use_short_conv=short_conv).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -110,52 +113,92 @@ def train_mqar(mixer: str, d_model: int, seq_len: int, kv_pairs: int, lr: float,
             _, acc = _loss_and_acc(model, x, y)
             n = int((y != IGNORE).sum())
             correct, total = correct + acc.item() * n, total + n
-    return MQARResult(mixer, d_model, seq_len, kv_pairs, lr, correct / total, steps, time.perf_counter() - t0)
+    return MQARResult(mixer, d_model, seq_len, kv_pairs, lr, correct / total, steps, time.perf_counter() - t0,
+                      short_conv)
 
 
-def sweep(mixers, d_models, seq_len, kv_pairs, lrs, steps, batch_size=64, vocab_size=8192, device="cpu",
-          log=print):
-    """Best accuracy over the learning rates for every (mixer, d_model): a list of MQARResult."""
-    best = []
-    for mixer in mixers:
-        for d in d_models:
-            runs = [train_mqar(mixer, d, seq_len, kv_pairs, lr, steps, batch_size, vocab_size=vocab_size,
-                               device=device) for lr in lrs]
-            top = max(runs, key=lambda r: r.accuracy)
-            log(json.dumps(top.__dict__))
-            best.append(top)
-    return best
+def _train_in_worker(spec: dict, threads: int) -> MQARResult:
+    torch.set_num_threads(threads)  # the workers share the machine's cores
+    return train_mqar(**spec)
+
+
+def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
+          jobs=1, on_run=None) -> list:
+    """Best accuracy over the learning rates for every (task, mixer, d_model): a list of MQARResult in that order.
+
+    tasks: [(seq_len, kv_pairs), ...]. jobs > 1 trains that many models at once in spawned processes (small models
+    leave a GPU mostly idle, so this multiplies the throughput of a grid). on_run(result) sees every trained model
+    as it finishes, so a grid stopped midway keeps what it had.
+    """
+    specs = [dict(mixer=m, d_model=d, seq_len=t, kv_pairs=kv, lr=lr, steps=steps, batch_size=batch_size,
+                  vocab_size=vocab_size, device=device, short_conv=short_conv)
+             for t, kv in tasks for m in mixers for d in d_models for lr in lrs]
+    on_run = on_run or (lambda r: None)
+    runs = []
+    if jobs <= 1:
+        for spec in specs:
+            runs.append(train_mqar(**spec))
+            on_run(runs[-1])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(_train_in_worker, spec, threads) for spec in specs]):
+                runs.append(fut.result())
+                on_run(runs[-1])
+    best = {}
+    for r in runs:
+        key = (r.seq_len, r.kv_pairs, r.mixer, r.d_model)
+        if key not in best or r.accuracy > best[key].accuracy:
+            best[key] = r
+    order = {(s["seq_len"], s["kv_pairs"], s["mixer"], s["d_model"]): i for i, s in enumerate(specs)}
+    return sorted(best.values(), key=lambda r: order[(r.seq_len, r.kv_pairs, r.mixer, r.d_model)])
+
+
+def _tasks(results) -> list:
+    return list(dict.fromkeys((r.seq_len, r.kv_pairs) for r in results))
 
 
 def markdown_table(results) -> str:
-    mixers = list(dict.fromkeys(r.mixer for r in results))
+    """One table per (seq_len, kv_pairs): rows are mixers, columns d_model, cells the best accuracy."""
     dims = sorted({r.d_model for r in results})
-    acc = {(r.mixer, r.d_model): r.accuracy for r in results}
-    lines = ["| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
-    for m in mixers:
-        lines.append(f"| {m} | " + " | ".join(f"{100 * acc[(m, d)]:.1f}%" if (m, d) in acc else "–" for d in dims)
-                     + " |")
-    return "\n".join(lines)
+    acc = {(r.seq_len, r.kv_pairs, r.mixer, r.d_model): r.accuracy for r in results}
+    parts = []
+    for t, kv in _tasks(results):
+        mixers = list(dict.fromkeys(r.mixer for r in results if (r.seq_len, r.kv_pairs) == (t, kv)))
+        lines = [f"T={t}, {kv} KV pairs:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
+                 "|---|" + "---|" * len(dims)]
+        for m in mixers:
+            cells = [f"{100 * acc[(t, kv, m, d)]:.1f}%" if (t, kv, m, d) in acc else "–" for d in dims]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def plot(results, path: str, title: str) -> None:
-    """Accuracy vs d_model per mixer, saved as PNG (needs matplotlib: pip install "gla[train]")."""
+    """Accuracy vs d_model per mixer, one panel per task, saved as PNG (needs matplotlib: pip install "gla[train]")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError('plotting needs matplotlib: pip install "gla[train]"') from e
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m in dict.fromkeys(r.mixer for r in results):
-        pts = sorted((r.d_model, r.accuracy) for r in results if r.mixer == m)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("d_model")
-    ax.set_ylabel("MQAR accuracy (%)")
-    ax.set_title(title)
-    ax.set_ylim(0, 102)
-    ax.legend()
+    tasks = _tasks(results)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, (t, kv) in zip(axes[0], tasks):
+        sub = [r for r in results if (r.seq_len, r.kv_pairs) == (t, kv)]
+        for m in dict.fromkeys(r.mixer for r in sub):
+            pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_model")
+        ax.set_ylabel("MQAR accuracy (%)")
+        ax.set_title(f"T={t}, {kv} KV pairs")
+        ax.set_ylim(0, 102)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -170,15 +213,18 @@ def add_arguments(p) -> None:
     p.add_argument("--mixers", default="gla,softmax,retnet,linear",
                    help="comma-separated token mixers: gla, softmax, retnet, linear, seed")
     p.add_argument("--d-model", default="64,128", help="comma-separated model widths")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kv-pairs", type=int, default=4)
+    p.add_argument("--seq-len", default="64", help="comma-separated; paired in order with --kv-pairs")
+    p.add_argument("--kv-pairs", default="4", help="comma-separated, one per --seq-len")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lrs", default="1e-3,3e-3", help="learning rates swept; the best is reported")
     p.add_argument("--vocab-size", type=int, default=8192, help="Zoology's setting; smaller is faster to learn")
+    p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="directory for mqar.md, mqar.png and mqar.jsonl")
-    p.add_argument("--json", action="store_true", help="print one JSON record per (mixer, d_model) only")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at once, in separate processes")
+    p.add_argument("--out", default=None,
+                   help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
+    p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
 
 
 def run(args) -> list:
@@ -188,17 +234,39 @@ def run(args) -> list:
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
         raise SystemExit(f"gla eval mqar: unknown mixers {unknown}; choose from {list(MIXERS)}")
+    seq_lens, kv_pairs = _ints(args.seq_len), _ints(args.kv_pairs)
+    if len(seq_lens) != len(kv_pairs):
+        raise SystemExit(f"gla eval mqar: --seq-len {args.seq_len} and --kv-pairs {args.kv_pairs} must pair up")
+    for t, kv in zip(seq_lens, kv_pairs):
+        make_mqar(1, t, kv, args.vocab_size)  # bad task settings fail here, before any training
     lrs = [float(x) for x in args.lrs.split(",") if x]
-    log = print if args.json else (lambda line: print(f"  {line}", flush=True))
-    results = sweep(mixers, _ints(args.d_model), args.seq_len, args.kv_pairs, lrs, args.steps, args.batch_size,
-                    args.vocab_size, args.device, log)
-    title = f"MQAR, T={args.seq_len}, {args.kv_pairs} KV pairs, {args.steps} steps"
+    runs_log = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        runs_log = open(os.path.join(args.out, "mqar-runs.jsonl"), "w")
+
+    def on_run(r):
+        if runs_log:
+            runs_log.write(json.dumps(r.__dict__) + "\n")
+            runs_log.flush()
+        if not args.json:
+            print(f"  {json.dumps(r.__dict__)}", flush=True)
+
+    try:
+        results = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
+                        args.vocab_size, args.device, args.short_conv, args.jobs, on_run)
+    finally:
+        if runs_log:
+            runs_log.close()
+    conv = ", short conv" if args.short_conv else ""
+    title = f"MQAR, vocab {args.vocab_size}, {args.steps} steps of batch {args.batch_size}{conv}"
     table = markdown_table(results)
-    if not args.json:
+    if args.json:
+        for r in results:
+            print(json.dumps(r.__dict__))
+    else:
         print(f"\n{title}\n\n{table}")
     if args.out:
-        import os
-
         from gla.bench import write_report
         write_report(args.out, "mqar", f"{title}\n\n{table}")
         with open(os.path.join(args.out, "mqar.jsonl"), "w") as f:
