@@ -3,12 +3,13 @@
 bf16, q, k, v ~ randn, g = logsigmoid(randn) / 16 (as in ../shared/ANCHORS.md); times are triton.testing.do_bench
 medians in ms; forward+backward = forward plus torch.autograd.grad of (q, k, v, g) for a random cotangent.
 
-    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call] [--out DIR]
+    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call] [--shape B,T,H,K,V ...]
 
 --fla: FLA at the K=V=128 shapes (its first call autotunes for minutes; each shape is warmed once, untimed);
 --fla-big: FLA also at H=4, K=256, V=512 (cold autotune > 7 min); --stages: each of our kernels alone;
 --variants: our fwd+bwd under alternative tile configurations (gla.ops.triton.utils.CONFIGS);
---first-call: wall time of our first fwd+bwd call in a fresh process with an empty Triton cache.
+--first-call: wall time of our first fwd+bwd call in a fresh process with an empty Triton cache;
+--shape (repeatable): time these shapes instead of SHAPES (e.g. FLA's cold K=256 autotune in a call of its own).
 Results are printed as a markdown table (and written to DIR/results.md with --out).
 """
 from __future__ import annotations
@@ -152,6 +153,7 @@ def main():
     p.add_argument("--variants", action="store_true")
     p.add_argument("--first-call", action="store_true")
     p.add_argument("--first-call-child")
+    p.add_argument("--shape", action="append", help="B,T,H,K,V; repeat for several (default: SHAPES)")
     p.add_argument("--out")
     a = p.parse_args()
     if a.first_call_child:
@@ -171,7 +173,8 @@ def main():
         print(f"first call (cold cache) fwd+bwd, ours, {SHAPES[0]}: {first_call(SHAPES[0]):.1f} s", flush=True)
         print(f"first call (cold cache) fwd+bwd, ours, {SHAPES[3]}: {first_call(SHAPES[3]):.1f} s", flush=True)
     print("| op | B | T | H | K | V | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
+    shapes = [tuple(int(x) for x in sh.split(",")) for sh in a.shape] if a.shape else SHAPES
+    for shape in shapes:
         row("ours (triton)", shape, *time_op(ours, shape))
         if shape[3] == shape[4]:
             row("SDPA causal", shape, *time_op(sdpa, shape))
@@ -181,7 +184,7 @@ def main():
             print(f"(FLA chunk_gla warm-up/autotune {shape[2:]}: {time.time() - t:.0f} s)", flush=True)
             row("FLA chunk_gla", shape, *time_op(fla_chunk, shape))
     if a.fla:
-        for shape in SHAPES[:3]:
+        for shape in [sh for sh in shapes if sh[3] == 128]:
             row("FLA fused_recurrent_gla", shape, *time_op(fla_recurrent, shape, fwd_only=True, rep=20))
     dec, args = decode_times()
     for name, t in dec.items():

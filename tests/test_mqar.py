@@ -58,3 +58,22 @@ def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
 def test_bad_task_settings_fail_before_training(flags, message):
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
+
+
+def test_tables_from_saved_runs(tmp_path, capsys):
+    """A grid split over several calls is tabulated from its run logs: best learning rate per cell."""
+    rec = dict(mixer="gla", d_model=64, seq_len=64, kv_pairs=4, lr=1e-3, accuracy=0.9, steps=100, seconds=1.0)
+    runs = [rec, {**rec, "lr": 3e-3, "accuracy": 0.2}, {**rec, "mixer": "linear", "accuracy": 0.5},
+            {**rec, "steps": 50, "accuracy": 0.1}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in runs[:2]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in runs[2:]))
+    main(["--from-runs", str(a), str(b), "--json", "--out", str(tmp_path / "out")])
+    best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["mixer"], r["steps"], r["accuracy"]) for r in best] == [("gla", 100, 0.9), ("linear", 100, 0.5),
+                                                                        ("gla", 50, 0.1)]
+    md = (tmp_path / "out" / "mqar.md").read_text()
+    assert "T=64, 4 KV pairs, 100 steps" in md and "T=64, 4 KV pairs, 50 steps" in md and "90.0%" in md
+    b.write_text('{"mixer": "gla"}\n')
+    with pytest.raises(ValueError, match="b.jsonl:1: not an MQAR run record"):
+        main(["--from-runs", str(a), str(b)])

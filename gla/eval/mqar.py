@@ -148,30 +148,55 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
             for fut in as_completed([pool.submit(_train_in_worker, spec, threads) for spec in specs]):
                 runs.append(fut.result())
                 on_run(runs[-1])
+    order = {(s["seq_len"], s["kv_pairs"], s["mixer"], s["d_model"]): i for i, s in enumerate(specs)}
+    return sorted(best_per_cell(runs), key=lambda r: order[(r.seq_len, r.kv_pairs, r.mixer, r.d_model)])
+
+
+def _cell(r) -> tuple:
+    """A table cell: one task at one training budget, one mixer, one width (learning rates compete within it)."""
+    return r.seq_len, r.kv_pairs, r.steps, r.mixer, r.d_model
+
+
+def best_per_cell(runs) -> list:
+    """The best run of each cell, cells in the order they first appear in ``runs``."""
     best = {}
     for r in runs:
-        key = (r.seq_len, r.kv_pairs, r.mixer, r.d_model)
-        if key not in best or r.accuracy > best[key].accuracy:
-            best[key] = r
-    order = {(s["seq_len"], s["kv_pairs"], s["mixer"], s["d_model"]): i for i, s in enumerate(specs)}
-    return sorted(best.values(), key=lambda r: order[(r.seq_len, r.kv_pairs, r.mixer, r.d_model)])
+        if _cell(r) not in best or r.accuracy > best[_cell(r)].accuracy:
+            best[_cell(r)] = r
+    return list(best.values())
+
+
+def load_runs(paths) -> list:
+    """MQARResult records from mqar-runs.jsonl files (a clear error for a missing or malformed file)."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    runs.append(MQARResult(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not an MQAR run record ({e})") from None
+    if not runs:
+        raise ValueError(f"no MQAR runs in {', '.join(paths)}")
+    return runs
 
 
 def _tasks(results) -> list:
-    return list(dict.fromkeys((r.seq_len, r.kv_pairs) for r in results))
+    return list(dict.fromkeys((r.seq_len, r.kv_pairs, r.steps) for r in results))
 
 
 def markdown_table(results) -> str:
-    """One table per (seq_len, kv_pairs): rows are mixers, columns d_model, cells the best accuracy."""
+    """One table per (seq_len, kv_pairs, steps): rows are mixers, columns d_model, cells the best accuracy."""
     dims = sorted({r.d_model for r in results})
-    acc = {(r.seq_len, r.kv_pairs, r.mixer, r.d_model): r.accuracy for r in results}
+    acc = {_cell(r): r.accuracy for r in results}
     parts = []
-    for t, kv in _tasks(results):
-        mixers = list(dict.fromkeys(r.mixer for r in results if (r.seq_len, r.kv_pairs) == (t, kv)))
-        lines = [f"T={t}, {kv} KV pairs:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
+    for task in _tasks(results):
+        t, kv, steps = task
+        mixers = list(dict.fromkeys(r.mixer for r in results if _cell(r)[:3] == task))
+        lines = [f"T={t}, {kv} KV pairs, {steps} steps:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
                  "|---|" + "---|" * len(dims)]
         for m in mixers:
-            cells = [f"{100 * acc[(t, kv, m, d)]:.1f}%" if (t, kv, m, d) in acc else "–" for d in dims]
+            cells = [f"{100 * acc[(*task, m, d)]:.1f}%" if (*task, m, d) in acc else "–" for d in dims]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -187,15 +212,15 @@ def plot(results, path: str, title: str) -> None:
         raise ImportError('plotting needs matplotlib: pip install "gla[train]"') from e
     tasks = _tasks(results)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
-    for ax, (t, kv) in zip(axes[0], tasks):
-        sub = [r for r in results if (r.seq_len, r.kv_pairs) == (t, kv)]
+    for ax, (t, kv, steps) in zip(axes[0], tasks):
+        sub = [r for r in results if _cell(r)[:3] == (t, kv, steps)]
         for m in dict.fromkeys(r.mixer for r in sub):
             pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
-        ax.set_title(f"T={t}, {kv} KV pairs")
+        ax.set_title(f"T={t}, {kv} KV pairs, {steps} steps")
         ax.set_ylim(0, 102)
         ax.legend()
     fig.suptitle(title)
@@ -225,9 +250,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
     p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
+    p.add_argument("--from-runs", nargs="+", metavar="JSONL",
+                   help="train nothing: tabulate and plot mqar-runs.jsonl files (a grid split over several calls)")
 
 
-def run(args) -> list:
+def _train_grid(args) -> tuple:
+    """Train the grid the flags describe; returns (best per cell, title)."""
     from gla.layers.block import MIXERS
 
     mixers = [m for m in args.mixers.split(",") if m]
@@ -259,7 +287,15 @@ def run(args) -> list:
         if runs_log:
             runs_log.close()
     conv = ", short conv" if args.short_conv else ""
-    title = f"MQAR, vocab {args.vocab_size}, {args.steps} steps of batch {args.batch_size}{conv}"
+    return results, f"MQAR, vocab {args.vocab_size}, {args.steps} steps of batch {args.batch_size}{conv}"
+
+
+def run(args) -> list:
+    if args.from_runs:
+        runs = load_runs(args.from_runs)
+        results, title = best_per_cell(runs), f"MQAR, best learning rate of {len(runs)} runs"
+    else:
+        results, title = _train_grid(args)
     table = markdown_table(results)
     if args.json:
         for r in results:
