@@ -42,8 +42,7 @@ def build(out: str, quick: bool) -> str:
     sections = [("MQAR recall across token mixers", mqar, lambda: open(os.path.join(res, "mqar.md")).read(),
                  "![MQAR accuracy](results/mqar.png)\n\nThis is the CPU budget (600 steps, vocabulary 256). Recurrent mixers "
                  "learn MQAR far more slowly than softmax (GLA has no positional signal but its decay); the GLA "
-                 "paper's grid (Fig. 4) needs the GPU: `gla eval mqar --device cuda --d-model 64,128,256,512 "
-                 "--steps 20000 --lrs 1e-3,3e-3,1e-2`."),
+                 "paper's grid (Fig. 4) needs the GPU: see the GPU section below."),
                 ("Perplexity across token mixers (character-level Shakespeare)", compare,
                  lambda: open(os.path.join("runs", "compare", "compare.md")).read(), ""),
                 ("Decoding: per-token latency and memory vs context", decode,
@@ -55,10 +54,24 @@ def build(out: str, quick: bool) -> str:
         stdout = _run(cmd)
         body = table() if table else stdout
         parts.append(f"## {title}\n\n    gla {shlex.join(cmd)}\n\n{body.strip()}\n\n{extra}\n")
+    gpu = gpu_mqar_section(res)
+    if gpu:
+        parts.append(gpu)
     text = "\n".join(parts)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     return text
+
+
+def gpu_mqar_section(res: str) -> str | None:
+    """The MQAR grid measured on a GPU (RES/mqar-gpu), kept as measured: this CPU page does not repeat it."""
+    gpu = os.path.join(res, "mqar-gpu")
+    if not os.path.exists(os.path.join(gpu, "mqar.md")):
+        return None
+    notes = open(os.path.join(gpu, "README.md")).read().strip()
+    table = open(os.path.join(gpu, "mqar.md")).read().strip()
+    return (f"## MQAR on the GPU (kept from its own runs)\n\n{notes}\n\n{table}\n\n"
+            "![MQAR on the GPU](results/mqar-gpu/mqar.png)\n")
 
 
 def main(argv=None):
