@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gla.ops import gated_linear_attention
+from gla.ops import gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
 from .norm import make_norm
 
@@ -127,9 +127,13 @@ class GatedLinearAttention(nn.Module):
         if Hkv != H:
             k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
         h0 = state.recurrent if state is not None else None
-        # The gate stays float32 under autocast: its cumulative sums are what decays the state.
+        if cu_seqlens is not None and seq_info is None:  # called on its own: the model validates once per batch
+            validate_cu_seqlens(cu_seqlens, T)
+        # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
+        # construction, so the operator skips its value checks (each would stall the GPU once per layer, and a NaN
+        # from upstream should reach the trainer's non-finite-loss guard, not raise here).
         o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=True,
-                                      cu_seqlens=cu_seqlens, backend=self.backend)
+                                      cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
         o = self.g_norm(o)
         if self.output_gate is not None:
             o = o * OUTPUT_GATES[self.output_gate](self.g_proj(x)).view(B, T, H, self.head_v)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from gla.layers import GLALayer
 from gla.layers.norm import make_norm
+from gla.ops import validate_cu_seqlens
 from .config import GLAConfig
 from .state import ModelState
 
@@ -97,6 +98,7 @@ class GLATransformer(nn.Module):
         seen = state.seen if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
         gla_kw, sm_kw = {}, {}
         if cu_seqlens is not None:
+            validate_cu_seqlens(cu_seqlens, T)
             if state is not None and has_softmax:
                 raise ValueError("a hybrid model cannot continue a state with packed documents (cu_seqlens)")
             start, last, positions = _packed_info(cu_seqlens, T, dev)

@@ -21,12 +21,19 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
-    """cu_seqlens: [N+1] integer offsets, 0 first, non-decreasing (empty sequences allowed), ``total`` last."""
+def _check_cu_seqlens_layout(cu_seqlens) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens: [N+1] integer offsets, 0 first, non-decreasing (empty sequences allowed), ``total`` last.
+
+    Reads the offsets, so on a GPU it waits for them: callers validate once per batch, not once per layer.
+    """
+    _check_cu_seqlens_layout(cu_seqlens)
     offs = cu_seqlens.tolist()
     if offs[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offs[0]}")
@@ -42,7 +49,7 @@ def _gate_ok(g: torch.Tensor) -> bool:
     return bool((hi <= 0) & (lo > float("-inf")))
 
 
-def _validate(q, k, v, g, initial_state, cu_seqlens, backend):
+def _validate(q, k, v, g, initial_state, cu_seqlens, backend, check_values):
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -67,13 +74,16 @@ def _validate(q, k, v, g, initial_state, cu_seqlens, backend):
     V = v.shape[-1]
     if K == 0 or V == 0 or H == 0:
         raise ValueError(f"head dims must be non-empty, got H={H}, K={K}, V={V}")
-    if g.numel() and not _gate_ok(g):
+    if check_values and g.numel() and not _gate_ok(g):
         raise ValueError("g is a log forget gate and must be finite and <= 0 everywhere "
                          "(e.g. F.logsigmoid(x) / normalizer); got positive, NaN or infinite values")
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens requires a packed batch with B == 1, got B={B}")
-        validate_cu_seqlens(cu_seqlens, T)
+        if check_values:
+            validate_cu_seqlens(cu_seqlens, T)
+        else:
+            _check_cu_seqlens_layout(cu_seqlens)
         N = cu_seqlens.numel() - 1
     else:
         N = B
@@ -88,7 +98,7 @@ def _validate(q, k, v, g, initial_state, cu_seqlens, backend):
 
 
 def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, backend="auto"):
+                           cu_seqlens=None, backend="auto", check_values=True):
     """Gated linear attention (Yang et al. 2024): S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0).
@@ -99,10 +109,13 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     backend: "auto" (triton on CUDA when installed, else the recurrent step for T == 1 and chunk otherwise),
         "recurrent"
         (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels).
+    check_values: False skips the two checks that read tensor values (g finite and <= 0; cu_seqlens well formed),
+        each of which makes the host wait for the GPU. For callers that build g themselves (logsigmoid is <= 0) and
+        have validated cu_seqlens once per batch, as the GLA layer and model do; shapes are always checked.
     Returns (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in q, k, v, g and initial_state.
     Raises ValueError naming the argument on malformed input.
     """
-    _validate(q, k, v, g, initial_state, cu_seqlens, backend)
+    _validate(q, k, v, g, initial_state, cu_seqlens, backend, check_values)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":

@@ -87,6 +87,31 @@ def test_padded_batch_continues_with_state():
     assert rel_err(out[0], ref_a[0, -3:]) < 1e-5 and rel_err(out[1], ref_b[0, -3:]) < 1e-5
 
 
+def test_packed_batch_is_validated_once_per_forward_not_per_layer(monkeypatch):
+    """Each value check stalls a GPU: the model checks cu_seqlens once, and the layers read no gate values."""
+    import gla.layers.gla_attention as layer_mod
+    import gla.models.transformer as model_mod
+    import gla.ops as ops
+
+    m = model()
+    calls = []
+    real = model_mod.validate_cu_seqlens
+    monkeypatch.setattr(model_mod, "validate_cu_seqlens", lambda cu, T: (calls.append("model"), real(cu, T)))
+    monkeypatch.setattr(layer_mod, "validate_cu_seqlens", lambda cu, T: calls.append("layer"))
+    monkeypatch.setattr(ops, "_gate_ok", lambda g: pytest.fail("the layer's gate was value-checked"))
+    m(torch.randint(0, 101, (1, 12)), cu_seqlens=torch.tensor([0, 5, 12]))
+    assert calls == ["model"]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        m(torch.randint(0, 101, (1, 12)), cu_seqlens=torch.tensor([0, 7, 5, 12]))
+
+
+def test_layer_alone_validates_its_packed_batch():
+    from gla.layers.gla_attention import GatedLinearAttention
+    layer = GatedLinearAttention(32, 2)
+    with pytest.raises(ValueError, match="end at"):
+        layer(torch.randn(1, 10, 32), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
 def test_bad_inputs():
     m = model()
     with pytest.raises(ValueError, match="input_ids"):

@@ -50,6 +50,17 @@ def test_rejects_malformed_cu_seqlens():
     bad("B == 1", q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 8]))
 
 
+def test_check_values_false_skips_only_the_value_checks():
+    """For callers that build g themselves: no value reads (host syncs), but shapes and layout are still checked."""
+    q, k, v, g = inputs()
+    o, _ = gated_linear_attention(q, k, v, g.abs(), check_values=False)  # positive g: the caller's responsibility
+    assert o.shape == v.shape
+    with pytest.raises(ValueError, match="k must have"):
+        gated_linear_attention(q, k[..., :3], v, g, check_values=False)
+    with pytest.raises(ValueError, match="1-D"):
+        gated_linear_attention(q, k, v, g, cu_seqlens=torch.tensor([[0, 8]]), check_values=False)
+
+
 def test_rejects_wrong_initial_state():
     q, k, v, g = inputs(B=2)
     bad("initial_state must have shape", q, k, v, g, initial_state=torch.zeros(1, 2, 4, 6))
