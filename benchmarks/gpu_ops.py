@@ -3,14 +3,14 @@
 bf16, q, k, v ~ randn, g = logsigmoid(randn) / 16 (as in ../shared/ANCHORS.md); times are triton.testing.do_bench
 medians in ms; forward+backward = forward plus torch.autograd.grad of (q, k, v, g) for a random cotangent.
 
-    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call] [--shape B,T,H,K,V ...]
+    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call] [--shape B,T,H,K,V ...] [--out DIR]
 
 --fla: FLA at the K=V=128 shapes (its first call autotunes for minutes; each shape is warmed once, untimed);
 --fla-big: FLA also at H=4, K=256, V=512 (cold autotune > 7 min); --stages: each of our kernels alone;
 --variants: our fwd+bwd under alternative tile configurations (gla.ops.triton.utils.CONFIGS);
 --first-call: wall time of our first fwd+bwd call in a fresh process with an empty Triton cache;
 --shape (repeatable): time these shapes instead of SHAPES (e.g. FLA's cold K=256 autotune in a call of its own).
-Results are printed as a markdown table (and written to DIR/results.md with --out).
+Results are printed as a markdown table (and the raw rows written to DIR/results.json with --out).
 """
 from __future__ import annotations
 

@@ -134,22 +134,22 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
                   vocab_size=vocab_size, device=device, short_conv=short_conv)
              for t, kv in tasks for m in mixers for d in d_models for lr in lrs]
     on_run = on_run or (lambda r: None)
-    runs = []
+    runs = [None] * len(specs)  # kept in spec order, whatever order the workers finish in
     if jobs <= 1:
-        for spec in specs:
-            runs.append(train_mqar(**spec))
-            on_run(runs[-1])
+        for i, spec in enumerate(specs):
+            runs[i] = train_mqar(**spec)
+            on_run(runs[i])
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for fut in as_completed([pool.submit(_train_in_worker, spec, threads) for spec in specs]):
-                runs.append(fut.result())
-                on_run(runs[-1])
-    order = {(s["seq_len"], s["kv_pairs"], s["mixer"], s["d_model"]): i for i, s in enumerate(specs)}
-    return sorted(best_per_cell(runs), key=lambda r: order[(r.seq_len, r.kv_pairs, r.mixer, r.d_model)])
+            index = {pool.submit(_train_in_worker, spec, threads): i for i, spec in enumerate(specs)}
+            for fut in as_completed(index):
+                runs[index[fut]] = fut.result()
+                on_run(runs[index[fut]])
+    return best_per_cell(runs)
 
 
 def _cell(r) -> tuple:
