@@ -125,8 +125,8 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_mqar(args) -> int:
-    from gla.eval import mqar
-    mqar.run(args)
+    from gla.eval import mqar_report
+    mqar_report.run(args)
     return 0
 
 
@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_ppl)
-    from gla.eval import mqar
+    from gla.eval import mqar_report
     mq = ev.add_parser("mqar", help="multi-query associative recall across token mixers")
-    mqar.add_arguments(mq)
+    mqar_report.add_arguments(mq)
     mq.set_defaults(func=_cmd_mqar)
     from gla.eval import compare
     cp = ev.add_parser("compare", help="train and evaluate one model per token mixer, same data and budget")

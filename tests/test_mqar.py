@@ -1,10 +1,15 @@
-"""MQAR data: the structure the task relies on, and a run of the sweep at toy size."""
+"""MQAR data: the structure the task relies on; lockstep (and, on CUDA, graph-captured) training; the sweep at
+toy size. ``GLA_TEST_GPU=1`` adds the check that graph-captured training on CUDA matches eager training."""
 import json
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gla.eval.mqar import IGNORE, main, make_mqar
+from gla.eval.mqar import IGNORE, make_mqar, train_group, train_mqar
+from gla.eval.mqar_report import main
+from gla.models import GLATransformer
 
 
 def test_mqar_sequences_are_well_formed():
@@ -28,6 +33,31 @@ def test_power_law_favours_short_gaps():
     assert pos.median() < 8 + (256 - 8) / 4
 
 
+def test_loss_reads_the_scored_positions_only():
+    from gla.eval.mqar import _loss_and_acc
+
+    torch.manual_seed(0)
+    model = GLATransformer(64, 16, 1, 32, 2, dropout=0.0)
+    x, y = make_mqar(6, 32, 3, vocab_size=64, seed=1)
+    loss, acc = _loss_and_acc(model, x, y, 3)
+    logits = model(x)[0]
+    scored = y != IGNORE
+    assert torch.allclose(loss, F.cross_entropy(logits[scored], y[scored]), atol=1e-6)
+    assert acc == (logits[scored].argmax(-1) == y[scored]).float().mean()
+
+
+def test_lockstep_group_trains_each_model_as_alone():
+    """A group shares one data stream; each model's training is exactly what it would be on its own."""
+    specs = [dict(mixer="gla", d_model=16, lr=3e-3), dict(mixer="softmax", d_model=32, lr=1e-3)]
+    kw = dict(seq_len=32, kv_pairs=4, steps=6, batch_size=8, n_test=20, vocab_size=64, short_conv=True)
+    together = train_group(specs, **kw)
+    for spec, r in zip(specs, together):
+        alone = train_mqar(**spec, **kw)
+        assert (r.mixer, r.d_model, r.lr) == (alone.mixer, alone.d_model, alone.lr)
+        assert (r.final_loss, r.accuracy) == (alone.final_loss, alone.accuracy)
+    assert together[0].final_loss != together[1].final_loss
+
+
 def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     main(["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--json", "--out", str(tmp_path)])
@@ -39,8 +69,8 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
 
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
     main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "16,32", "--kv-pairs", "2,4", "--steps", "2",
-          "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--short-conv", "--json",
-          "--out", str(tmp_path)])
+          "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--group", "3", "--short-conv",
+          "--json", "--out", str(tmp_path)])
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["seq_len"], r["kv_pairs"], r["mixer"]) for r in best] == [
         (16, 2, "gla"), (16, 2, "softmax"), (32, 4, "gla"), (32, 4, "softmax")]
@@ -77,3 +107,17 @@ def test_tables_from_saved_runs(tmp_path, capsys):
     b.write_text('{"mixer": "gla"}\n')
     with pytest.raises(ValueError, match="b.jsonl:1: not an MQAR run record"):
         main(["--from-runs", str(a), str(b)])
+
+
+@pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                    reason="GLA_TEST_GPU=1 with a CUDA device")
+@pytest.mark.parametrize("mixer", ["gla", "softmax", "retnet", "linear"])
+def test_captured_steps_train_like_eager_steps(mixer):
+    """The CUDA-graph replays (learning rate read from a tensor each step, static batch buffers refilled, one stream
+    per model) must follow the eager trajectory: a learning rate frozen at capture or a stale batch would not."""
+    specs = [dict(mixer=mixer, d_model=64, lr=3e-3), dict(mixer=mixer, d_model=128, lr=1e-3)]
+    kw = dict(seq_len=64, kv_pairs=4, steps=40, batch_size=64, n_test=256, device="cuda", short_conv=True)
+    eager, graphed = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, **kw)
+    for e, g in zip(eager, graphed):
+        assert g.final_loss == pytest.approx(e.final_loss, rel=1e-3)
+        assert g.accuracy == pytest.approx(e.accuracy, abs=0.02)

@@ -1,0 +1,77 @@
+"""Training throughput of the MQAR grid on one GPU: eager steps vs captured CUDA graphs, alone and in lockstep groups.
+
+Every variant trains real models (gla.eval.mqar.train_group) for --steps steps after an untimed warm-up that
+compiles the kernels; the table gives wall ms per step of the group and model-steps per second (the grid's
+throughput). vocab 8192, batch 256, short convolutions, as in the GPU grid of docs/results.md.
+
+    python benchmarks/mqar_speed.py [--steps 300] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gla.eval.mqar import train_group  # noqa: E402
+
+MIXERS = ("softmax", "gla", "retnet", "linear")
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def variants():
+    """(name, task, specs, graphs): one model alone, then the groups the grid would use."""
+    one = [dict(mixer="gla", d_model=128, lr=1e-3)]
+    lr_group = [dict(mixer=m, d_model=128, lr=lr) for m in MIXERS for lr in LRS]
+    task_group = [dict(mixer=m, d_model=d, lr=lr) for m in MIXERS for d in (64, 128, 256) for lr in LRS]
+    for task in ((64, 4), (256, 16)):
+        yield "gla d=128 alone, eager", task, one, False
+        yield "gla d=128 alone, graphs", task, one, True
+        yield "16 models (4 mixers x 4 lrs, d=128), eager", task, lr_group, False
+        yield "16 models (4 mixers x 4 lrs, d=128), graphs", task, lr_group, True
+        yield "48 models (4 mixers x 3 widths x 4 lrs), graphs", task, task_group, True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    common = dict(batch_size=256, vocab_size=8192, device="cuda", short_conv=True, n_test=256)
+    warmed = set()
+    rows = []
+    for name, (t, kv), specs, graphs in variants():
+        if (t, kv) not in warmed:  # compile every kernel of this shape once, untimed
+            train_group([dict(mixer=m, d_model=d, lr=1e-3) for m in MIXERS for d in (64, 128, 256)], t, kv,
+                        steps=5, **common)
+            warmed.add((t, kv))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = train_group(specs, t, kv, steps=args.steps, **common)
+        torch.cuda.synchronize()
+        ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        row = dict(task=f"T={t}, {kv} pairs", variant=name, models=len(specs), ms_per_step=round(ms, 2),
+                   model_steps_per_s=round(1e3 * len(specs) / ms, 1),
+                   mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1),
+                   best_final_loss=round(min(r.final_loss for r in res), 3))
+        torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["| task | variant | models | ms/step | model-steps/s | peak GiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['variant']} | {r['models']} | {r['ms_per_step']} | {r['model_steps_per_s']} | "
+              f"{r['mem_gib']} |" for r in rows]
+    table = "\n".join(lines)
+    print(f"\n{torch.cuda.get_device_name()}, {args.steps} steps (incl. capture and a 256-row eval)\n\n{table}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mqar_speed.md"), "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

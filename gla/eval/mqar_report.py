@@ -1,0 +1,187 @@
+"""MQAR across token mixers from the command line: the grid, its tables (best learning rate per cell) and plot.
+
+    gla eval mqar --mixers gla,softmax,retnet,linear --d-model 64,128 --seq-len 64 --kv-pairs 4 --steps 400 --json
+    gla eval mqar --device cuda --group 16 --d-model 64,128,256 --seq-len 64,128,256 --kv-pairs 4,8,16 ...  (grid)
+    gla eval mqar --from-runs a/mqar-runs.jsonl b/mqar-runs.jsonl --out docs/results/mqar-gpu  (a grid in parts)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from gla.eval.mqar import MQARResult, make_mqar, sweep
+
+
+def _cell(r) -> tuple:
+    """A table cell: one task at one training budget, one mixer, one width (learning rates compete within it)."""
+    return r.seq_len, r.kv_pairs, r.steps, r.mixer, r.d_model
+
+
+def best_per_cell(runs) -> list:
+    """The best run of each cell, cells in the order they first appear in ``runs``."""
+    best = {}
+    for r in runs:
+        if _cell(r) not in best or r.accuracy > best[_cell(r)].accuracy:
+            best[_cell(r)] = r
+    return list(best.values())
+
+
+def load_runs(paths) -> list:
+    """MQARResult records from mqar-runs.jsonl files (a clear error for a missing or malformed file)."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    runs.append(MQARResult(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not an MQAR run record ({e})") from None
+    if not runs:
+        raise ValueError(f"no MQAR runs in {', '.join(paths)}")
+    return runs
+
+
+def _tasks(results) -> list:
+    return list(dict.fromkeys((r.seq_len, r.kv_pairs, r.steps) for r in results))
+
+
+def markdown_table(results) -> str:
+    """One table per (seq_len, kv_pairs, steps): rows are mixers, columns d_model, cells the best accuracy."""
+    dims = sorted({r.d_model for r in results})
+    acc = {_cell(r): r.accuracy for r in results}
+    parts = []
+    for task in _tasks(results):
+        t, kv, steps = task
+        mixers = list(dict.fromkeys(r.mixer for r in results if _cell(r)[:3] == task))
+        lines = [f"T={t}, {kv} KV pairs, {steps} steps:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
+                 "|---|" + "---|" * len(dims)]
+        for m in mixers:
+            cells = [f"{100 * acc[(*task, m, d)]:.1f}%" if (*task, m, d) in acc else "–" for d in dims]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot(results, path: str, title: str) -> None:
+    """Accuracy vs d_model per mixer, one panel per task, saved as PNG (needs matplotlib: pip install "gla[train]")."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError('plotting needs matplotlib: pip install "gla[train]"') from e
+    tasks = _tasks(results)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, (t, kv, steps) in zip(axes[0], tasks):
+        sub = [r for r in results if _cell(r)[:3] == (t, kv, steps)]
+        for m in dict.fromkeys(r.mixer for r in sub):
+            pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_model")
+        ax.set_ylabel("MQAR accuracy (%)")
+        ax.set_title(f"T={t}, {kv} KV pairs, {steps} steps")
+        ax.set_ylim(0, 102)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(s: str):
+    return [int(x) for x in s.split(",") if x]
+
+
+def add_arguments(p) -> None:
+    """Flags of `gla eval mqar` (shared by the CLI and ``python -m gla.eval.mqar_report``)."""
+    p.add_argument("--mixers", default="gla,softmax,retnet,linear",
+                   help="comma-separated token mixers: gla, softmax, retnet, linear, seed")
+    p.add_argument("--d-model", default="64,128", help="comma-separated model widths")
+    p.add_argument("--seq-len", default="64", help="comma-separated; paired in order with --kv-pairs")
+    p.add_argument("--kv-pairs", default="4", help="comma-separated, one per --seq-len")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lrs", default="1e-3,3e-3", help="learning rates swept; the best is reported")
+    p.add_argument("--vocab-size", type=int, default=8192, help="Zoology's setting; smaller is faster to learn")
+    p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--group", type=int, default=1,
+                   help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
+    p.add_argument("--jobs", type=int, default=1, help="groups trained at once, in separate processes")
+    p.add_argument("--out", default=None,
+                   help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
+    p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
+    p.add_argument("--from-runs", nargs="+", metavar="JSONL",
+                   help="train nothing: tabulate and plot mqar-runs.jsonl files (a grid split over several calls)")
+
+
+def _train_grid(args) -> tuple:
+    """Train the grid the flags describe; returns (best per cell, title)."""
+    from gla.layers.block import MIXERS
+
+    mixers = [m for m in args.mixers.split(",") if m]
+    unknown = [m for m in mixers if m not in MIXERS]
+    if unknown:
+        raise SystemExit(f"gla eval mqar: unknown mixers {unknown}; choose from {list(MIXERS)}")
+    seq_lens, kv_pairs = _ints(args.seq_len), _ints(args.kv_pairs)
+    if len(seq_lens) != len(kv_pairs):
+        raise SystemExit(f"gla eval mqar: --seq-len {args.seq_len} and --kv-pairs {args.kv_pairs} must pair up")
+    for t, kv in zip(seq_lens, kv_pairs):
+        make_mqar(1, t, kv, args.vocab_size)  # bad task settings fail here, before any training
+    if args.group < 1 or args.jobs < 1:
+        raise SystemExit(f"gla eval mqar: --group and --jobs must be >= 1, got {args.group} and {args.jobs}")
+    lrs = [float(x) for x in args.lrs.split(",") if x]
+    runs_log = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        runs_log = open(os.path.join(args.out, "mqar-runs.jsonl"), "w")
+
+    def on_run(r):
+        if runs_log:
+            runs_log.write(json.dumps(r.__dict__) + "\n")
+            runs_log.flush()
+        if not args.json:
+            print(f"  {json.dumps(r.__dict__)}", flush=True)
+
+    try:
+        runs = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
+                     args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run)
+    finally:
+        if runs_log:
+            runs_log.close()
+    conv = ", short conv" if args.short_conv else ""
+    return best_per_cell(runs), f"MQAR, vocab {args.vocab_size}, {args.steps} steps of batch {args.batch_size}{conv}"
+
+
+def run(args) -> list:
+    if args.from_runs:
+        runs = load_runs(args.from_runs)
+        results, title = best_per_cell(runs), f"MQAR, best learning rate of {len(runs)} runs"
+    else:
+        results, title = _train_grid(args)
+    table = markdown_table(results)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.__dict__))
+    else:
+        print(f"\n{title}\n\n{table}")
+    if args.out:
+        from gla.bench import write_report
+        write_report(args.out, "mqar", f"{title}\n\n{table}")
+        with open(os.path.join(args.out, "mqar.jsonl"), "w") as f:
+            f.writelines(json.dumps(r.__dict__) + "\n" for r in results)
+        plot(results, os.path.join(args.out, "mqar.png"), title)
+    return results
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gla eval mqar", description="MQAR recall across token mixers")
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
