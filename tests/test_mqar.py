@@ -115,9 +115,9 @@ def test_tables_from_saved_runs(tmp_path, capsys):
 def test_captured_steps_train_like_eager_steps(mixer):
     """The CUDA-graph replays (learning rate read from a tensor each step, static batch buffers refilled, one stream
     per model) must follow the eager trajectory: a learning rate frozen at capture or a stale batch would not."""
-    specs = [dict(mixer=mixer, d_model=64, lr=3e-3), dict(mixer=mixer, d_model=128, lr=1e-3)]
-    kw = dict(seq_len=64, kv_pairs=4, steps=40, batch_size=64, n_test=256, device="cuda", short_conv=True)
+    specs = [dict(mixer=mixer, d_model=64, lr=1e-2), dict(mixer=mixer, d_model=128, lr=3e-3)]
+    kw = dict(seq_len=64, kv_pairs=4, steps=12, batch_size=64, n_test=256, device="cuda", short_conv=True)
     eager, graphed = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, **kw)
-    for e, g in zip(eager, graphed):
-        assert g.final_loss == pytest.approx(e.final_loss, rel=1e-3)
-        assert g.accuracy == pytest.approx(e.accuracy, abs=0.02)
+    for e, g in zip(eager, graphed):  # the same arithmetic; only the order of atomic additions may differ
+        assert g.final_loss == pytest.approx(e.final_loss, rel=1e-4)
+        assert g.accuracy == pytest.approx(e.accuracy, abs=0.01)

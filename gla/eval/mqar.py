@@ -111,21 +111,26 @@ class _Member:
                 g["lr"] = lr
 
     def step(self, x, y, kv_pairs: int):
-        """Forward, backward, clipping and update; the gradients are reset by the caller (eager) or by capture."""
+        """Forward, backward, clipping and update; the gradients are reset by the caller (eager) or by capture.
+        Returns the loss detached: a loss that kept its autograd graph alive would pin the gradient accumulators to
+        the stream of an eager step and break the capture of a later one."""
         loss, _ = _loss_and_acc(self.model, x, y, kv_pairs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        return loss
+        return loss.detach()
 
 
-def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, graphs: bool) -> _Member:
+def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device) -> _Member:
     torch.manual_seed(seed)  # a model starts from the same weights whichever group it trains in
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
                            layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv).to(device)
-    lr = torch.tensor(spec["lr"], device=device) if graphs else spec["lr"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=graphs)
+    # On CUDA the optimizer is capturable (learning rate and step count in device tensors) whether or not the steps
+    # are captured, so eager and captured training run the same arithmetic.
+    cuda = device.type == "cuda"
+    lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda)
     return _Member(spec, model, opt)
 
 
@@ -162,7 +167,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
-    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, graphs) for s in specs]
+    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev) for s in specs]
+    # Eager steps before a capture run on a side stream, as capture needs (torch.cuda.graphs docs).
+    eager_stream = torch.cuda.Stream() if graphs else None
     x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
     xs = ys = None  # the batch buffers the captured steps read
     t0 = time.perf_counter()
@@ -173,10 +180,15 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         f = lr_factor(step, steps)
         if not graphs or step < EAGER_STEPS:
             x, y = x.to(dev), y.to(dev)
-            for m in members:
-                m.set_lr(m.spec["lr"] * f)
-                m.opt.zero_grad(set_to_none=True)
-                m.loss = m.step(x, y, kv_pairs)
+            if eager_stream is not None:
+                eager_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(eager_stream):  # no-op for None
+                for m in members:
+                    m.set_lr(m.spec["lr"] * f)
+                    m.opt.zero_grad(set_to_none=True)
+                    m.loss = m.step(x, y, kv_pairs)
+            if eager_stream is not None:
+                torch.cuda.current_stream().wait_stream(eager_stream)
         else:
             if xs is None:
                 xs, ys = x.to(dev), y.to(dev)
