@@ -5,6 +5,7 @@ compiles the kernels; the table gives wall ms per step of the group and model-st
 throughput). vocab 8192, batch 256, short convolutions, as in the GPU grid of docs/results.md.
 
     python benchmarks/mqar_speed.py [--steps 300] [--out DIR]
+    python benchmarks/mqar_speed.py --profile gla [--seq-len 64 --kv-pairs 4 --d-model 128]   (top CUDA kernels)
 """
 from __future__ import annotations
 
@@ -32,17 +33,36 @@ def variants():
     for task in ((64, 4), (256, 16)):
         yield "gla d=128 alone, eager", task, one, False
         yield "gla d=128 alone, graphs", task, one, True
-        yield "16 models (4 mixers x 4 lrs, d=128), eager", task, lr_group, False
         yield "16 models (4 mixers x 4 lrs, d=128), graphs", task, lr_group, True
         yield "48 models (4 mixers x 3 widths x 4 lrs), graphs", task, task_group, True
+
+
+COMMON = dict(batch_size=256, vocab_size=8192, device="cuda", short_conv=True, n_test=256)
+
+
+def profile(mixer: str, seq_len: int, kv_pairs: int, d_model: int) -> None:
+    """The CUDA kernels of 20 eager training steps of one model, by total device time."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    spec = [dict(mixer=mixer, d_model=d_model, lr=1e-3)]
+    train_group(spec, seq_len, kv_pairs, steps=5, graphs=False, **COMMON)
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+        train_group(spec, seq_len, kv_pairs, steps=20, graphs=False, **COMMON)
+    print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", metavar="MIXER", default=None)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--kv-pairs", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
     args = p.parse_args()
-    common = dict(batch_size=256, vocab_size=8192, device="cuda", short_conv=True, n_test=256)
+    if args.profile:
+        return profile(args.profile, args.seq_len, args.kv_pairs, args.d_model)
+    common = COMMON
     warmed = set()
     rows = []
     for name, (t, kv), specs, graphs in variants():

@@ -78,11 +78,13 @@ def _loss_and_acc(model, x, y, kv_pairs: int):
     """x, y: [B, T] with exactly kv_pairs scored labels per row (as make_mqar makes them) -> (loss, accuracy).
 
     The scored positions are found with a fixed-shape top-k rather than a boolean mask, whose data-dependent shape
-    would make the host wait for the GPU (and could not be captured in a CUDA graph)."""
-    h, _ = model.features(x)
-    idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
-    target = y.gather(1, idx)
-    logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
+    would make the host wait for the GPU (and could not be captured in a CUDA graph). On CUDA the model runs under
+    bf16 autocast, as `gla train` does; its weight-cast cache is off because a captured graph cannot use it."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=False):
+        h, _ = model.features(x)
+        idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
+        target = y.gather(1, idx)
+        logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     return loss, (logits.argmax(-1) == target).float().mean()
 
@@ -126,23 +128,26 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
                            layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv).to(device)
-    # On CUDA the optimizer is capturable (learning rate and step count in device tensors) whether or not the steps
-    # are captured, so eager and captured training run the same arithmetic.
+    # On CUDA the optimizer is fused and capturable (learning rate and step count in device tensors) whether or not
+    # the steps are captured, so eager and captured training run the same arithmetic. (The unfused capturable AdamW
+    # took half of the device time of a d=128 model's step on the H200.)
     cuda = device.type == "cuda"
     lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
+                            fused=cuda or None)
     return _Member(spec, model, opt)
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces
 
 
-def _capture(members, x, y, kv_pairs: int) -> None:
-    for m in members:
-        m.opt.zero_grad(set_to_none=True)  # the captured backward then writes fresh gradients on every replay
-        m.graph, m.stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        with torch.cuda.graph(m.graph):
-            m.loss = m.step(x, y, kv_pairs)
+def _capture(m: _Member, x, y, kv_pairs: int) -> None:
+    """Capture on the member's own stream: cuBLAS keeps a workspace per stream, and graphs captured on one shared
+    stream would share it while their replays run concurrently (a race measured as 1e-3 drifts of the loss)."""
+    m.opt.zero_grad(set_to_none=True)  # the captured backward then writes fresh gradients on every replay
+    m.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(m.graph, stream=m.stream):
+        m.loss = m.step(x, y, kv_pairs)
 
 
 def _accuracy(model, x_te, y_te, kv_pairs: int, device) -> float:
@@ -168,40 +173,36 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
     members = [_member(s, seq_len, vocab_size, short_conv, seed, dev) for s in specs]
-    # Eager steps before a capture run on a side stream, as capture needs (torch.cuda.graphs docs).
-    eager_stream = torch.cuda.Stream() if graphs else None
-    x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
-    xs = ys = None  # the batch buffers the captured steps read
-    t0 = time.perf_counter()
+    main = torch.cuda.current_stream() if graphs else None
     for m in members:
+        m.stream = torch.cuda.Stream() if graphs else None  # eager steps and replays alike run on it
         m.model.train()
+    x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
+    t0 = time.perf_counter()
     for step in range(steps):
         x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed + step)
-        f = lr_factor(step, steps)
-        if not graphs or step < EAGER_STEPS:
-            x, y = x.to(dev), y.to(dev)
-            if eager_stream is not None:
-                eager_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(eager_stream):  # no-op for None
+        if graphs and step >= EAGER_STEPS:
+            if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
+                xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
                 for m in members:
-                    m.set_lr(m.spec["lr"] * f)
-                    m.opt.zero_grad(set_to_none=True)
-                    m.loss = m.step(x, y, kv_pairs)
-            if eager_stream is not None:
-                torch.cuda.current_stream().wait_stream(eager_stream)
-        else:
-            if xs is None:
-                xs, ys = x.to(dev), y.to(dev)
-                _capture(members, xs, ys, kv_pairs)
-            main = torch.cuda.current_stream()
-            xs.copy_(x.pin_memory(), non_blocking=True)  # the previous replays finished reading: see wait_stream
+                    _capture(m, xs, ys, kv_pairs)
+            xs.copy_(x.pin_memory(), non_blocking=True)  # after the previous replays: main waited for them
             ys.copy_(y.pin_memory(), non_blocking=True)
-            for m in members:
+        else:
+            xs, ys = x.to(dev), y.to(dev)
+        f = lr_factor(step, steps)
+        for m in members:
+            if m.stream is not None:
                 m.stream.wait_stream(main)
-                with torch.cuda.stream(m.stream):
-                    m.set_lr(m.spec["lr"] * f)
+            with torch.cuda.stream(m.stream):  # no-op for None
+                m.set_lr(m.spec["lr"] * f)
+                if m.graph is not None:
                     m.graph.replay()
-            for m in members:
+                else:
+                    m.opt.zero_grad(set_to_none=True)
+                    m.loss = m.step(xs, ys, kv_pairs)
+        for m in members:
+            if m.stream is not None:
                 main.wait_stream(m.stream)
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
