@@ -78,13 +78,11 @@ def _loss_and_acc(model, x, y, kv_pairs: int):
     """x, y: [B, T] with exactly kv_pairs scored labels per row (as make_mqar makes them) -> (loss, accuracy).
 
     The scored positions are found with a fixed-shape top-k rather than a boolean mask, whose data-dependent shape
-    would make the host wait for the GPU (and could not be captured in a CUDA graph). On CUDA the model runs under
-    bf16 autocast, as `gla train` does; its weight-cast cache is off because a captured graph cannot use it."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=False):
-        h, _ = model.features(x)
-        idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
-        target = y.gather(1, idx)
-        logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
+    would make the host wait for the GPU (and could not be captured in a CUDA graph)."""
+    h, _ = model.features(x)
+    idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
+    target = y.gather(1, idx)
+    logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     return loss, (logits.argmax(-1) == target).float().mean()
 
