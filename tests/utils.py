@@ -14,8 +14,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def gla_inputs(B, T, H, K, V, *, dtype=torch.float32, normalizer=16.0, seed=0, device="cpu",
-               requires_grad=True, state=False, N=None):
+               requires_grad=True, state=False, N=None, g_dtype=None):
     """Random GLA inputs: q, k, v ~ randn, g = logsigmoid(randn) / normalizer (normalizer 0.1 = strong gates).
+    g_dtype: g's dtype if not ``dtype`` (the GLA layer keeps its gate float32 under bf16 autocast).
 
     Returns q, k, v, g ([B, T, H, K] / [B, T, H, V]) and h0 ([N or B, H, K, V] float32, or None).
     """
@@ -27,7 +28,7 @@ def gla_inputs(B, T, H, K, V, *, dtype=torch.float32, normalizer=16.0, seed=0, d
     q, k = rnd(B, T, H, K), rnd(B, T, H, K)
     v = rnd(B, T, H, V)
     g = F.logsigmoid(rnd(B, T, H, K)) / normalizer
-    out = [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [g.to(device=device, dtype=dtype)]
+    out = [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [g.to(device=device, dtype=g_dtype or dtype)]
     h0 = rnd(N or B, H, K, V).to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32) \
         if state else None
     tensors = out + ([h0] if h0 is not None else [])

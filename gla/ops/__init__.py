@@ -116,6 +116,13 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     Raises ValueError naming the argument on malformed input.
     """
     _validate(q, k, v, g, initial_state, cu_seqlens, backend, check_values)
+    # The operator controls its own precision (fp32 states and accumulation, o in v's dtype): under autocast the
+    # chunk backend's products would otherwise run in bf16 and keep bf16 states for the backward.
+    with torch.autocast(q.device.type, enabled=False):
+        return _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
+
+
+def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":

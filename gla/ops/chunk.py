@@ -253,6 +253,11 @@ class _ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # backward() may run under autocast
+            return _ChunkGLA._backward(ctx, do, dfinal)
+
+    @staticmethod
+    def _backward(ctx, do, dfinal):
         qc, kc, vc, gc, h, final = ctx.saved_tensors
         scale, plan, h0_dtype, q_dtype, v_dtype, g_dtype = ctx.meta
         acc = qc.dtype

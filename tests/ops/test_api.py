@@ -1,4 +1,6 @@
 """The operator's contract: validation errors, backend choice, the recurrent reference and decode step."""
+import contextlib
+
 import pytest
 import torch
 
@@ -118,3 +120,24 @@ def test_recurrent_matches_naive_formula():
     naive = torch.stack([sum(((q[0, t, 0] * k[0, j, 0] * (b[t] - b[j]).exp()).sum() * v[0, j, 0])
                              for j in range(t + 1)) for t in range(6)]) * 0.5
     assert rel_err(o[0, :, 0], naive) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_autocast_leaves_the_operator_alone(backend):
+    """A forward under bf16 autocast computes exactly as outside it: fp32 inputs stay fp32 inside (the chunk
+    backend's products once ran in bf16 there, and its backward then failed on the mixed dtypes). The chunk
+    backend's autograd Function also shields its backward when that runs under autocast (the recurrent reference is
+    plain autograd: its backward follows PyTorch's rule, backward outside autocast)."""
+    q, k, v, g, h0 = gla_inputs(2, 70, 2, 12, 20, state=True, seed=4)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def run(fwd_autocast, bwd_autocast):
+        with bf16 if fwd_autocast else contextlib.nullcontext():
+            o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+        with bf16 if bwd_autocast else contextlib.nullcontext():
+            return (o, s, *torch.autograd.grad(o.sum() + s.square().sum(), (q, k, v, g, h0)))
+
+    plain = run(False, False)
+    for variant in [(True, False)] + ([(True, True)] if backend == "chunk" else []):
+        for a, b in zip(run(*variant), plain):
+            assert a.dtype == b.dtype and torch.equal(a, b), variant

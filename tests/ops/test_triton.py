@@ -61,12 +61,12 @@ def _ids(case):
     return f"B{B}-T{T}-H{H}-K{K}-V{V}-g{norm}" + ("-varlen" if cu else "")
 
 
-def _check(case, dtype, state=True):
+def _check(case, dtype, state=True, g_dtype=None):
     B, T, H, K, V, norm, cu = case
     cu_seqlens = torch.tensor(cu, device=DEVICE) if cu is not None else None
     N = len(cu) - 1 if cu is not None else None
     q, k, v, g, h0 = gla_inputs(B, T, H, K, V, dtype=dtype, normalizer=norm, state=state, N=N, device=DEVICE,
-                                seed=T + K)
+                                seed=T + K, g_dtype=g_dtype)
     errs = compare_to_reference(q, k, v, g, h0, backend="triton", cu_seqlens=cu_seqlens)
     fwd_tol, grad_tol = TOL[dtype]
     bad = {n: e for n, e in errs.items() if not e <= (fwd_tol if n in ("o", "state") else grad_tol)}
@@ -82,6 +82,27 @@ def test_chunk_fp32(case):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2 if GPU else 1], CASES[4 if GPU else 3]], ids=_ids)
 def test_chunk_bf16(case):
     _check(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2 if GPU else 1]], ids=_ids)
+def test_chunk_bf16_with_fp32_gate(case):
+    """What the GLA layer passes under bf16 autocast: bf16 q, k, v and its float32 gate."""
+    _check(case, torch.bfloat16, g_dtype=torch.float32)
+
+
+def test_autocast_leaves_the_operator_alone():
+    """Under bf16 autocast (forward and backward) the operator computes exactly as outside it."""
+    q, k, v, g, h0 = gla_inputs(2, 100, 2, 32, 48, state=True, device=DEVICE, seed=5)
+
+    def run():
+        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+        return (o, s, *torch.autograd.grad(o.sum() + s.square().sum(), (q, k, v, g, h0)))
+
+    plain = run()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        auto = run()
+    for a, b in zip(auto, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_chunk_fp16():

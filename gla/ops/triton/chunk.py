@@ -31,6 +31,11 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # backward() may run under autocast
+            return ChunkGLAFunction._backward(ctx, do, dht)
+
+    @staticmethod
+    def _backward(ctx, do, dht):
         q, k, v, g, A, hs = ctx.saved_tensors
         meta = ctx.meta
         do = do.contiguous()
