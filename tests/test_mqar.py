@@ -60,8 +60,11 @@ def test_lockstep_group_trains_each_model_as_alone():
 
 def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     main(["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
-          "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--json", "--out", str(tmp_path)])
-    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+          "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--json", "--out", str(tmp_path),
+          "--log-every", "2"])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert err.count("mqar T=32, 2 pairs, 1 models: step 2/3") == 2  # one group per mixer
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in (tmp_path / "mqar.md").read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -160,13 +161,14 @@ def _accuracy(model, x_te, y_te, kv_pairs: int, device) -> float:
 
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
-                graphs: bool | None = None) -> list:
+                graphs: bool | None = None, log_every: int = 0) -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
     trains on, so mixers and learning rates see the same data; the test set is fixed. graphs (default: on CUDA)
     replays each model's captured step on its own stream instead of launching its kernels one by one; the result is
-    the same training.
+    the same training. log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
+    run cut short still tells its pace.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -202,6 +204,11 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         for m in members:
             if m.stream is not None:
                 main.wait_stream(m.stream)
+        if log_every and (step + 1) % log_every == 0:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
+            print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev), steps, seconds, short_conv, m.loss.item())
@@ -219,7 +226,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
-          jobs=1, group=1, on_run=None) -> list:
+          jobs=1, group=1, on_run=None, log_every=0) -> list:
     """Every (task, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task train in groups of ``group`` (lockstep, one data stream;
@@ -230,7 +237,7 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     for t, kv in tasks:
         specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
         groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
-                        vocab_size=vocab_size, device=device, short_conv=short_conv)
+                        vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every)
                    for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

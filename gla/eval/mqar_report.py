@@ -109,6 +109,7 @@ def add_arguments(p) -> None:
     p.add_argument("--group", type=int, default=1,
                    help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
     p.add_argument("--jobs", type=int, default=1, help="groups trained at once, in separate processes")
+    p.add_argument("--log-every", type=int, default=0, help="print each group's progress to stderr every N steps")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
     p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
@@ -146,7 +147,8 @@ def _train_grid(args) -> tuple:
 
     try:
         runs = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
-                     args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run)
+                     args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
+                     args.log_every)
     finally:
         if runs_log:
             runs_log.close()
