@@ -91,7 +91,7 @@ def _loss_and_acc(model, x, y, kv_pairs: int):
 def lr_factor(step: int, steps: int) -> float:
     """Linear warm-up over the first 10% of the steps, then cosine decay to zero."""
     warm = max(1, steps // 10)
-    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 @dataclass
@@ -100,9 +100,9 @@ class _Member:
     spec: dict  # mixer, d_model, lr
     model: GLATransformer
     opt: torch.optim.Optimizer
-    graph: object = None
-    stream: object = None
-    loss: object = None  # the last step's loss tensor (with graphs: the captured step's output buffer)
+    graph: torch.cuda.CUDAGraph | None = None
+    stream: torch.cuda.Stream | None = None
+    loss: torch.Tensor | None = None  # the last step's loss (with graphs: the captured step's output buffer)
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
@@ -166,16 +166,20 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
     trains on, so mixers and learning rates see the same data; the test set is fixed. graphs (default: on CUDA)
-    replays each model's captured step on its own stream instead of launching its kernels one by one; the result is
-    the same training. log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
+    replays each model's captured step on its own stream instead of launching its kernels one by one (the same
+    arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
     run cut short still tells its pace.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
+    if graphs and dev.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     members = [_member(s, seq_len, vocab_size, short_conv, seed, dev) for s in specs]
-    main = torch.cuda.current_stream() if graphs else None
+    main = torch.cuda.current_stream(dev) if graphs else None
     for m in members:
-        m.stream = torch.cuda.Stream() if graphs else None  # eager steps and replays alike run on it
+        m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
         m.model.train()
     x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
     t0 = time.perf_counter()
@@ -209,6 +213,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
             print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev), steps, seconds, short_conv, m.loss.item())

@@ -6,10 +6,16 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 from gla.eval.mqar import MQARResult, make_mqar, sweep
+
+
+def _record(r: MQARResult) -> str:
+    """One JSON line: the format of mqar-runs.jsonl, mqar.jsonl and --json, read back by load_runs."""
+    return json.dumps(dataclasses.asdict(r))
 
 
 def _cell(r) -> tuple:
@@ -130,8 +136,9 @@ def _train_grid(args) -> tuple:
         raise SystemExit(f"gla eval mqar: --seq-len {args.seq_len} and --kv-pairs {args.kv_pairs} must pair up")
     for t, kv in zip(seq_lens, kv_pairs):
         make_mqar(1, t, kv, args.vocab_size)  # bad task settings fail here, before any training
-    if args.group < 1 or args.jobs < 1:
-        raise SystemExit(f"gla eval mqar: --group and --jobs must be >= 1, got {args.group} and {args.jobs}")
+    if min(args.group, args.jobs, args.steps) < 1:
+        raise SystemExit(f"gla eval mqar: --group, --jobs and --steps must be >= 1, "
+                         f"got {args.group}, {args.jobs} and {args.steps}")
     lrs = [float(x) for x in args.lrs.split(",") if x]
     runs_log = None
     if args.out:
@@ -140,10 +147,10 @@ def _train_grid(args) -> tuple:
 
     def on_run(r):
         if runs_log:
-            runs_log.write(json.dumps(r.__dict__) + "\n")
+            runs_log.write(_record(r) + "\n")
             runs_log.flush()
         if not args.json:
-            print(f"  {json.dumps(r.__dict__)}", flush=True)
+            print(f"  {_record(r)}", flush=True)
 
     try:
         runs = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
@@ -165,14 +172,14 @@ def run(args) -> list:
     table = markdown_table(results)
     if args.json:
         for r in results:
-            print(json.dumps(r.__dict__))
+            print(_record(r))
     else:
         print(f"\n{title}\n\n{table}")
     if args.out:
         from gla.bench import write_report
         write_report(args.out, "mqar", f"{title}\n\n{table}")
         with open(os.path.join(args.out, "mqar.jsonl"), "w") as f:
-            f.writelines(json.dumps(r.__dict__) + "\n" for r in results)
+            f.writelines(_record(r) + "\n" for r in results)
         plot(results, os.path.join(args.out, "mqar.png"), title)
     return results
 

@@ -249,11 +249,12 @@ class _ChunkGLA(torch.autograd.Function):
         ctx.save_for_backward(qc, kc, vc, gc, h, final)
         ctx.meta = (scale, plan, None if h0 is None else h0.dtype, q.dtype, v.dtype, g.dtype)
         ctx.set_materialize_grads(False)
+        ctx.device_type = q.device.type
         return _unpack(o, plan, v.dtype), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # backward() may run under autocast
+        with torch.autocast(ctx.device_type, enabled=False):  # backward() may run under autocast
             return _ChunkGLA._backward(ctx, do, dfinal)
 
     @staticmethod

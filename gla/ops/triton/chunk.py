@@ -31,7 +31,7 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # backward() may run under autocast
+        with torch.autocast(do.device.type, enabled=False):  # backward() may run under autocast
             return ChunkGLAFunction._backward(ctx, do, dht)
 
     @staticmethod
