@@ -1,4 +1,4 @@
-"""Training throughput of the MQAR grid on one GPU: eager steps vs captured CUDA graphs, alone and in lockstep groups.
+"""Training throughput of the MQAR grid on one GPU: eager vs captured CUDA graphs, fp32 vs bf16, alone and in groups.
 
 Every variant trains real models (gla.eval.mqar.train_group) for --steps steps after an untimed warm-up that
 compiles the kernels; the table gives wall ms per step of the group and model-steps per second (the grid's
@@ -26,15 +26,17 @@ LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def variants():
-    """(name, task, specs, graphs): one model alone, then the groups the grid would use."""
+    """(name, task, specs, graphs, precision): one model alone, then the groups the grid would use."""
     one = [dict(mixer="gla", d_model=128, lr=1e-3)]
     lr_group = [dict(mixer=m, d_model=128, lr=lr) for m in MIXERS for lr in LRS]
     task_group = [dict(mixer=m, d_model=d, lr=lr) for m in MIXERS for d in (64, 128, 256) for lr in LRS]
     for task in ((64, 4), (256, 16)):
-        yield "gla d=128 alone, eager", task, one, False
-        yield "gla d=128 alone, graphs", task, one, True
-        yield "16 models (4 mixers x 4 lrs, d=128), graphs", task, lr_group, True
-        yield "48 models (4 mixers x 3 widths x 4 lrs), graphs", task, task_group, True
+        for precision in ("fp32", "bf16"):
+            yield f"gla d=128 alone, eager, {precision}", task, one, False, precision
+            yield f"gla d=128 alone, graphs, {precision}", task, one, True, precision
+            yield f"16 models (4 mixers x 4 lrs, d=128), eager, {precision}", task, lr_group, False, precision
+            yield f"16 models (4 mixers x 4 lrs, d=128), graphs, {precision}", task, lr_group, True, precision
+        yield "48 models (4 mixers x 3 widths x 4 lrs), graphs, bf16", task, task_group, True, "bf16"
 
 
 COMMON = dict(batch_size=256, vocab_size=8192, device="cuda", short_conv=True, n_test=256)
@@ -64,14 +66,14 @@ def main():
         return profile(args.profile, args.seq_len, args.kv_pairs, args.d_model)
     warmed = set()
     rows = []
-    for name, (t, kv), specs, graphs in variants():
-        if (t, kv) not in warmed:  # compile every kernel of this shape once, untimed
+    for name, (t, kv), specs, graphs, precision in variants():
+        if (t, kv, precision) not in warmed:  # compile every kernel of this shape once, untimed
             train_group([dict(mixer=m, d_model=d, lr=1e-3) for m in MIXERS for d in (64, 128, 256)], t, kv,
-                        steps=5, **COMMON)
-            warmed.add((t, kv))
+                        steps=5, precision=precision, **COMMON)
+            warmed.add((t, kv, precision))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = train_group(specs, t, kv, steps=args.steps, graphs=graphs, **COMMON)
+        res = train_group(specs, t, kv, steps=args.steps, graphs=graphs, precision=precision, **COMMON)
         torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0) / args.steps
         row = dict(task=f"T={t}, {kv} pairs", variant=name, models=len(specs), ms_per_step=round(ms, 2),

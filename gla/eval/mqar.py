@@ -73,17 +73,20 @@ class MQARResult:
     seconds: float
     short_conv: bool = False
     final_loss: float | None = None  # absent from records written before it existed
+    precision: str = "fp32"  # "bf16": forward under bf16 autocast
 
 
-def _loss_and_acc(model, x, y, kv_pairs: int):
+def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
     """x, y: [B, T] with exactly kv_pairs scored labels per row (as make_mqar makes them) -> (loss, accuracy).
 
     The scored positions are found with a fixed-shape top-k rather than a boolean mask, whose data-dependent shape
-    would make the host wait for the GPU (and could not be captured in a CUDA graph)."""
-    h, _ = model.features(x)
-    idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
-    target = y.gather(1, idx)
-    logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
+    would make the host wait for the GPU (and could not be captured in a CUDA graph). bf16: the model runs under
+    bf16 autocast, without its cache of cast weights (a captured graph would replay stale casts)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        h, _ = model.features(x)
+        idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
+        target = y.gather(1, idx)
+        logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     return loss, (logits.argmax(-1) == target).float().mean()
 
@@ -100,6 +103,7 @@ class _Member:
     spec: dict  # mixer, d_model, lr
     model: GLATransformer
     opt: torch.optim.Optimizer
+    bf16: bool
     graph: torch.cuda.CUDAGraph | None = None
     stream: torch.cuda.Stream | None = None
     loss: torch.Tensor | None = None  # the last step's loss (with graphs: the captured step's output buffer)
@@ -115,14 +119,14 @@ class _Member:
         """Forward, backward, clipping and update; the gradients are reset by the caller (eager) or by capture.
         Returns the loss detached: a loss that kept its autograd graph alive would pin the gradient accumulators to
         the stream of an eager step and break the capture of a later one."""
-        loss, _ = _loss_and_acc(self.model, x, y, kv_pairs)
+        loss, _ = _loss_and_acc(self.model, x, y, kv_pairs, self.bf16)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         return loss.detach()
 
 
-def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device) -> _Member:
+def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, bf16: bool) -> _Member:
     torch.manual_seed(seed)  # a model starts from the same weights whichever group it trains in
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
@@ -134,7 +138,7 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
                             fused=cuda or None)
-    return _Member(spec, model, opt)
+    return _Member(spec, model, opt, bf16)
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces
@@ -149,25 +153,26 @@ def _capture(m: _Member, x, y, kv_pairs: int) -> None:
         m.loss = m.step(x, y, kv_pairs)
 
 
-def _accuracy(model, x_te, y_te, kv_pairs: int, device) -> float:
+def _accuracy(model, x_te, y_te, kv_pairs: int, device, bf16: bool) -> float:
     model.eval()
     correct = 0.0
     with torch.no_grad():
         for s in range(0, len(x_te), 256):
             x, y = x_te[s:s + 256].to(device), y_te[s:s + 256].to(device)
-            correct += _loss_and_acc(model, x, y, kv_pairs)[1].item() * len(x)  # every row has kv_pairs queries
+            correct += _loss_and_acc(model, x, y, kv_pairs, bf16)[1].item() * len(x)  # every row has kv_pairs queries
     return correct / len(x_te)
 
 
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
-                graphs: bool | None = None, log_every: int = 0) -> list:
+                graphs: bool | None = None, log_every: int = 0, precision: str = "fp32") -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
     trains on, so mixers and learning rates see the same data; the test set is fixed. graphs (default: on CUDA)
     replays each model's captured step on its own stream instead of launching its kernels one by one (the same
-    arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
+    arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
+    under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
     run cut short still tells its pace.
     """
     dev = torch.device(device)
@@ -176,7 +181,10 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev) for s in specs]
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
+    bf16 = precision == "bf16"
+    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None
     for m in members:
         m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
@@ -217,7 +225,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
-                       _accuracy(m.model, x_te, y_te, kv_pairs, dev), steps, seconds, short_conv, m.loss.item())
+                       _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
+                       precision)
             for m in members]
 
 
@@ -232,7 +241,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
-          jobs=1, group=1, on_run=None, log_every=0) -> list:
+          jobs=1, group=1, on_run=None, log_every=0, precision="fp32") -> list:
     """Every (task, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task train in groups of ``group`` (lockstep, one data stream;
@@ -243,7 +252,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     for t, kv in tasks:
         specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
         groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
-                        vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every)
+                        vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every,
+                        precision=precision)
                    for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

@@ -18,9 +18,19 @@ def _record(r: MQARResult) -> str:
     return json.dumps(dataclasses.asdict(r))
 
 
+def _budget(r) -> tuple:
+    """One table (plot panel): a task at one training budget and precision."""
+    return r.seq_len, r.kv_pairs, r.steps, r.precision
+
+
+def _label(budget: tuple) -> str:
+    t, kv, steps, precision = budget
+    return f"T={t}, {kv} KV pairs, {steps} steps" + ("" if precision == "fp32" else f", {precision}")
+
+
 def _cell(r) -> tuple:
-    """A table cell: one task at one training budget, one mixer, one width (learning rates compete within it)."""
-    return r.seq_len, r.kv_pairs, r.steps, r.mixer, r.d_model
+    """A table cell: one budget, one mixer, one width (learning rates compete within it)."""
+    return *_budget(r), r.mixer, r.d_model
 
 
 def best_per_cell(runs) -> list:
@@ -47,22 +57,17 @@ def load_runs(paths) -> list:
     return runs
 
 
-def _tasks(results) -> list:
-    return list(dict.fromkeys((r.seq_len, r.kv_pairs, r.steps) for r in results))
-
-
 def markdown_table(results) -> str:
-    """One table per (seq_len, kv_pairs, steps): rows are mixers, columns d_model, cells the best accuracy."""
+    """One table per budget (task, steps, precision): rows are mixers, columns d_model, cells the best accuracy."""
     dims = sorted({r.d_model for r in results})
     acc = {_cell(r): r.accuracy for r in results}
     parts = []
-    for task in _tasks(results):
-        t, kv, steps = task
-        mixers = list(dict.fromkeys(r.mixer for r in results if _cell(r)[:3] == task))
-        lines = [f"T={t}, {kv} KV pairs, {steps} steps:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
+    for budget in dict.fromkeys(map(_budget, results)):
+        mixers = list(dict.fromkeys(r.mixer for r in results if _budget(r) == budget))
+        lines = [f"{_label(budget)}:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
                  "|---|" + "---|" * len(dims)]
         for m in mixers:
-            cells = [f"{100 * acc[(*task, m, d)]:.1f}%" if (*task, m, d) in acc else "–" for d in dims]
+            cells = [f"{100 * acc[(*budget, m, d)]:.1f}%" if (*budget, m, d) in acc else "–" for d in dims]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -76,17 +81,17 @@ def plot(results, path: str, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError('plotting needs matplotlib: pip install "gla[train]"') from e
-    tasks = _tasks(results)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
-    for ax, (t, kv, steps) in zip(axes[0], tasks):
-        sub = [r for r in results if _cell(r)[:3] == (t, kv, steps)]
+    budgets = list(dict.fromkeys(map(_budget, results)))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.5), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        sub = [r for r in results if _budget(r) == budget]
         for m in dict.fromkeys(r.mixer for r in sub):
             pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
-        ax.set_title(f"T={t}, {kv} KV pairs, {steps} steps")
+        ax.set_title(_label(budget))
         ax.set_ylim(0, 102)
         ax.legend()
     fig.suptitle(title)
@@ -111,6 +116,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lrs", default="1e-3,3e-3", help="learning rates swept; the best is reported")
     p.add_argument("--vocab-size", type=int, default=8192, help="Zoology's setting; smaller is faster to learn")
     p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the model under bf16 autocast (as `gla train` on a GPU); the optimizer stays fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
@@ -155,11 +162,11 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every)
+                     args.log_every, args.precision)
     finally:
         if runs_log:
             runs_log.close()
-    conv = ", short conv" if args.short_conv else ""
+    conv = (", short conv" if args.short_conv else "") + (", bf16 autocast" if args.precision == "bf16" else "")
     return best_per_cell(runs), f"MQAR, vocab {args.vocab_size}, {args.steps} steps of batch {args.batch_size}{conv}"
 
 
