@@ -5,6 +5,7 @@ is in ``recurrent.py`` (reference) and ``chunk.py`` (chunkwise form).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -14,6 +15,13 @@ from .recurrent import recurrent_gla, recurrent_step
 __all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton")
+
+
+def no_autocast(device_type: str):
+    """A context with autocast off for ``device_type`` (a no-op for devices without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -118,7 +126,7 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     _validate(q, k, v, g, initial_state, cu_seqlens, backend, check_values)
     # The operator controls its own precision (fp32 states and accumulation, o in v's dtype): under autocast the
     # chunk backend's products would otherwise run in bf16 and keep bf16 states for the backward.
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device.type):
         return _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import no_autocast
 from .recurrent import state_dtype
 
 BT = 64  # chunk length: the state scan takes ceil(T / BT) sequential steps
@@ -254,7 +255,7 @@ class _ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        with torch.autocast(ctx.device_type, enabled=False):  # backward() may run under autocast
+        with no_autocast(ctx.device_type):  # backward() may run under autocast
             return _ChunkGLA._backward(ctx, do, dfinal)
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import no_autocast
 from .chunk_bwd import chunk_bwd
 from .chunk_output import chunk_output_fwd
 from .chunk_state import chunk_state_bwd, chunk_state_fwd
@@ -31,7 +32,7 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        with torch.autocast(do.device.type, enabled=False):  # backward() may run under autocast
+        with no_autocast(do.device.type):  # backward() may run under autocast
             return ChunkGLAFunction._backward(ctx, do, dht)
 
     @staticmethod
