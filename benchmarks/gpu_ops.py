@@ -3,7 +3,8 @@
 bf16, q, k, v ~ randn, g = logsigmoid(randn) / 16 (as in ../shared/ANCHORS.md); times are triton.testing.do_bench
 medians in ms; forward+backward = forward plus torch.autograd.grad of (q, k, v, g) for a random cotangent.
 
-    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call] [--shape B,T,H,K,V ...] [--out DIR]
+    python benchmarks/gpu_ops.py [--fla] [--fla-big] [--stages] [--variants] [--first-call]
+        [--shape B,T,H,K,V ...] [--out DIR]
 
 --fla: FLA at the K=V=128 shapes (its first call autotunes for minutes; each shape is warmed once, untimed);
 --fla-big: FLA also at H=4, K=256, V=512 (cold autotune > 7 min); --stages: each of our kernels alone;

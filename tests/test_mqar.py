@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gla.eval.mqar import IGNORE, make_mqar, train_group, train_mqar
+from gla.eval.mqar import IGNORE, make_mqar, train_group
 from gla.eval.mqar_report import main
 from gla.models import GLATransformer
 
@@ -53,7 +53,7 @@ def test_lockstep_group_trains_each_model_as_alone():
     kw = dict(seq_len=32, kv_pairs=4, steps=6, batch_size=8, n_test=20, vocab_size=64, short_conv=True)
     together = train_group(specs, **kw)
     for spec, r in zip(specs, together):
-        alone = train_mqar(**spec, **kw)
+        alone = train_group([spec], **kw)[0]
         assert (r.mixer, r.d_model, r.lr) == (alone.mixer, alone.d_model, alone.lr)
         assert (r.final_loss, r.accuracy) == (alone.final_loss, alone.accuracy)
 
@@ -93,8 +93,8 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
 
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
     main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "16,32", "--kv-pairs", "2,4", "--steps", "2",
-          "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--group", "3", "--short-conv",
-          "--json", "--out", str(tmp_path)])
+          "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--group", "3",
+          "--short-conv", "--json", "--out", str(tmp_path)])
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["seq_len"], r["kv_pairs"], r["mixer"]) for r in best] == [
         (16, 2, "gla"), (16, 2, "softmax"), (32, 4, "gla"), (32, 4, "softmax")]

@@ -67,3 +67,24 @@ def compare_to_reference(q, k, v, g, h0=None, *, backend, cu_seqlens=None, scale
     errs = {"o": rel_err(o, o_r), "state": rel_err(s, s_r)}
     errs.update({n: rel_err(a, b) for n, a, b in zip(names, grads, grads_r)})
     return errs
+
+
+def assert_autocast_exact(q, k, v, g, h0, *, backend, variants):
+    """The operator's outputs (o, final state) and gradients (q, k, v, g, h0) under bf16 autocast equal those
+    outside it, bit for bit. variants: [(forward under autocast, backward under autocast), ...]."""
+    import contextlib
+
+    from gla.ops import gated_linear_attention
+
+    bf16 = torch.autocast(q.device.type, dtype=torch.bfloat16)
+
+    def run(fwd_autocast, bwd_autocast):
+        with bf16 if fwd_autocast else contextlib.nullcontext():
+            o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+        with bf16 if bwd_autocast else contextlib.nullcontext():
+            return (o, s, *torch.autograd.grad(o.sum() + s.square().sum(), (q, k, v, g, h0)))
+
+    plain = run(False, False)
+    for variant in variants:
+        for a, b in zip(run(*variant), plain):
+            assert a.dtype == b.dtype and torch.equal(a, b), variant

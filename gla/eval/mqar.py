@@ -147,7 +147,7 @@ EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuB
 
 def _capture(m: _Member, x, y, kv_pairs: int) -> None:
     """Capture on the member's own stream: cuBLAS keeps a workspace per stream, and graphs captured on one shared
-    stream would share it while their replays run concurrently (a race: losses drifted by ~5e-4 relative in 12 steps)."""
+    stream would share it while their replays run concurrently (a race: losses drifted ~5e-4 relative in 12 steps)."""
     m.opt.zero_grad(set_to_none=True)  # the captured backward then writes fresh gradients on every replay
     m.graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(m.graph, stream=m.stream):
@@ -173,8 +173,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     trains on, so mixers and learning rates see the same data; the test set is fixed. graphs (default: on CUDA)
     replays each model's captured step on its own stream instead of launching its kernels one by one (the same
     arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
-    under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done, seconds) to stderr that often, so a
-    run cut short still tells its pace.
+    under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
+    seconds) to stderr that often, so a run cut short still tells its pace.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -229,11 +229,6 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
                        precision)
             for m in members]
-
-
-def train_mqar(mixer: str, d_model: int, seq_len: int, kv_pairs: int, lr: float, **kw) -> MQARResult:
-    """One model: ``train_group`` with a group of one (same keywords)."""
-    return train_group([dict(mixer=mixer, d_model=d_model, lr=lr)], seq_len, kv_pairs, **kw)[0]
 
 
 def _train_in_worker(group: dict, threads: int) -> list:

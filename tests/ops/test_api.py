@@ -1,12 +1,10 @@
 """The operator's contract: validation errors, backend choice, the recurrent reference and decode step."""
-import contextlib
-
 import pytest
 import torch
 
 import gla.ops as ops
 from gla.ops import gated_linear_attention, recurrent_step
-from tests.utils import gla_inputs, rel_err
+from tests.utils import assert_autocast_exact, gla_inputs, rel_err
 
 
 def inputs(B=1, T=8, H=2, K=4, V=6, **kw):
@@ -129,15 +127,5 @@ def test_autocast_leaves_the_operator_alone(backend):
     backend's autograd Function also shields its backward when that runs under autocast (the recurrent reference is
     plain autograd: its backward follows PyTorch's rule, backward outside autocast)."""
     q, k, v, g, h0 = gla_inputs(2, 70, 2, 12, 20, state=True, seed=4)
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-
-    def run(fwd_autocast, bwd_autocast):
-        with bf16 if fwd_autocast else contextlib.nullcontext():
-            o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
-        with bf16 if bwd_autocast else contextlib.nullcontext():
-            return (o, s, *torch.autograd.grad(o.sum() + s.square().sum(), (q, k, v, g, h0)))
-
-    plain = run(False, False)
-    for variant in [(True, False)] + ([(True, True)] if backend == "chunk" else []):
-        for a, b in zip(run(*variant), plain):
-            assert a.dtype == b.dtype and torch.equal(a, b), variant
+    assert_autocast_exact(q, k, v, g, h0, backend=backend,
+                          variants=[(True, False)] + ([(True, True)] if backend == "chunk" else []))

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from gla.ops import gated_linear_attention, recurrent_step  # noqa: E402
 from gla.ops.triton import triton_recurrent_step  # noqa: E402
-from tests.utils import compare_to_reference, gla_inputs, rel_err  # noqa: E402
+from tests.utils import assert_autocast_exact, compare_to_reference, gla_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if GPU else "cpu"
 if GPU and not torch.cuda.is_available():
@@ -93,16 +93,7 @@ def test_chunk_bf16_with_fp32_gate(case):
 def test_autocast_leaves_the_operator_alone():
     """Under bf16 autocast (forward and backward) the operator computes exactly as outside it."""
     q, k, v, g, h0 = gla_inputs(2, 100, 2, 32, 48, state=True, device=DEVICE, seed=5)
-
-    def run():
-        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
-        return (o, s, *torch.autograd.grad(o.sum() + s.square().sum(), (q, k, v, g, h0)))
-
-    plain = run()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        auto = run()
-    for a, b in zip(auto, plain):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert_autocast_exact(q, k, v, g, h0, backend="triton", variants=[(True, True)])
 
 
 def test_chunk_fp16():
