@@ -90,6 +90,18 @@ def test_chunk_bf16_with_fp32_gate(case):
     _check(case, torch.bfloat16, g_dtype=torch.float32)
 
 
+SMALL_HEADS = [(4, 79, 2, 16, 32, 16.0, None), (64 if GPU else 4, 64, 1, 32, 64, 16.0, None),
+               (3 if GPU else 1, 200, 2, 64, 64, 1.0, None), (4, 79, 2, 32, 16, 16.0, None)]
+
+
+@pytest.mark.parametrize("case", SMALL_HEADS, ids=_ids)
+def test_chunk_bf16_small_heads(case):
+    """Head dims whose V fits in one tile of the backward (the MQAR models' K=32/V=64, K=V=64): on the H200 the bf16
+    backward gave wrong or NaN dq, dk, dg and faulted at K=V=64 while its tiles were not square. (The interpreter
+    multiplies in fp32 and never showed it; this guards the compiled path.)"""
+    _check(case, torch.bfloat16, g_dtype=torch.float32)
+
+
 def test_autocast_leaves_the_operator_alone():
     """Under bf16 autocast (forward and backward) the operator computes exactly as outside it."""
     q, k, v, g, h0 = gla_inputs(2, 100, 2, 32, 48, state=True, device=DEVICE, seed=5)

@@ -152,6 +152,10 @@ def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
         H=H, K=K, V=V, BT=BT, DOT=DOT, GDOT=GDOT, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     c = config("dqkg", K, V)
+    # Square tiles: with BV != BK, Triton 3.6 miscompiles this kernel's bf16 products on the H200 whenever the V loop
+    # is not software-pipelined (one V tile, e.g. K=16/V=32, K=V=64): dq, dk, dg came out wrong or NaN, or the launch
+    # faulted. BK = BV = 32 costs < 1% at K=V=128 (benchmarks/NOTES.md).
+    c["BK"] = c["BV"] = min(c["BK"], c["BV"])
     chunk_dqkg_bwd_kernel[(meta.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, g, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
         meta.T, H=H, K=K, V=V, BT=BT, DOT=DOT, GDOT=GDOT, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
