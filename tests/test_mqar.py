@@ -85,6 +85,8 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert err.count("mqar T=32, 2 pairs, 1 models: step 2/3") == 2  # one group per mixer
+    losses = [float(line.rsplit("losses ", 1)[1]) for line in err.splitlines() if "step 2/3" in line]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)  # ln(64) = 4.2 at chance
     assert all(r["precision"] == "fp32" for r in records)
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)

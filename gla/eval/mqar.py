@@ -174,7 +174,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     replays each model's captured step on its own stream instead of launching its kernels one by one (the same
     arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
     under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
-    seconds) to stderr that often, so a run cut short still tells its pace.
+    seconds, each model's last training loss) to stderr that often, so a run cut short still tells its pace and how
+    far each model got.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -220,8 +221,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         if log_every and (step + 1) % log_every == 0:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
+            losses = " ".join(f"{m.loss.item():.3f}" for m in members)
             print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
-                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                  f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
