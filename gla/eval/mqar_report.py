@@ -100,8 +100,9 @@ def plot(results, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _ints(s: str):
-    return [int(x) for x in s.split(",") if x]
+def _csv(s: str, cast=str) -> list:
+    """A comma-separated flag value as a list ("64,128," -> [64, 128] with cast=int)."""
+    return [cast(x) for x in s.split(",") if x]
 
 
 def add_arguments(p) -> None:
@@ -136,11 +137,11 @@ def _train_grid(args) -> tuple:
     """Train the grid the flags describe; returns (best per cell, title)."""
     from gla.layers.block import MIXERS
 
-    mixers = [m for m in args.mixers.split(",") if m]
+    mixers = _csv(args.mixers)
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
         raise SystemExit(f"gla eval mqar: unknown mixers {unknown}; choose from {list(MIXERS)}")
-    seq_lens, kv_pairs = _ints(args.seq_len), _ints(args.kv_pairs)
+    seq_lens, kv_pairs = _csv(args.seq_len, int), _csv(args.kv_pairs, int)
     if len(seq_lens) != len(kv_pairs):
         raise SystemExit(f"gla eval mqar: --seq-len {args.seq_len} and --kv-pairs {args.kv_pairs} must pair up")
     for t, kv in zip(seq_lens, kv_pairs):
@@ -148,7 +149,7 @@ def _train_grid(args) -> tuple:
     if min(args.group, args.jobs, args.steps) < 1:
         raise SystemExit(f"gla eval mqar: --group, --jobs and --steps must be >= 1, "
                          f"got {args.group}, {args.jobs} and {args.steps}")
-    lrs = [float(x) for x in args.lrs.split(",") if x]
+    lrs = _csv(args.lrs, float)
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -162,7 +163,7 @@ def _train_grid(args) -> tuple:
             print(f"  {_record(r)}", flush=True)
 
     try:
-        runs = sweep(mixers, _ints(args.d_model), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
+        runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
                      args.log_every, args.precision)
     finally:
