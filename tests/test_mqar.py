@@ -63,9 +63,9 @@ def test_bf16_autocast_grid(tmp_path, capsys):
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--precision", "bf16", "--short-conv", "--json",
           "--out", str(tmp_path)])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["precision"] for r in records] == ["bf16", "bf16"]
+    assert [(r["precision"], r["batch_size"]) for r in records] == [("bf16", 4), ("bf16", 4)]
     assert all(math.isfinite(r["final_loss"]) for r in records)
-    assert "T=32, 2 KV pairs, 3 steps, bf16:" in (tmp_path / "mqar.md").read_text()
+    assert "T=32, 2 KV pairs, 3 steps of batch 4, bf16:" in (tmp_path / "mqar.md").read_text()
 
 
 def test_bad_training_settings_are_clear_errors():
@@ -117,19 +117,24 @@ def test_bad_task_settings_fail_before_training(flags, message):
 
 
 def test_tables_from_saved_runs(tmp_path, capsys):
-    """A grid split over several calls is tabulated from its run logs: best learning rate per cell."""
-    rec = dict(mixer="gla", d_model=64, seq_len=64, kv_pairs=4, lr=1e-3, accuracy=0.9, steps=100, seconds=1.0)
+    """A grid split over several calls is tabulated from its run logs: best learning rate per cell, one table per
+    budget (a record from before batch sizes were logged has none)."""
+    rec = dict(mixer="gla", d_model=64, seq_len=64, kv_pairs=4, lr=1e-3, accuracy=0.9, steps=100, seconds=1.0,
+               batch_size=32)
     runs = [rec, {**rec, "lr": 3e-3, "accuracy": 0.2}, {**rec, "mixer": "linear", "accuracy": 0.5},
-            {**rec, "steps": 50, "accuracy": 0.1}]
+            {**rec, "steps": 50, "accuracy": 0.1}, {k: v for k, v in rec.items() if k != "batch_size"}]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in runs[:2]))
     b.write_text("".join(json.dumps(r) + "\n" for r in runs[2:]))
     main(["--from-runs", str(a), str(b), "--json", "--out", str(tmp_path / "out")])
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["mixer"], r["steps"], r["accuracy"]) for r in best] == [("gla", 100, 0.9), ("linear", 100, 0.5),
-                                                                        ("gla", 50, 0.1)]
+    assert [(r["mixer"], r["steps"], r["batch_size"], r["accuracy"]) for r in best] == [
+        ("gla", 100, 32, 0.9), ("linear", 100, 32, 0.5), ("gla", 50, 32, 0.1), ("gla", 100, None, 0.9)]
     md = (tmp_path / "out" / "mqar.md").read_text()
-    assert "T=64, 4 KV pairs, 100 steps" in md and "T=64, 4 KV pairs, 50 steps" in md and "90.0%" in md
+    for label in ("T=64, 4 KV pairs, 100 steps of batch 32:", "T=64, 4 KV pairs, 50 steps of batch 32:",
+                  "T=64, 4 KV pairs, 100 steps:"):
+        assert label in md
+    assert "90.0%" in md
     b.write_text('{"mixer": "gla"}\n')
     with pytest.raises(ValueError, match="b.jsonl:1: not an MQAR run record"):
         main(["--from-runs", str(a), str(b)])

@@ -75,6 +75,7 @@ class MQARResult:
     short_conv: bool = False
     final_loss: float | None = None  # absent from records written before it existed
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
+    batch_size: int | None = None  # absent from records written before it existed
 
 
 def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
@@ -229,7 +230,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision)
+                       precision, batch_size)
             for m in members]
 
 

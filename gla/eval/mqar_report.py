@@ -19,13 +19,14 @@ def _record(r: MQARResult) -> str:
 
 
 def _budget(r) -> tuple:
-    """One table (plot panel): a task at one training budget and precision."""
-    return r.seq_len, r.kv_pairs, r.steps, r.precision
+    """One table (plot panel): a task at one training budget (steps of a batch size) and precision."""
+    return r.seq_len, r.kv_pairs, r.steps, r.batch_size, r.precision
 
 
 def _label(budget: tuple) -> str:
-    t, kv, steps, precision = budget
-    return f"T={t}, {kv} KV pairs, {steps} steps" + ("" if precision == "fp32" else f", {precision}")
+    t, kv, steps, batch_size, precision = budget
+    return (f"T={t}, {kv} KV pairs, {steps} steps" + ("" if batch_size is None else f" of batch {batch_size}")
+            + ("" if precision == "fp32" else f", {precision}"))
 
 
 def _cell(r) -> tuple:
@@ -58,7 +59,7 @@ def load_runs(paths) -> list:
 
 
 def markdown_table(results) -> str:
-    """One table per budget (task, steps, precision): rows are mixers, columns d_model, cells the best accuracy."""
+    """One table per budget (task, steps, batch size, precision): rows mixers, columns d_model, cells best accuracy."""
     dims = sorted({r.d_model for r in results})
     acc = {_cell(r): r.accuracy for r in results}
     parts = []
