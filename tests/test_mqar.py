@@ -58,6 +58,29 @@ def test_lockstep_group_trains_each_model_as_alone():
         assert (r.final_loss, r.accuracy) == (alone.final_loss, alone.accuracy)
 
 
+def test_evaluation_midway_leaves_training_unchanged(capsys):
+    specs = [dict(mixer="gla", d_model=16, lr=3e-3), dict(mixer="softmax", d_model=32, lr=1e-3)]
+    kw = dict(seq_len=32, kv_pairs=4, steps=6, batch_size=8, n_test=20, vocab_size=64, short_conv=True)
+    plain, evaluated = train_group(specs, **kw), train_group(specs, eval_every=2, **kw)
+    assert [(r.final_loss, r.accuracy) for r in plain] == [(r.final_loss, r.accuracy) for r in evaluated]
+    err = capsys.readouterr().err
+    assert "step 2, accuracy gla/16/0.003=" in err and "step 4, accuracy" in err and "step 6" not in err
+
+
+def test_a_model_that_reaches_stop_at_trains_no_further(monkeypatch):
+    """The d=16 model 'solves' the task at the first evaluation and stops; the other trains on, unaffected."""
+    import gla.eval.mqar as mqar
+
+    monkeypatch.setattr(mqar, "_accuracy", lambda model, *a: 1.0 if model.config.d_model == 16 else 0.0)
+    done, going = dict(mixer="gla", d_model=16, lr=3e-3), dict(mixer="linear", d_model=32, lr=3e-3)
+    kw = dict(seq_len=32, kv_pairs=4, steps=6, batch_size=8, n_test=20, vocab_size=64)
+    a, b = train_group([done, going], eval_every=2, stop_at=0.99, **kw)
+    assert (a.stopped_at, b.stopped_at) == (2, None)
+    assert b.final_loss == train_group([going], **kw)[0].final_loss
+    assert a.final_loss == train_group([done], eval_every=2, stop_at=0.99, **kw)[0].final_loss
+    assert a.final_loss != train_group([done], **kw)[0].final_loss  # six steps would have moved it further
+
+
 def test_bf16_autocast_grid(tmp_path, capsys):
     main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--precision", "bf16", "--short-conv", "--json",
@@ -76,6 +99,9 @@ def test_bad_training_settings_are_clear_errors():
         train_group(spec, 32, 2, steps=0, vocab_size=64)
     with pytest.raises(ValueError, match="precision must be"):
         train_group(spec, 32, 2, steps=1, vocab_size=64, precision="fp16")
+    for eval_every, stop_at in [(0, 0.99), (10, 1.5), (-1, None)]:
+        with pytest.raises(ValueError, match="stop_at needs eval_every > 0"):
+            train_group(spec, 32, 2, steps=1, vocab_size=64, eval_every=eval_every, stop_at=stop_at)
 
 
 def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
@@ -110,7 +136,8 @@ def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--seq-len", "16,32", "--kv-pairs", "2"], "must pair up"),
-                                            (["--seq-len", "8", "--kv-pairs", "4"], "too short")])
+                                            (["--seq-len", "8", "--kv-pairs", "4"], "too short"),
+                                            (["--stop-at", "0.99"], "stop_at needs eval_every")])
 def test_bad_task_settings_fail_before_training(flags, message):
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
@@ -152,4 +179,20 @@ def test_captured_steps_train_like_eager_steps(mixer, precision):
               precision=precision)
     eager, graphed = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, **kw)
     for e, g in zip(eager, graphed):  # graphs sharing one capture stream raced here: 3e-4 to 7e-4 apart
+        assert math.isfinite(e.final_loss) and g.final_loss == pytest.approx(e.final_loss, rel=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                    reason="GLA_TEST_GPU=1 with a CUDA device")
+def test_captured_group_stops_a_model_like_eager(monkeypatch):
+    """A model stopped after capture (its graph no longer replayed) and the one still training follow eager."""
+    import gla.eval.mqar as mqar
+
+    monkeypatch.setattr(mqar, "_accuracy", lambda model, *a: 1.0 if model.config.d_model == 64 else 0.0)
+    specs = [dict(mixer="gla", d_model=64, lr=3e-3), dict(mixer="gla", d_model=128, lr=3e-3)]
+    kw = dict(seq_len=64, kv_pairs=4, steps=12, batch_size=64, n_test=256, device="cuda", short_conv=True,
+              precision="bf16", eval_every=6, stop_at=0.99)
+    eager, graphed = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, **kw)
+    assert [r.stopped_at for r in graphed] == [r.stopped_at for r in eager] == [6, None]
+    for e, g in zip(eager, graphed):
         assert math.isfinite(e.final_loss) and g.final_loss == pytest.approx(e.final_loss, rel=1e-4)

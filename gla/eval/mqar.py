@@ -76,6 +76,7 @@ class MQARResult:
     final_loss: float | None = None  # absent from records written before it existed
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
     batch_size: int | None = None  # absent from records written before it existed
+    stopped_at: int | None = None  # the step its accuracy reached the group's stop_at (it trained no further)
 
 
 def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
@@ -109,6 +110,7 @@ class _Member:
     graph: torch.cuda.CUDAGraph | None = None
     stream: torch.cuda.Stream | None = None
     loss: torch.Tensor | None = None  # the last step's loss (with graphs: the captured step's output buffer)
+    stopped_at: int | None = None
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
@@ -156,18 +158,28 @@ def _capture(m: _Member, x, y, kv_pairs: int) -> None:
 
 
 def _accuracy(model, x_te, y_te, kv_pairs: int, device, bf16: bool) -> float:
+    training = model.training
     model.eval()
     correct = 0.0
     with torch.no_grad():
         for s in range(0, len(x_te), 256):
             x, y = x_te[s:s + 256].to(device), y_te[s:s + 256].to(device)
             correct += _loss_and_acc(model, x, y, kv_pairs, bf16)[1].item() * len(x)  # every row has kv_pairs queries
+    model.train(training)
     return correct / len(x_te)
+
+
+def check_stopping(eval_every: int, stop_at: float | None) -> None:
+    """Early stopping needs periodic evaluation and a target accuracy in [0, 1]."""
+    if eval_every < 0 or (stop_at is not None and not (eval_every > 0 and 0.0 <= stop_at <= 1.0)):
+        raise ValueError(f"stop_at needs eval_every > 0 and an accuracy in [0, 1], got eval_every={eval_every}, "
+                         f"stop_at={stop_at}")
 
 
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
-                graphs: bool | None = None, log_every: int = 0, precision: str = "fp32") -> list:
+                graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
+                stop_at: float | None = None) -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
@@ -176,7 +188,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
     under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
     seconds, each model's last training loss) to stderr that often, so a run cut short still tells its pace and how
-    far each model got.
+    far each model got. eval_every > 0 prints each training model's held-out accuracy that often; with stop_at, a
+    model whose accuracy reaches it stops there (Zoology stops at 0.99) and the group trains on without it, so the
+    models that solve the task early leave the device to those that do not.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -186,6 +200,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f"steps must be >= 1, got {steps}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
+    check_stopping(eval_every, stop_at)
     bf16 = precision == "bf16"
     members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None
@@ -194,19 +209,20 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         m.model.train()
     x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
     t0 = time.perf_counter()
+    active = members
     for step in range(steps):
         x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed + step)
         if graphs and step >= EAGER_STEPS:
             if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
                 xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
-                for m in members:
+                for m in active:
                     _capture(m, xs, ys, kv_pairs)
             xs.copy_(x.pin_memory(), non_blocking=True)  # after the previous replays: main waited for them
             ys.copy_(y.pin_memory(), non_blocking=True)
         else:
             xs, ys = x.to(dev), y.to(dev)
         f = lr_factor(step, steps)
-        for m in members:
+        for m in active:
             if m.stream is not None:
                 m.stream.wait_stream(main)
             with torch.cuda.stream(m.stream):  # no-op for None
@@ -216,7 +232,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 else:
                     m.opt.zero_grad(set_to_none=True)
                     m.loss = m.step(xs, ys, kv_pairs)
-        for m in members:
+        for m in active:
             if m.stream is not None:
                 main.wait_stream(m.stream)
         if log_every and (step + 1) % log_every == 0:
@@ -225,12 +241,23 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             losses = " ".join(f"{m.loss.item():.3f}" for m in members)
             print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
                   f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
+            print(f"mqar T={seq_len}, {kv_pairs} pairs: step {step + 1}, accuracy "
+                  + " ".join(f"{m.spec['mixer']}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
+                             for m, a in zip(active, accs)), file=sys.stderr, flush=True)
+            if stop_at is not None:
+                for m, a in zip(active, accs):
+                    m.stopped_at = step + 1 if a >= stop_at else None
+                active = [m for m in active if m.stopped_at is None]
+                if not active:
+                    break
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision, batch_size)
+                       precision, batch_size, m.stopped_at)
             for m in members]
 
 
@@ -240,7 +267,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
-          jobs=1, group=1, on_run=None, log_every=0, precision="fp32") -> list:
+          jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None) -> list:
     """Every (task, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task train in groups of ``group`` (lockstep, one data stream;
@@ -252,7 +279,7 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
         groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                         vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every,
-                        precision=precision)
+                        precision=precision, eval_every=eval_every, stop_at=stop_at)
                    for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

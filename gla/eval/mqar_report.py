@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 
-from gla.eval.mqar import MQARResult, make_mqar, sweep
+from gla.eval.mqar import MQARResult, check_stopping, make_mqar, sweep
 
 
 def _record(r: MQARResult) -> str:
@@ -127,6 +127,11 @@ def add_arguments(p) -> None:
                    help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
     p.add_argument("--jobs", type=int, default=1, help="groups trained at once, in separate processes")
     p.add_argument("--log-every", type=int, default=0, help="print each group's progress to stderr every N steps")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="print each model's held-out accuracy to stderr every N steps (needed by --stop-at)")
+    p.add_argument("--stop-at", type=float, default=None,
+                   help="stop training a model once its held-out accuracy reaches this (Zoology: 0.99); its record "
+                        "keeps the step (stopped_at)")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
     p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
@@ -150,6 +155,7 @@ def _train_grid(args) -> tuple:
     if min(args.group, args.jobs, args.steps) < 1:
         raise SystemExit(f"gla eval mqar: --group, --jobs and --steps must be >= 1, "
                          f"got {args.group}, {args.jobs} and {args.steps}")
+    check_stopping(args.eval_every, args.stop_at)  # before any training, like the task settings
     lrs = _csv(args.lrs, float)
     runs_log = None
     if args.out:
@@ -166,7 +172,7 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision)
+                     args.log_every, args.precision, args.eval_every, args.stop_at)
     finally:
         if runs_log:
             runs_log.close()
