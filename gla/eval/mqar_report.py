@@ -83,16 +83,22 @@ def plot(results, path: str, title: str) -> None:
     except ImportError as e:
         raise ImportError('plotting needs matplotlib: pip install "gla[train]"') from e
     budgets = list(dict.fromkeys(map(_budget, results)))
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.5), squeeze=False)
-    for ax, budget in zip(axes[0], budgets):
+    cols = min(3, len(budgets))  # a grid in parts has many budgets: rows of three stay readable
+    rows = -(-len(budgets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(budgets):]:
+        ax.set_visible(False)
+    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.mixer for r in results))}  # one per mixer throughout
+    for ax, budget in zip(axes.flat, budgets):
         sub = [r for r in results if _budget(r) == budget]
-        for m in dict.fromkeys(r.mixer for r in sub):
+        for m in color:
             pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m, color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
-        ax.set_title(_label(budget))
+        ax.set_title(_label(budget), fontsize=9)
         ax.set_ylim(0, 102)
         ax.legend()
     fig.suptitle(title)
