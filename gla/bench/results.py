@@ -31,7 +31,7 @@ def build(out: str, quick: bool) -> str:
     steps = "40" if quick else "600"
     mqar = ["eval", "mqar", "--mixers", "softmax,gla,retnet,linear", "--d-model", "32" if quick else "32,64",
             "--seq-len", "64", "--kv-pairs", "4", "--steps", steps, "--lrs", "1e-3,3e-3", "--vocab-size", "256",
-            "--out", res]
+            "--short-conv", "--out", res]
     compare = ["eval", "compare", "--mixers", "gla,softmax,retnet,linear", "--data", "shakespeare", "--preset", "demo",
                "--d-model", "128", "--n-layers", "4", "--n-heads", "4", "--seq-len", "64", "--batch-size", "12",
                "--steps", "40" if quick else "1000", "--lr", "1e-3", "--beta2", "0.99", "--device", "cpu",
