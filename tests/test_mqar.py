@@ -59,6 +59,11 @@ def test_lockstep_group_trains_each_model_as_alone():
 
 
 def test_evaluation_midway_leaves_training_unchanged(capsys):
+    from gla.eval.mqar import _accuracy
+
+    model = GLATransformer(64, 16, 1, 32, 2, dropout=0.0).train()
+    _accuracy(model, *make_mqar(4, 32, 2, vocab_size=64), kv_pairs=2, device="cpu", bf16=False)
+    assert model.training  # evaluation hands the model back in training mode
     specs = [dict(mixer="gla", d_model=16, lr=3e-3), dict(mixer="softmax", d_model=32, lr=1e-3)]
     kw = dict(seq_len=32, kv_pairs=4, steps=6, batch_size=8, n_test=20, vocab_size=64, short_conv=True)
     plain, evaluated = train_group(specs, **kw), train_group(specs, eval_every=2, **kw)
@@ -138,7 +143,10 @@ def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [(["--seq-len", "16,32", "--kv-pairs", "2"], "must pair up"),
                                             (["--seq-len", "8", "--kv-pairs", "4"], "too short"),
                                             (["--stop-at", "0.99"], "stop_at needs eval_every")])
-def test_bad_task_settings_fail_before_training(flags, message):
+def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
+    import gla.eval.mqar_report as report
+
+    monkeypatch.setattr(report, "sweep", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
 
@@ -184,15 +192,30 @@ def test_captured_steps_train_like_eager_steps(mixer, precision):
 
 @pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
                     reason="GLA_TEST_GPU=1 with a CUDA device")
-def test_captured_group_stops_a_model_like_eager(monkeypatch):
-    """A model stopped after capture (its graph no longer replayed) and the one still training follow eager."""
+@pytest.mark.parametrize("stop_step", [2, 6])  # before and after the capture (at step EAGER_STEPS = 3)
+def test_captured_group_stops_a_model_like_eager(monkeypatch, stop_step):
+    """A stopped model (never captured, or captured and no longer replayed) and the one still training follow
+    eager training."""
     import gla.eval.mqar as mqar
 
     monkeypatch.setattr(mqar, "_accuracy", lambda model, *a: 1.0 if model.config.d_model == 64 else 0.0)
     specs = [dict(mixer="gla", d_model=64, lr=3e-3), dict(mixer="gla", d_model=128, lr=3e-3)]
     kw = dict(seq_len=64, kv_pairs=4, steps=12, batch_size=64, n_test=256, device="cuda", short_conv=True,
-              precision="bf16", eval_every=6, stop_at=0.99)
+              precision="bf16", eval_every=stop_step, stop_at=0.99)
     eager, graphed = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, **kw)
-    assert [r.stopped_at for r in graphed] == [r.stopped_at for r in eager] == [6, None]
+    assert [r.stopped_at for r in graphed] == [r.stopped_at for r in eager] == [stop_step, None]
     for e, g in zip(eager, graphed):
+        assert math.isfinite(e.final_loss) and g.final_loss == pytest.approx(e.final_loss, rel=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                    reason="GLA_TEST_GPU=1 with a CUDA device")
+def test_captured_group_evaluated_midway_trains_like_eager():
+    """Evaluation runs on the main stream between the replays on the models' streams; it must read finished updates
+    and must not race the next replay."""
+    specs = [dict(mixer="gla", d_model=64, lr=3e-3), dict(mixer="softmax", d_model=128, lr=3e-3)]
+    kw = dict(seq_len=64, kv_pairs=4, steps=12, batch_size=64, n_test=256, device="cuda", short_conv=True,
+              precision="bf16")
+    plain, evaluated = train_group(specs, graphs=False, **kw), train_group(specs, graphs=True, eval_every=2, **kw)
+    for e, g in zip(plain, evaluated):
         assert math.isfinite(e.final_loss) and g.final_loss == pytest.approx(e.final_loss, rel=1e-4)

@@ -3,7 +3,7 @@ operator benchmark, each with the exact command that produced it.
 
     python -m gla.bench.results [--out docs] [--quick]     (make results)
 
-The CPU settings are the small end of each experiment (about 20 minutes on 2 cores; --quick: a few minutes, for
+The CPU settings are the small end of each experiment (about 40 minutes on 2 cores; --quick: a few minutes, for
 checking the pipeline). The full MQAR grid of the GLA paper (Fig. 4) needs a GPU: add --device cuda and larger
 --d-model / --steps to the mqar command.
 """
@@ -40,10 +40,10 @@ def build(out: str, quick: bool) -> str:
     ops = ["bench", "ops", "--T", "1024" if quick else "4096"]
     shutil.rmtree(os.path.join("runs", "compare"), ignore_errors=True)  # the comparison's own runs start afresh
     sections = [("MQAR recall across token mixers", mqar, lambda: open(os.path.join(res, "mqar.md")).read(),
-                 "![MQAR accuracy](results/mqar.png)\n\nThis is the CPU budget (600 steps of batch 64, vocabulary 256, "
-                 "a short convolution before each recurrent mixer). Softmax solves the task at d=64; the recurrent "
-                 "mixers are still leaving the chance plateau, which is also what decides the GPU grid at its "
-                 "budget. The GLA paper's grid (Fig. 4) needs the GPU: see the GPU section below."),
+                 f"![MQAR accuracy](results/mqar.png)\n\nThis is the CPU budget ({steps} steps of batch 64, "
+                 "vocabulary 256, a short convolution before each recurrent mixer): the recurrent mixers are still "
+                 "leaving the chance plateau, which also decides the GPU grid at its budget. The GLA paper's grid "
+                 "(Fig. 4) needs the GPU: see the GPU section below."),
                 ("Perplexity across token mixers (character-level Shakespeare)", compare,
                  lambda: open(os.path.join("runs", "compare", "compare.md")).read(), ""),
                 ("Decoding: per-token latency and memory vs context", decode,

@@ -76,7 +76,8 @@ class MQARResult:
     final_loss: float | None = None  # absent from records written before it existed
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
     batch_size: int | None = None  # absent from records written before it existed
-    stopped_at: int | None = None  # the step its accuracy reached the group's stop_at (it trained no further)
+    stopped_at: int | None = None  # the step its accuracy reached stop_at (it trained no further); None: trained on
+    # to the last step, which is not checked (its accuracy is the one reported)
 
 
 def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
@@ -188,9 +189,10 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
     under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
     seconds, each model's last training loss) to stderr that often, so a run cut short still tells its pace and how
-    far each model got. eval_every > 0 prints each training model's held-out accuracy that often; with stop_at, a
-    model whose accuracy reaches it stops there (Zoology stops at 0.99) and the group trains on without it, so the
-    models that solve the task early leave the device to those that do not.
+    far each model got. eval_every > 0 prints each training model's accuracy on the test set that often; with
+    stop_at, a model whose accuracy reaches it stops there (Zoology stops at 0.99, on its test set too) and the group
+    trains on without it, so the models that solve the task early give their compute to those that do not (their
+    memory stays held). seconds includes the evaluations.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -238,7 +240,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         if log_every and (step + 1) % log_every == 0:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
-            losses = " ".join(f"{m.loss.item():.3f}" for m in members)
+            losses = " ".join(f"{m.loss.item():.3f}" + ("(stopped)" if m.stopped_at else "") for m in members)
             print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
                   f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
@@ -248,7 +250,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                              for m, a in zip(active, accs)), file=sys.stderr, flush=True)
             if stop_at is not None:
                 for m, a in zip(active, accs):
-                    m.stopped_at = step + 1 if a >= stop_at else None
+                    if a >= stop_at:
+                        m.stopped_at = step + 1
                 active = [m for m in active if m.stopped_at is None]
                 if not active:
                     break

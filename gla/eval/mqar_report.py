@@ -136,8 +136,8 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-every", type=int, default=0,
                    help="print each model's held-out accuracy to stderr every N steps (needed by --stop-at)")
     p.add_argument("--stop-at", type=float, default=None,
-                   help="stop training a model once its held-out accuracy reaches this (Zoology: 0.99); its record "
-                        "keeps the step (stopped_at)")
+                   help="stop training a model once its test accuracy reaches this (Zoology: 0.99); its record "
+                        "keeps the step (stopped_at); the rest of its group trains on")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
     p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
