@@ -112,16 +112,17 @@ def test_bad_training_settings_are_clear_errors():
 def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     main(["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--json", "--out", str(tmp_path),
-          "--log-every", "2"])
+          "--log-every", "2", "--mlp", "none"])
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert err.count("mqar T=32, 2 pairs, 1 models: step 2/3") == 2  # one group per mixer
     losses = [float(line.rsplit("losses ", 1)[1]) for line in err.splitlines() if "step 2/3" in line]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)  # ln(64) = 4.2 at chance
-    assert all(r["precision"] == "fp32" for r in records)
+    assert all(r["precision"] == "fp32" and r["mlp"] == "none" for r in records)
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
-    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in (tmp_path / "mqar.md").read_text()
+    md = (tmp_path / "mqar.md").read_text()
+    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in md and "3 steps of batch 4, mlp none:" in md
 
 
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):

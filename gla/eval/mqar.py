@@ -76,6 +76,7 @@ class MQARResult:
     final_loss: float | None = None  # absent from records written before it existed
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
     batch_size: int | None = None  # absent from records written before it existed
+    mlp: str = "swiglu"  # "none": blocks without an MLP (Zoology's MQAR models)
     stopped_at: int | None = None  # the step its accuracy reached stop_at (it trained no further); None: trained on
     # to the last step, which is not checked (its accuracy is the one reported)
 
@@ -131,11 +132,12 @@ class _Member:
         return loss.detach()
 
 
-def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, bf16: bool) -> _Member:
+def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, bf16: bool,
+            mlp: str) -> _Member:
     torch.manual_seed(seed)  # a model starts from the same weights whichever group it trains in
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
-                           layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv).to(device)
+                           layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv, mlp=mlp).to(device)
     # On CUDA the optimizer is fused and capturable (learning rate and step count in device tensors) whether or not
     # the steps are captured, so eager and captured training run the same arithmetic. (The unfused capturable AdamW
     # took half of the device time of a d=128 model's step on the H200.)
@@ -180,7 +182,7 @@ def check_stopping(eval_every: int, stop_at: float | None) -> None:
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
-                stop_at: float | None = None) -> list:
+                stop_at: float | None = None, mlp: str = "swiglu") -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
@@ -192,7 +194,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     far each model got. eval_every > 0 prints each training model's accuracy on the test set that often; with
     stop_at, a model whose accuracy reaches it stops there (Zoology stops at 0.99, on its test set too) and the group
     trains on without it, so the models that solve the task early give their compute to those that do not (their
-    memory stays held). seconds includes the evaluations.
+    memory stays held). seconds includes the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's
+    MQAR models are token mixers alone).
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -204,7 +207,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     check_stopping(eval_every, stop_at)
     bf16 = precision == "bf16"
-    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16) for s in specs]
+    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None
     for m in members:
         m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
@@ -260,7 +263,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision, batch_size, m.stopped_at)
+                       precision, batch_size, mlp, m.stopped_at)
             for m in members]
 
 
@@ -270,7 +273,8 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
-          jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None) -> list:
+          jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
+          mlp="swiglu") -> list:
     """Every (task, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task train in groups of ``group`` (lockstep, one data stream;
@@ -282,7 +286,7 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
         groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                         vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every,
-                        precision=precision, eval_every=eval_every, stop_at=stop_at)
+                        precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
                    for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

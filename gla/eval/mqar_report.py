@@ -19,14 +19,14 @@ def _record(r: MQARResult) -> str:
 
 
 def _budget(r) -> tuple:
-    """One table (plot panel): a task at one training budget (steps of a batch size) and precision."""
-    return r.seq_len, r.kv_pairs, r.steps, r.batch_size, r.precision
+    """One table (plot panel): a task at one training budget (steps of a batch size), precision and block."""
+    return r.seq_len, r.kv_pairs, r.steps, r.batch_size, r.precision, r.mlp
 
 
 def _label(budget: tuple) -> str:
-    t, kv, steps, batch_size, precision = budget
+    t, kv, steps, batch_size, precision, mlp = budget
     return (f"T={t}, {kv} KV pairs, {steps} steps" + ("" if batch_size is None else f" of batch {batch_size}")
-            + ("" if precision == "fp32" else f", {precision}"))
+            + ("" if precision == "fp32" else f", {precision}") + ("" if mlp == "swiglu" else f", mlp {mlp}"))
 
 
 def _cell(r) -> tuple:
@@ -59,7 +59,8 @@ def load_runs(paths) -> list:
 
 
 def markdown_table(results) -> str:
-    """One table per budget (task, steps, batch size, precision): rows mixers, columns d_model, cells best accuracy."""
+    """One table per budget (task, steps, batch size, precision, MLP): rows mixers, columns d_model, cells best
+    accuracy."""
     dims = sorted({r.d_model for r in results})
     acc = {_cell(r): r.accuracy for r in results}
     parts = []
@@ -128,6 +129,8 @@ def add_arguments(p) -> None:
     p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model under bf16 autocast (as `gla train` on a GPU); the optimizer stays fp32")
+    p.add_argument("--mlp", choices=("swiglu", "none"), default="swiglu",
+                   help="none: blocks are the token mixer alone, as Zoology's MQAR models (and cheaper per step)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
@@ -178,7 +181,7 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at)
+                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp)
     finally:
         if runs_log:
             runs_log.close()

@@ -26,7 +26,8 @@ class GLALayer(nn.Module):
     GLA layer — "linear" (no decay), "retnet" (fixed per-head decay), "seed" (ELU+1 feature map and the
     normalised-sigmoid output gate); ``mixer_options`` go to the mixer, except the settings that define a
     baseline, which take precedence.
-    mlp: "swiglu" (default) or "gelu". Parameter names follow FLA's GLABlock (attn_norm, attn, mlp_norm, mlp).
+    mlp: "swiglu" (default), "gelu", or "none" (the mixer alone, as Zoology's MQAR models; d_ff is then unused).
+    Parameter names follow FLA's GLABlock (attn_norm, attn, mlp_norm, mlp).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, *, mixer: str = "gla",
@@ -41,11 +42,14 @@ class GLALayer(nn.Module):
             self.attn = SoftmaxAttention(d_model, n_heads, dropout, **mixer_options)
         else:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        self.mlp_norm = make_norm(norm, d_model, norm_eps)
-        self.mlp = MLP(d_model, d_ff, mlp, dropout)
+        if mlp != "none":
+            self.mlp_norm = make_norm(norm, d_model, norm_eps)
+            self.mlp = MLP(d_model, d_ff, mlp, dropout)
+        else:
+            self.mlp = None
 
     def forward(self, x, state=None, **mixer_kwargs):
         """Returns (y [B, T, d_model], the mixer's new state). mixer_kwargs go to the mixer's forward."""
         h, state = self.attn(self.attn_norm(x), state, **mixer_kwargs)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), state
+        return (x if self.mlp is None else x + self.mlp(self.mlp_norm(x))), state

@@ -15,7 +15,7 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", dropout: float = 0.0):
         super().__init__()
         if kind not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {kind!r}")
+            raise ValueError(f"mlp must be 'swiglu', 'gelu' or 'none', got {kind!r}")
         self.kind = kind
         if kind == "swiglu":
             self.gate_proj = nn.Linear(d_model, d_ff, bias=False)

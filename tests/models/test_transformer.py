@@ -9,7 +9,8 @@ import gla
 from gla import GLAConfig, GLATransformer
 from tests.utils import rel_err
 
-KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)}}
+KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)},
+         "no_mlp": {"mlp": "none", "attn_layers": (1,)}}
 
 
 def model(kind="gla", **kw):
@@ -124,7 +125,7 @@ def test_bad_inputs():
         GLAConfig.preset("gla-7b")
 
 
-@pytest.mark.parametrize("kind", ["gla", "hybrid"])
+@pytest.mark.parametrize("kind", ["gla", "hybrid", "no_mlp"])
 def test_save_and_load_round_trip(tmp_path, kind):
     m = model(kind, tie_embeddings=True)
     m.save_pretrained(str(tmp_path))
@@ -168,6 +169,16 @@ def test_baseline_mixers_chunk_equals_recurrent_and_continue(mixer):
     for layer in m.layers:
         layer.attn.backend = "recurrent"
     assert rel_err(m(x)[0], logits) < 1e-5
+
+
+def test_blocks_without_mlp_are_the_mixer_alone():
+    m = model("no_mlp")
+    assert not any("mlp" in name for name, _ in m.named_parameters())
+    x = torch.randn(2, 7, 48)
+    for layer in m.layers:
+        assert torch.equal(layer(x)[0], x + layer.attn(layer.attn_norm(x))[0])
+    with pytest.raises(ValueError, match="'swiglu', 'gelu' or 'none'"):
+        model(mlp="relu")
 
 
 def test_layer_mixers_per_layer():
