@@ -86,7 +86,8 @@ def plot(results, path: str, title: str) -> None:
     budgets = list(dict.fromkeys(map(_budget, results)))
     cols = min(3, len(budgets))  # a grid in parts has many budgets: rows of three stay readable
     rows = -(-len(budgets) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False,
+                             layout="constrained")  # unlike tight_layout, leaves room for the suptitle
     for ax in axes.flat[len(budgets):]:
         ax.set_visible(False)
     color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.mixer for r in results))}  # one per mixer throughout
@@ -103,7 +104,6 @@ def plot(results, path: str, title: str) -> None:
         ax.set_ylim(0, 102)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
