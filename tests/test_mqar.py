@@ -92,8 +92,9 @@ def test_bf16_autocast_grid(tmp_path, capsys):
           "--out", str(tmp_path)])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["precision"], r["batch_size"]) for r in records] == [("bf16", 4), ("bf16", 4)]
-    assert all(math.isfinite(r["final_loss"]) for r in records)
-    assert "T=32, 2 KV pairs, 3 steps of batch 4, bf16:" in (tmp_path / "mqar.md").read_text()
+    runs = [json.loads(line) for line in (tmp_path / "mqar-runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and all(math.isfinite(r["final_loss"]) for r in runs)
+    assert "T=32, 2 KV pairs, 3 steps of batch 4, bf16, mlp none:" in (tmp_path / "mqar.md").read_text()
 
 
 def test_bad_training_settings_are_clear_errors():
@@ -107,22 +108,24 @@ def test_bad_training_settings_are_clear_errors():
     for eval_every, stop_at in [(0, 0.99), (10, 1.5), (-1, None)]:
         with pytest.raises(ValueError, match="stop_at needs eval_every > 0"):
             train_group(spec, 32, 2, steps=1, vocab_size=64, eval_every=eval_every, stop_at=stop_at)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        train_group(spec, 32, 2, steps=1, vocab_size=64, seed=-1)
 
 
 def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     main(["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--json", "--out", str(tmp_path),
-          "--log-every", "2", "--mlp", "none"])
+          "--log-every", "2", "--mlp", "swiglu"])
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert err.count("mqar T=32, 2 pairs, 1 models: step 2/3") == 2  # one group per mixer
     losses = [float(line.rsplit("losses ", 1)[1]) for line in err.splitlines() if "step 2/3" in line]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)  # ln(64) = 4.2 at chance
-    assert all(r["precision"] == "fp32" and r["mlp"] == "none" for r in records)
+    assert all(r["precision"] == "fp32" and r["mlp"] == "swiglu" for r in records)
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     md = (tmp_path / "mqar.md").read_text()
-    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in md and "3 steps of batch 4, mlp none:" in md
+    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in md and "T=32, 2 KV pairs, 3 steps of batch 4:" in md
 
 
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
@@ -138,12 +141,42 @@ def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
         mine = [r["accuracy"] for r in runs if (r["seq_len"], r["mixer"]) == (b["seq_len"], b["mixer"])]
         assert len(mine) == 2 and b["accuracy"] == max(mine)
     md = (tmp_path / "mqar.md").read_text()
-    assert "T=16, 2 KV pairs" in md and "T=32, 4 KV pairs" in md
+    assert "T=16, 2 KV pairs, 2 steps of batch 4, mlp none:" in md and "T=32, 4 KV pairs" in md
+
+
+def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
+    """Each seed is its own lockstep group with its own initial weights and batches; every seed is scored on the
+    same test set; a cell reports the mean over seeds at its best rate, and the range."""
+    import gla.eval.mqar as mqar
+
+    drawn = []  # (rows, seed) of every make_mqar call during training
+    make = mqar.make_mqar
+    monkeypatch.setattr(mqar, "make_mqar",
+                        lambda n, *a, seed=0, **k: drawn.append((n, seed)) or make(n, *a, seed=seed, **k))
+    main(["--mixers", "gla", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
+          "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--seeds", "0,2", "--json",
+          "--out", str(tmp_path)])
+    (best,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runs = [json.loads(line) for line in (tmp_path / "mqar-runs.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in runs] == [0, 2] and runs[0]["final_loss"] != runs[1]["final_loss"]
+    test_seeds = {s for n, s in drawn if n == 1000}
+    train_seeds = [s for n, s in drawn if n == 4]
+    assert len(test_seeds) == 1 and len(train_seeds) == 6 and len(set(train_seeds)) == 6
+    assert best["seeds"] == [0, 2] and best["accuracy"] == pytest.approx(sum(r["accuracy"] for r in runs) / 2)
+    assert (best["accuracy_min"], best["accuracy_max"]) == (min(r["accuracy"] for r in runs),
+                                                            max(r["accuracy"] for r in runs))
+    alone = train_group([dict(mixer="gla", d_model=16, lr=1e-3)], 32, 2, steps=3, batch_size=4, vocab_size=64,
+                        seed=2, mlp="none")
+    assert (alone[0].final_loss, alone[0].seed) == (runs[1]["final_loss"], 2)
+    assert "T=32, 2 KV pairs, 3 steps of batch 4, mlp none, up to 2 seeds (mean, min-max):" in (
+        tmp_path / "mqar.md").read_text()
 
 
 @pytest.mark.parametrize("flags, message", [(["--seq-len", "16,32", "--kv-pairs", "2"], "must pair up"),
                                             (["--seq-len", "8", "--kv-pairs", "4"], "too short"),
-                                            (["--stop-at", "0.99"], "stop_at needs eval_every")])
+                                            (["--stop-at", "0.99"], "stop_at needs eval_every"),
+                                            (["--seeds", "0,0"], "distinct integers >= 0"),
+                                            (["--seeds", "-1"], "distinct integers >= 0")])
 def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
     import gla.eval.mqar_report as report
 
@@ -154,23 +187,29 @@ def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
 
 def test_tables_from_saved_runs(tmp_path, capsys):
     """A grid split over several calls is tabulated from its run logs: best learning rate per cell, one table per
-    budget (a record from before batch sizes were logged has none)."""
+    budget (a record from before batch sizes were logged has none). With several seeds the best rate is the one
+    with the best mean, not the one with the single best run."""
     rec = dict(mixer="gla", d_model=64, seq_len=64, kv_pairs=4, lr=1e-3, accuracy=0.9, steps=100, seconds=1.0,
                batch_size=32)
     runs = [rec, {**rec, "lr": 3e-3, "accuracy": 0.2}, {**rec, "mixer": "linear", "accuracy": 0.5},
             {**rec, "steps": 50, "accuracy": 0.1}, {k: v for k, v in rec.items() if k != "batch_size"}]
+    seeded = {**rec, "mixer": "retnet"}
+    runs += [{**seeded, "seed": 0, "accuracy": 1.0}, {**seeded, "seed": 1, "accuracy": 0.0},
+             {**seeded, "lr": 3e-3, "seed": 0, "accuracy": 0.6}, {**seeded, "lr": 3e-3, "seed": 1, "accuracy": 0.8}]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in runs[:2]))
     b.write_text("".join(json.dumps(r) + "\n" for r in runs[2:]))
     main(["--from-runs", str(a), str(b), "--json", "--out", str(tmp_path / "out")])
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["mixer"], r["steps"], r["batch_size"], r["accuracy"]) for r in best] == [
-        ("gla", 100, 32, 0.9), ("linear", 100, 32, 0.5), ("gla", 50, 32, 0.1), ("gla", 100, None, 0.9)]
+        ("gla", 100, 32, 0.9), ("linear", 100, 32, 0.5), ("gla", 50, 32, 0.1), ("gla", 100, None, 0.9),
+        ("retnet", 100, 32, pytest.approx(0.7))]
+    assert (best[-1]["lr"], best[-1]["seeds"], best[0]["seeds"]) == (3e-3, [0, 1], [0])
     md = (tmp_path / "out" / "mqar.md").read_text()
-    for label in ("T=64, 4 KV pairs, 100 steps of batch 32:", "T=64, 4 KV pairs, 50 steps of batch 32:",
-                  "T=64, 4 KV pairs, 100 steps:"):
+    for label in ("T=64, 4 KV pairs, 100 steps of batch 32, up to 2 seeds (mean, min-max):",
+                  "T=64, 4 KV pairs, 50 steps of batch 32:", "T=64, 4 KV pairs, 100 steps:"):
         assert label in md
-    assert "90.0%" in md
+    assert "| gla | 90.0% |" in md and "| retnet | 70.0% (60.0-80.0) |" in md
     b.write_text('{"mixer": "gla"}\n')
     with pytest.raises(ValueError, match="b.jsonl:1: not an MQAR run record"):
         main(["--from-runs", str(a), str(b)])

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from gla.models import GLATransformer
 
 IGNORE = -100
+TEST_SEED = 10 ** 6  # one test set for every seed, so seeds differ only in what they train from
+SEED_STRIDE = 10 ** 7  # seed s trains on batches s * SEED_STRIDE + step: disjoint streams (seed 0's is unchanged)
 
 
 def make_mqar(n: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192, power_a: float = 0.01, seed: int = 0):
@@ -79,6 +81,7 @@ class MQARResult:
     mlp: str = "swiglu"  # "none": blocks without an MLP (Zoology's MQAR models)
     stopped_at: int | None = None  # the step its accuracy reached stop_at (it trained no further); None: trained on
     # to the last step, which is not checked (its accuracy is the one reported)
+    seed: int = 0  # its initial weights and data order (records from before seeds existed were all seed 0)
 
 
 def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
@@ -185,8 +188,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 stop_at: float | None = None, mlp: str = "swiglu") -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
-    specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Step s draws one batch (seed + s) that every model
-    trains on, so mixers and learning rates see the same data; the test set is fixed. graphs (default: on CUDA)
+    specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Every model starts from torch.manual_seed(seed) and
+    trains on the same batch at each step (drawn from seed's own stream), so mixers and learning rates see the same
+    data; the test set is the same for every seed. graphs (default: on CUDA)
     replays each model's captured step on its own stream instead of launching its kernels one by one (the same
     arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
     under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
@@ -206,17 +210,20 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     if precision not in ("fp32", "bf16"):
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     check_stopping(eval_every, stop_at)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     bf16 = precision == "bf16"
     members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None
     for m in members:
         m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
         m.model.train()
-    x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=seed + 10 ** 6)
+    x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=TEST_SEED)
+    task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
     t0 = time.perf_counter()
     active = members
     for step in range(steps):
-        x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed + step)
+        x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
         if graphs and step >= EAGER_STEPS:
             if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
                 xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
@@ -244,11 +251,11 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
             losses = " ".join(f"{m.loss.item():.3f}" + ("(stopped)" if m.stopped_at else "") for m in members)
-            print(f"mqar T={seq_len}, {kv_pairs} pairs, {len(members)} models: step {step + 1}/{steps}, "
+            print(f"{task}, {len(members)} models: step {step + 1}/{steps}, "
                   f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
-            print(f"mqar T={seq_len}, {kv_pairs} pairs: step {step + 1}, accuracy "
+            print(f"{task}: step {step + 1}, accuracy "
                   + " ".join(f"{m.spec['mixer']}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
                              for m, a in zip(active, accs)), file=sys.stderr, flush=True)
             if stop_at is not None:
@@ -263,7 +270,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision, batch_size, mlp, m.stopped_at)
+                       precision, batch_size, mlp, m.stopped_at, seed)
             for m in members]
 
 
@@ -274,20 +281,21 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
           jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
-          mlp="swiglu") -> list:
-    """Every (task, mixer, d_model, lr) trained once: a list of MQARResult in that order.
+          mlp="swiglu", seeds=(0,)) -> list:
+    """Every (task, seed, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
-    tasks: [(seq_len, kv_pairs), ...]. The models of a task train in groups of ``group`` (lockstep, one data stream;
-    on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in spawned processes.
+    tasks: [(seq_len, kv_pairs), ...]. The models of a task and seed train in groups of ``group`` (lockstep, one
+    data stream; on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in spawned processes.
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
     """
     groups = []
+    specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
     for t, kv in tasks:
-        specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
-        groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
-                        vocab_size=vocab_size, device=device, short_conv=short_conv, log_every=log_every,
-                        precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
-                   for i in range(0, len(specs), group)]
+        for seed in seeds:
+            groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
+                            vocab_size=vocab_size, seed=seed, device=device, short_conv=short_conv,
+                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
+                       for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in
     if jobs <= 1:

@@ -14,13 +14,13 @@ from gla.eval.mqar import MQARResult, check_stopping, make_mqar, sweep
 
 
 def _record(r: MQARResult) -> str:
-    """One JSON line: the format of mqar-runs.jsonl, mqar.jsonl and --json, read back by load_runs."""
+    """One JSON line of mqar-runs.jsonl (every run), read back by load_runs."""
     return json.dumps(dataclasses.asdict(r))
 
 
-def _budget(r) -> tuple:
+def _budget(r: dict) -> tuple:
     """One table (plot panel): a task at one training budget (steps of a batch size), precision and block."""
-    return r.seq_len, r.kv_pairs, r.steps, r.batch_size, r.precision, r.mlp
+    return r["seq_len"], r["kv_pairs"], r["steps"], r["batch_size"], r["precision"], r["mlp"]
 
 
 def _label(budget: tuple) -> str:
@@ -29,17 +29,28 @@ def _label(budget: tuple) -> str:
             + ("" if precision == "fp32" else f", {precision}") + ("" if mlp == "swiglu" else f", mlp {mlp}"))
 
 
-def _cell(r) -> tuple:
+def _cell(r: dict) -> tuple:
     """A table cell: one budget, one mixer, one width (learning rates compete within it)."""
-    return *_budget(r), r.mixer, r.d_model
+    return *_budget(r), r["mixer"], r["d_model"]
 
 
-def best_per_cell(runs) -> list:
-    """The best run of each cell, cells in the order they first appear in ``runs``."""
+PER_RUN = ("accuracy", "seconds", "final_loss", "stopped_at", "seed")  # what differs between the seeds of a rate
+
+
+def best_per_cell(runs) -> list[dict]:
+    """Each cell's best learning rate as one record, cells in the order they first appear in ``runs``.
+
+    The best rate is the one whose runs (one per seed) have the highest mean accuracy: a single lucky seed does not
+    pick it. The record keeps the runs' shared fields; accuracy is their mean, accuracy_min/max and seeds theirs."""
+    by_rate = {}
+    for r in map(dataclasses.asdict, runs):
+        by_rate.setdefault((_cell(r), r["lr"]), []).append(r)
     best = {}
-    for r in runs:
-        if _cell(r) not in best or r.accuracy > best[_cell(r)].accuracy:
-            best[_cell(r)] = r
+    for (cell, _), rs in by_rate.items():
+        accs = [r["accuracy"] for r in rs]
+        if cell not in best or sum(accs) / len(accs) > best[cell]["accuracy"]:
+            best[cell] = {**{k: v for k, v in rs[0].items() if k not in PER_RUN}, "accuracy": sum(accs) / len(accs),
+                          "accuracy_min": min(accs), "accuracy_max": max(accs), "seeds": [r["seed"] for r in rs]}
     return list(best.values())
 
 
@@ -58,25 +69,33 @@ def load_runs(paths) -> list:
     return runs
 
 
-def markdown_table(results) -> str:
-    """One table per budget (task, steps, batch size, precision, MLP): rows mixers, columns d_model, cells best
-    accuracy."""
-    dims = sorted({r.d_model for r in results})
-    acc = {_cell(r): r.accuracy for r in results}
+def _percent(r: dict) -> str:
+    """A cell's accuracy; with several seeds their mean and (min-max)."""
+    if len(r["seeds"]) == 1:
+        return f"{100 * r['accuracy']:.1f}%"
+    return f"{100 * r['accuracy']:.1f}% ({100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f})"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One table per budget (task, steps, batch size, precision, MLP): rows mixers, columns d_model, cells the
+    accuracy at the best learning rate (best_per_cell's records)."""
+    dims = sorted({r["d_model"] for r in results})
+    cell = {_cell(r): r for r in results}
     parts = []
     for budget in dict.fromkeys(map(_budget, results)):
-        mixers = list(dict.fromkeys(r.mixer for r in results if _budget(r) == budget))
-        lines = [f"{_label(budget)}:", "", "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |",
-                 "|---|" + "---|" * len(dims)]
-        for m in mixers:
-            cells = [f"{100 * acc[(*budget, m, d)]:.1f}%" if (*budget, m, d) in acc else "–" for d in dims]
+        rows = [r for r in results if _budget(r) == budget]
+        seeds = max(len(r["seeds"]) for r in rows)
+        lines = [f"{_label(budget)}" + (f", up to {seeds} seeds (mean, min-max):" if seeds > 1 else ":"), "",
+                 "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+        for m in dict.fromkeys(r["mixer"] for r in rows):
+            cells = [_percent(cell[(*budget, m, d)]) if (*budget, m, d) in cell else "–" for d in dims]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
 def plot(results, path: str, title: str) -> None:
-    """Accuracy vs d_model per mixer, one panel per task, saved as PNG (needs matplotlib: pip install "gla[train]")."""
+    """Accuracy vs d_model per mixer (best_per_cell's records), one panel per budget, saved as PNG (needs matplotlib: pip install "gla[train]")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -90,13 +109,16 @@ def plot(results, path: str, title: str) -> None:
                              layout="constrained")  # unlike tight_layout, leaves room for the suptitle
     for ax in axes.flat[len(budgets):]:
         ax.set_visible(False)
-    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.mixer for r in results))}  # one per mixer throughout
+    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["mixer"] for r in results))}  # one per mixer throughout
     for ax, budget in zip(axes.flat, budgets):
         sub = [r for r in results if _budget(r) == budget]
         for m in color:
-            pts = sorted((r.d_model, r.accuracy) for r in sub if r.mixer == m)
+            pts = sorted((r["d_model"], 100 * r["accuracy"], 100 * r["accuracy_min"], 100 * r["accuracy_max"])
+                         for r in sub if r["mixer"] == m)
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m, color=color[m])
+                d, mean, lo, hi = zip(*pts)  # the bars span the seeds (none for one seed)
+                ax.errorbar(d, mean, yerr=[[a - b for a, b in zip(mean, lo)], [b - a for a, b in zip(mean, hi)]],
+                            marker="o", capsize=3, label=m, color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
@@ -122,15 +144,20 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-pairs", default="4", help="comma-separated, one per --seq-len")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3",
-                   help="learning rates swept; the best is reported. Recurrent mixers need lower rates as they widen "
-                        "(vocab 8192, T=128: d=64 trains at 1e-3, d=128 only at 3e-4)")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated seeds: each (mixer, width, rate) trains from each seed's initial weights "
+                        "and data order; tables show the mean at the best rate and the range")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2",
+                   help="learning rates swept; the best (by mean over seeds) is reported. Without MLP, vocab 8192, "
+                        "the recurrent mixers trained best at 1e-3 to 1e-2 and softmax at d=64 only at 1e-2 "
+                        "(docs/results/mqar-gpu)")
     p.add_argument("--vocab-size", type=int, default=8192, help="Zoology's setting; smaller is faster to learn")
     p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model under bf16 autocast (as `gla train` on a GPU); the optimizer stays fp32")
-    p.add_argument("--mlp", choices=("swiglu", "none"), default="swiglu",
-                   help="none: blocks are the token mixer alone, as Zoology's MQAR models (and cheaper per step)")
+    p.add_argument("--mlp", choices=("swiglu", "none"), default="none",
+                   help="none (Zoology's MQAR models): blocks are the token mixer alone; swiglu adds a SwiGLU MLP, "
+                        "with which wide recurrent models stayed at chance far longer (docs/results/mqar-gpu)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
@@ -166,6 +193,9 @@ def _train_grid(args) -> tuple:
                          f"got {args.group}, {args.jobs} and {args.steps}")
     check_stopping(args.eval_every, args.stop_at)  # before any training, like the task settings
     lrs = _csv(args.lrs, float)
+    seeds = _csv(args.seeds, int)
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"gla eval mqar: --seeds must be distinct integers >= 0, got {args.seeds}")
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -181,7 +211,7 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp)
+                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds)
     finally:
         if runs_log:
             runs_log.close()
@@ -198,14 +228,14 @@ def run(args) -> list:
     table = markdown_table(results)
     if args.json:
         for r in results:
-            print(_record(r))
+            print(json.dumps(r))
     else:
         print(f"\n{title}\n\n{table}")
     if args.out:
         from gla.bench import write_report
         write_report(args.out, "mqar", f"{title}\n\n{table}")
         with open(os.path.join(args.out, "mqar.jsonl"), "w") as f:
-            f.writelines(_record(r) + "\n" for r in results)
+            f.writelines(json.dumps(r) + "\n" for r in results)
         plot(results, os.path.join(args.out, "mqar.png"), title)
     return results
 
