@@ -94,7 +94,7 @@ def test_bf16_autocast_grid(tmp_path, capsys):
     assert [(r["precision"], r["batch_size"]) for r in records] == [("bf16", 4), ("bf16", 4)]
     runs = [json.loads(line) for line in (tmp_path / "mqar-runs.jsonl").read_text().splitlines()]
     assert len(runs) == 2 and all(math.isfinite(r["final_loss"]) for r in runs)
-    assert "T=32, 2 KV pairs, 3 steps of batch 4, bf16, mlp none:" in (tmp_path / "mqar.md").read_text()
+    assert "T=32, 2 KV pairs, 3 steps of batch 4, bf16, mlp none, short conv:" in (tmp_path / "mqar.md").read_text()
 
 
 def test_bad_training_settings_are_clear_errors():
@@ -125,7 +125,8 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
     assert [(r["mixer"], r["d_model"]) for r in records] == [("gla", 16), ("linear", 16)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     md = (tmp_path / "mqar.md").read_text()
-    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in md and "T=32, 2 KV pairs, 3 steps of batch 4:" in md
+    assert (tmp_path / "mqar.png").stat().st_size > 0 and "| gla |" in md
+    assert "T=32, 2 KV pairs, 3 steps of batch 4:" in md
 
 
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
@@ -141,7 +142,7 @@ def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
         mine = [r["accuracy"] for r in runs if (r["seq_len"], r["mixer"]) == (b["seq_len"], b["mixer"])]
         assert len(mine) == 2 and b["accuracy"] == max(mine)
     md = (tmp_path / "mqar.md").read_text()
-    assert "T=16, 2 KV pairs, 2 steps of batch 4, mlp none:" in md and "T=32, 4 KV pairs" in md
+    assert "T=16, 2 KV pairs, 2 steps of batch 4, mlp none, short conv:" in md and "T=32, 4 KV pairs" in md
 
 
 def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
@@ -161,8 +162,10 @@ def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
     assert [r["seed"] for r in runs] == [0, 2] and runs[0]["final_loss"] != runs[1]["final_loss"]
     test_seeds = {s for n, s in drawn if n == 1000}
     train_seeds = [s for n, s in drawn if n == 4]
-    assert len(test_seeds) == 1 and len(train_seeds) == 6 and len(set(train_seeds)) == 6
-    assert best["seeds"] == [0, 2] and best["accuracy"] == pytest.approx(sum(r["accuracy"] for r in runs) / 2)
+    assert test_seeds == {10 ** 6} and train_seeds == [0, 1, 2, 2 * 10 ** 7, 2 * 10 ** 7 + 1, 2 * 10 ** 7 + 2]
+    assert [r["seed"] for r in best["runs"]] == [0, 2]
+    assert [r["final_loss"] for r in best["runs"]] == [r["final_loss"] for r in runs]
+    assert best["accuracy"] == pytest.approx(sum(r["accuracy"] for r in runs) / 2)
     assert (best["accuracy_min"], best["accuracy_max"]) == (min(r["accuracy"] for r in runs),
                                                             max(r["accuracy"] for r in runs))
     alone = train_group([dict(mixer="gla", d_model=16, lr=1e-3)], 32, 2, steps=3, batch_size=4, vocab_size=64,
@@ -196,6 +199,7 @@ def test_tables_from_saved_runs(tmp_path, capsys):
     seeded = {**rec, "mixer": "retnet"}
     runs += [{**seeded, "seed": 0, "accuracy": 1.0}, {**seeded, "seed": 1, "accuracy": 0.0},
              {**seeded, "lr": 3e-3, "seed": 0, "accuracy": 0.6}, {**seeded, "lr": 3e-3, "seed": 1, "accuracy": 0.8}]
+    runs += [{**rec, "mixer": "softmax", "seed": s, "accuracy": 0.7} for s in range(3)]  # a mean that rounds below
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in runs[:2]))
     b.write_text("".join(json.dumps(r) + "\n" for r in runs[2:]))
@@ -203,13 +207,17 @@ def test_tables_from_saved_runs(tmp_path, capsys):
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["mixer"], r["steps"], r["batch_size"], r["accuracy"]) for r in best] == [
         ("gla", 100, 32, 0.9), ("linear", 100, 32, 0.5), ("gla", 50, 32, 0.1), ("gla", 100, None, 0.9),
-        ("retnet", 100, 32, pytest.approx(0.7))]
-    assert (best[-1]["lr"], best[-1]["seeds"], best[0]["seeds"]) == (3e-3, [0, 1], [0])
+        ("retnet", 100, 32, pytest.approx(0.7)), ("softmax", 100, 32, pytest.approx(0.7))]
+    assert (best[4]["lr"], [r["seed"] for r in best[4]["runs"]], best[0]["runs"]) == (3e-3, [0, 1], [
+        dict(seed=0, accuracy=0.9, final_loss=None, stopped_at=None, seconds=1.0)])
     md = (tmp_path / "out" / "mqar.md").read_text()
-    for label in ("T=64, 4 KV pairs, 100 steps of batch 32, up to 2 seeds (mean, min-max):",
+    for label in ("T=64, 4 KV pairs, 100 steps of batch 32, up to 3 seeds (mean, min-max):",
                   "T=64, 4 KV pairs, 50 steps of batch 32:", "T=64, 4 KV pairs, 100 steps:"):
         assert label in md
     assert "| gla | 90.0% |" in md and "| retnet | 70.0% (60.0-80.0) |" in md
+    assert (tmp_path / "out" / "mqar.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="two runs of gla, d_model 64, lr 0.001, seed 0 at T=64, 4 KV pairs"):
+        main(["--from-runs", str(a), str(a)])
     b.write_text('{"mixer": "gla"}\n')
     with pytest.raises(ValueError, match="b.jsonl:1: not an MQAR run record"):
         main(["--from-runs", str(a), str(b)])

@@ -26,7 +26,8 @@ from gla.models import GLATransformer
 
 IGNORE = -100
 TEST_SEED = 10 ** 6  # one test set for every seed, so seeds differ only in what they train from
-SEED_STRIDE = 10 ** 7  # seed s trains on batches s * SEED_STRIDE + step: disjoint streams (seed 0's is unchanged)
+SEED_STRIDE = 10 ** 7  # seed s trains on batches s * SEED_STRIDE + step: streams apart from each other and from the
+# test set for any budget under 10**6 steps, and seed 0's the same as before seeds existed
 
 
 def make_mqar(n: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192, power_a: float = 0.01, seed: int = 0):
@@ -190,16 +191,16 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Every model starts from torch.manual_seed(seed) and
     trains on the same batch at each step (drawn from seed's own stream), so mixers and learning rates see the same
-    data; the test set is the same for every seed. graphs (default: on CUDA)
-    replays each model's captured step on its own stream instead of launching its kernels one by one (the same
-    arithmetic as eager steps; the GPU test holds the two to 1e-4 of the loss). precision "bf16" runs the models
-    under bf16 autocast (parameters and optimizer stay fp32). log_every > 0 prints the group's progress (steps done,
-    seconds, each model's last training loss) to stderr that often, so a run cut short still tells its pace and how
-    far each model got. eval_every > 0 prints each training model's accuracy on the test set that often; with
-    stop_at, a model whose accuracy reaches it stops there (Zoology stops at 0.99, on its test set too) and the group
-    trains on without it, so the models that solve the task early give their compute to those that do not (their
-    memory stays held). seconds includes the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's
-    MQAR models are token mixers alone).
+    data; the test set is the same for every seed. graphs (default: on CUDA) replays each model's captured step on
+    its own stream instead of launching its kernels one by one (the same arithmetic as eager steps; the GPU test
+    holds the two to 1e-4 of the loss). precision "bf16" runs the models under bf16 autocast (parameters and
+    optimizer stay fp32). log_every > 0 prints the group's progress (steps done, seconds, each model's last training
+    loss) to stderr that often, so a run cut short still tells its pace and how far each model got. eval_every > 0
+    prints each training model's accuracy on the test set that often; with stop_at, a model whose accuracy reaches
+    it stops there (Zoology stops at 0.99, on its test set too) and the group trains on without it, so the models
+    that solve the task early give their compute to those that do not (their memory stays held). seconds includes
+    the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers alone; `gla
+    eval mqar` defaults to it, this function to the models it trained first).
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -285,7 +286,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     """Every (task, seed, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task and seed train in groups of ``group`` (lockstep, one
-    data stream; on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in spawned processes.
+    data stream; on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in
+    spawned processes.
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
     """
     groups = []

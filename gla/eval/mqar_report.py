@@ -20,13 +20,14 @@ def _record(r: MQARResult) -> str:
 
 def _budget(r: dict) -> tuple:
     """One table (plot panel): a task at one training budget (steps of a batch size), precision and block."""
-    return r["seq_len"], r["kv_pairs"], r["steps"], r["batch_size"], r["precision"], r["mlp"]
+    return r["seq_len"], r["kv_pairs"], r["steps"], r["batch_size"], r["precision"], r["mlp"], r["short_conv"]
 
 
 def _label(budget: tuple) -> str:
-    t, kv, steps, batch_size, precision, mlp = budget
+    t, kv, steps, batch_size, precision, mlp, short_conv = budget
     return (f"T={t}, {kv} KV pairs, {steps} steps" + ("" if batch_size is None else f" of batch {batch_size}")
-            + ("" if precision == "fp32" else f", {precision}") + ("" if mlp == "swiglu" else f", mlp {mlp}"))
+            + ("" if precision == "fp32" else f", {precision}") + ("" if mlp == "swiglu" else f", mlp {mlp}")
+            + (", short conv" if short_conv else ""))
 
 
 def _cell(r: dict) -> tuple:
@@ -34,23 +35,31 @@ def _cell(r: dict) -> tuple:
     return *_budget(r), r["mixer"], r["d_model"]
 
 
-PER_RUN = ("accuracy", "seconds", "final_loss", "stopped_at", "seed")  # what differs between the seeds of a rate
+PER_RUN = ("seed", "accuracy", "final_loss", "stopped_at", "seconds")  # what differs between the seeds of a rate
 
 
 def best_per_cell(runs) -> list[dict]:
     """Each cell's best learning rate as one record, cells in the order they first appear in ``runs``.
 
-    The best rate is the one whose runs (one per seed) have the highest mean accuracy: a single lucky seed does not
-    pick it. The record keeps the runs' shared fields; accuracy is their mean, accuracy_min/max and seeds theirs."""
+    The best rate is the one whose runs (one per seed) have the highest mean accuracy, so with as many seeds per
+    rate a single lucky run does not pick it (rates with fewer seeds are noisier). The record holds the runs'
+    shared fields, accuracy (their mean), accuracy_min, accuracy_max and ``runs``: each seed's PER_RUN fields.
+    Two runs of one cell, rate and seed (the same run merged twice) are an error."""
     by_rate = {}
     for r in map(dataclasses.asdict, runs):
-        by_rate.setdefault((_cell(r), r["lr"]), []).append(r)
+        rs = by_rate.setdefault((_cell(r), r["lr"]), [])
+        if any(o["seed"] == r["seed"] for o in rs):
+            raise ValueError(f"two runs of {r['mixer']}, d_model {r['d_model']}, lr {r['lr']:g}, seed {r['seed']} "
+                             f"at {_label(_budget(r))}: pass each run once")
+        rs.append(r)
     best = {}
     for (cell, _), rs in by_rate.items():
         accs = [r["accuracy"] for r in rs]
-        if cell not in best or sum(accs) / len(accs) > best[cell]["accuracy"]:
-            best[cell] = {**{k: v for k, v in rs[0].items() if k not in PER_RUN}, "accuracy": sum(accs) / len(accs),
-                          "accuracy_min": min(accs), "accuracy_max": max(accs), "seeds": [r["seed"] for r in rs]}
+        mean = sum(accs) / len(accs)
+        if cell not in best or mean > best[cell]["accuracy"]:
+            best[cell] = {**{k: v for k, v in rs[0].items() if k not in PER_RUN}, "accuracy": mean,
+                          "accuracy_min": min(accs), "accuracy_max": max(accs),
+                          "runs": [{k: r[k] for k in PER_RUN} for r in rs]}
     return list(best.values())
 
 
@@ -71,7 +80,7 @@ def load_runs(paths) -> list:
 
 def _percent(r: dict) -> str:
     """A cell's accuracy; with several seeds their mean and (min-max)."""
-    if len(r["seeds"]) == 1:
+    if len(r["runs"]) == 1:
         return f"{100 * r['accuracy']:.1f}%"
     return f"{100 * r['accuracy']:.1f}% ({100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f})"
 
@@ -84,7 +93,7 @@ def markdown_table(results: list[dict]) -> str:
     parts = []
     for budget in dict.fromkeys(map(_budget, results)):
         rows = [r for r in results if _budget(r) == budget]
-        seeds = max(len(r["seeds"]) for r in rows)
+        seeds = max(len(r["runs"]) for r in rows)
         lines = [f"{_label(budget)}" + (f", up to {seeds} seeds (mean, min-max):" if seeds > 1 else ":"), "",
                  "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
         for m in dict.fromkeys(r["mixer"] for r in rows):
@@ -95,7 +104,8 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot(results, path: str, title: str) -> None:
-    """Accuracy vs d_model per mixer (best_per_cell's records), one panel per budget, saved as PNG (needs matplotlib: pip install "gla[train]")."""
+    """Accuracy vs d_model per mixer (best_per_cell's records; bars span the seeds), one panel per budget, saved as
+    PNG (needs matplotlib: pip install "gla[train]")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,9 +126,11 @@ def plot(results, path: str, title: str) -> None:
             pts = sorted((r["d_model"], 100 * r["accuracy"], 100 * r["accuracy_min"], 100 * r["accuracy_max"])
                          for r in sub if r["mixer"] == m)
             if pts:
-                d, mean, lo, hi = zip(*pts)  # the bars span the seeds (none for one seed)
-                ax.errorbar(d, mean, yerr=[[a - b for a, b in zip(mean, lo)], [b - a for a, b in zip(mean, hi)]],
-                            marker="o", capsize=3, label=m, color=color[m])
+                d, mean, lo, hi = zip(*pts)
+                # max(0, .): the mean of equal accuracies can round a hair past them, and negative bars are an error
+                bars = [[max(0.0, a - b) for a, b in zip(mean, lo)], [max(0.0, b - a) for a, b in zip(mean, hi)]]
+                ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3, label=m,
+                            color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
@@ -160,7 +172,8 @@ def add_arguments(p) -> None:
                         "with which wide recurrent models stayed at chance far longer (docs/results/mqar-gpu)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
-                   help="models of a task trained in lockstep on one data stream (on CUDA: concurrent CUDA graphs)")
+                   help="models of a task and seed trained in lockstep on one data stream (on CUDA: concurrent CUDA "
+                        "graphs); a group never mixes seeds")
     p.add_argument("--jobs", type=int, default=1, help="groups trained at once, in separate processes")
     p.add_argument("--log-every", type=int, default=0, help="print each group's progress to stderr every N steps")
     p.add_argument("--eval-every", type=int, default=0,
@@ -170,7 +183,8 @@ def add_arguments(p) -> None:
                         "keeps the step (stopped_at); the rest of its group trains on")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
-    p.add_argument("--json", action="store_true", help="print one JSON record per (task, mixer, d_model) only")
+    p.add_argument("--json", action="store_true",
+                   help="print only one JSON record per (task, mixer, d_model): its best rate, mean accuracy and runs")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
                    help="train nothing: tabulate and plot mqar-runs.jsonl files (a grid split over several calls)")
 
@@ -215,8 +229,8 @@ def _train_grid(args) -> tuple:
     finally:
         if runs_log:
             runs_log.close()
-    # steps, batch size, precision and MLP head each table (_label); the title holds what the tables do not
-    return best_per_cell(runs), f"MQAR, vocab {args.vocab_size}" + (", short conv" if args.short_conv else "")
+    # the training settings head each table (_label); the title holds what the tables do not
+    return best_per_cell(runs), f"MQAR, vocab {args.vocab_size}"
 
 
 def run(args) -> list:
