@@ -6,9 +6,14 @@ import torch.nn.functional as F
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error ||x - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    """Relative error ||x - ref|| / ||ref|| in float64 (0 when both are zero).
+
+    ||ref|| is floored at x's smallest normal number: a reference below it (e.g. a gradient through exp(-105) =
+    1e-46, which float32 flushes to 0) cannot be met to any relative precision in x's dtype, only in absolute terms.
+    """
+    tiny = torch.finfo(x.dtype).tiny if x.dtype.is_floating_point else 0.0
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm().item()
+    denom = max(ref.norm().item(), tiny)
     diff = (x - ref).norm().item()
     return diff / denom if denom > 0 else diff
 
