@@ -19,7 +19,7 @@ def _record(r: MQARResult) -> str:
 
 
 def _budget(r: dict) -> tuple:
-    """One table (plot panel): a task at one training budget (steps of a batch size), precision and block."""
+    """One table (plot panel): a task at one training budget (steps of a batch size), precision and model."""
     return r["seq_len"], r["kv_pairs"], r["steps"], r["batch_size"], r["precision"], r["mlp"], r["short_conv"]
 
 
@@ -86,8 +86,8 @@ def _percent(r: dict) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One table per budget (task, steps, batch size, precision, MLP): rows mixers, columns d_model, cells the
-    accuracy at the best learning rate (best_per_cell's records)."""
+    """One table per budget (task, steps, batch size, precision, MLP, short conv): rows mixers, columns d_model,
+    cells the accuracy at the best learning rate (best_per_cell's records)."""
     dims = sorted({r["d_model"] for r in results})
     cell = {_cell(r): r for r in results}
     parts = []
