@@ -132,17 +132,22 @@ def test_sweep_prints_one_record_per_mixer_and_width(tmp_path, capsys):
 def test_grid_over_tasks_in_worker_processes(tmp_path, capsys):
     main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "16,32", "--kv-pairs", "2,4", "--steps", "2",
           "--batch-size", "4", "--lrs", "1e-3,3e-3", "--vocab-size", "64", "--jobs", "2", "--group", "3",
-          "--short-conv", "--json", "--out", str(tmp_path)])
+          "--short-conv", "--seeds", "0,1", "--json", "--out", str(tmp_path)])
     best = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["seq_len"], r["kv_pairs"], r["mixer"]) for r in best] == [
         (16, 2, "gla"), (16, 2, "softmax"), (32, 4, "gla"), (32, 4, "softmax")]
     runs = [json.loads(line) for line in (tmp_path / "mqar-runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 8 and all(r["short_conv"] for r in runs)
-    for b in best:  # the reported cell is the best of its learning rates
-        mine = [r["accuracy"] for r in runs if (r["seq_len"], r["mixer"]) == (b["seq_len"], b["mixer"])]
-        assert len(mine) == 2 and b["accuracy"] == max(mine)
+    assert len(runs) == 16 and all(r["short_conv"] for r in runs)
+    for b in best:  # the reported cell is the best of its learning rates, each rate the mean over the seeds
+        means = []
+        for lr in (1e-3, 3e-3):
+            mine = [r for r in runs if (r["seq_len"], r["mixer"], r["lr"]) == (b["seq_len"], b["mixer"], lr)]
+            assert sorted(r["seed"] for r in mine) == [0, 1]
+            means.append(sum(r["accuracy"] for r in mine) / 2)
+        assert b["accuracy"] == pytest.approx(max(means))
     md = (tmp_path / "mqar.md").read_text()
-    assert "T=16, 2 KV pairs, 2 steps of batch 4, mlp none, short conv:" in md and "T=32, 4 KV pairs" in md
+    assert "T=16, 2 KV pairs, 2 steps of batch 4, mlp none, short conv, up to 2 seeds" in md
+    assert "T=32, 4 KV pairs" in md
 
 
 def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
