@@ -183,6 +183,12 @@ def check_stopping(eval_every: int, stop_at: float | None) -> None:
                          f"stop_at={stop_at}")
 
 
+def check_seeds(seeds) -> None:
+    """Seeds are distinct integers >= 0 (a repeated seed would train the same models twice)."""
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers >= 0 (each seed must be >= 0, none repeated), got {seeds}")
+
+
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
@@ -211,8 +217,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     if precision not in ("fp32", "bf16"):
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     check_stopping(eval_every, stop_at)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_seeds([seed])
     bf16 = precision == "bf16"
     members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None

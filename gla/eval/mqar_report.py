@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 
-from gla.eval.mqar import MQARResult, check_stopping, make_mqar, sweep
+from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
 
 
 def _record(r: MQARResult) -> str:
@@ -208,8 +208,7 @@ def _train_grid(args) -> tuple:
     check_stopping(args.eval_every, args.stop_at)  # before any training, like the task settings
     lrs = _csv(args.lrs, float)
     seeds = _csv(args.seeds, int)
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise SystemExit(f"gla eval mqar: --seeds must be distinct integers >= 0, got {args.seeds}")
+    check_seeds(seeds)  # before any training, like the stopping settings
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
