@@ -184,13 +184,37 @@ def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
                                             (["--seq-len", "8", "--kv-pairs", "4"], "too short"),
                                             (["--stop-at", "0.99"], "stop_at needs eval_every"),
                                             (["--seeds", "0,0"], "distinct integers >= 0"),
-                                            (["--seeds", "-1"], "distinct integers >= 0")])
+                                            (["--seeds", "-1"], "distinct integers >= 0"),
+                                            (["--gate-bias-init", "nan"], "must be finite")])
 def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
     import gla.eval.mqar_report as report
 
     monkeypatch.setattr(report, "sweep", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
+
+
+def test_gate_bias_init_trains_gated_mixers_and_gets_its_own_row(tmp_path, capsys):
+    """--gate-bias-init starts GLA's forget gate elsewhere and is recorded for the mixers with that gate only, so
+    a linear-attention run with it is the same cell as one without (merging both is an error), while GLA's gets
+    its own row beside the default GLA in one table."""
+    flags = ["--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "2", "--batch-size", "4",
+             "--lrs", "1e-3", "--vocab-size", "64", "--json"]
+    main(["--mixers", "gla,linear,seed", *flags, "--gate-bias-init", "3", "--out", str(tmp_path / "b3")])
+    main(["--mixers", "gla,linear", *flags, "--out", str(tmp_path / "b0")])
+    capsys.readouterr()
+    b3, b0 = ([json.loads(line) for line in (tmp_path / d / "mqar-runs.jsonl").read_text().splitlines()]
+              for d in ("b3", "b0"))
+    assert [(r["mixer"], r["gate_bias_init"]) for r in b3] == [("gla", 3.0), ("linear", 0.0), ("seed", 3.0)]
+    assert b3[0]["final_loss"] != b0[0]["final_loss"] and b3[1]["final_loss"] == b0[1]["final_loss"]
+    with pytest.raises(ValueError, match="two runs of linear, d_model 16"):
+        main(["--from-runs", str(tmp_path / "b3" / "mqar-runs.jsonl"), str(tmp_path / "b0" / "mqar-runs.jsonl")])
+    (tmp_path / "gla0.jsonl").write_text(json.dumps(b0[0]) + "\n")
+    main(["--from-runs", str(tmp_path / "b3" / "mqar-runs.jsonl"), str(tmp_path / "gla0.jsonl"),
+          "--out", str(tmp_path / "merged")])
+    md = (tmp_path / "merged" / "mqar.md").read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == ["| gla, gate bias 3", "| linear", "| seed, gate bias 3", "| gla"]
 
 
 def test_tables_from_saved_runs(tmp_path, capsys):

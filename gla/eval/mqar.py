@@ -83,6 +83,7 @@ class MQARResult:
     stopped_at: int | None = None  # the step its accuracy reached stop_at (it trained no further); None: trained on
     # to the last step, which is not checked (its accuracy is the one reported)
     seed: int = 0  # its initial weights and data order (records from before seeds existed were all seed 0)
+    gate_bias_init: float = 0.0  # the data-dependent forget gate's initial bias (0 for mixers without that gate)
 
 
 def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
@@ -113,6 +114,7 @@ class _Member:
     model: GLATransformer
     opt: torch.optim.Optimizer
     bf16: bool
+    gate_bias_init: float  # as recorded: the model's, or 0 where it has no data-dependent gate to start
     graph: torch.cuda.CUDAGraph | None = None
     stream: torch.cuda.Stream | None = None
     loss: torch.Tensor | None = None  # the last step's loss (with graphs: the captured step's output buffer)
@@ -137,11 +139,12 @@ class _Member:
 
 
 def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, bf16: bool,
-            mlp: str) -> _Member:
+            mlp: str, gate_bias_init: float) -> _Member:
     torch.manual_seed(seed)  # a model starts from the same weights whichever group it trains in
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
-                           layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv, mlp=mlp).to(device)
+                           layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv, mlp=mlp,
+                           gate_bias_init=gate_bias_init).to(device)
     # On CUDA the optimizer is fused and capturable (learning rate and step count in device tensors) whether or not
     # the steps are captured, so eager and captured training run the same arithmetic. (The unfused capturable AdamW
     # took half of the device time of a d=128 model's step on the H200.)
@@ -149,7 +152,8 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
                             fused=cuda or None)
-    return _Member(spec, model, opt, bf16)
+    gated = any(getattr(layer.attn, "decay", None) == "data" for layer in model.layers)
+    return _Member(spec, model, opt, bf16, gate_bias_init if gated else 0.0)
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces
@@ -192,7 +196,7 @@ def check_seeds(seeds) -> None:
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
-                stop_at: float | None = None, mlp: str = "swiglu") -> list:
+                stop_at: float | None = None, mlp: str = "swiglu", gate_bias_init: float = 0.0) -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Every model starts from torch.manual_seed(seed) and
@@ -206,7 +210,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     it stops there (Zoology stops at 0.99, on its test set too) and the group trains on without it, so the models
     that solve the task early give their compute to those that do not (their memory stays held). seconds includes
     the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers alone; `gla
-    eval mqar` defaults to it, this function to the models it trained first).
+    eval mqar` defaults to it, this function to the models it trained first). gate_bias_init: the initial bias of
+    GLA's forget gate (GLAConfig's), recorded for the mixers that have that gate.
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -219,7 +224,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     check_stopping(eval_every, stop_at)
     check_seeds([seed])
     bf16 = precision == "bf16"
-    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
+    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp, gate_bias_init) for s in specs]
     main = torch.cuda.current_stream(dev) if graphs else None
     for m in members:
         m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
@@ -276,7 +281,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     seconds = time.perf_counter() - t0
     return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
                        _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision, batch_size, mlp, m.stopped_at, seed)
+                       precision, batch_size, mlp, m.stopped_at, seed, m.gate_bias_init)
             for m in members]
 
 
@@ -287,7 +292,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
           jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
-          mlp="swiglu", seeds=(0,)) -> list:
+          mlp="swiglu", seeds=(0,), gate_bias_init=0.0) -> list:
     """Every (task, seed, mixer, d_model, lr) trained once: a list of MQARResult in that order.
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task and seed train in groups of ``group`` (lockstep, one
@@ -301,7 +306,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         for seed in seeds:
             groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                             vocab_size=vocab_size, seed=seed, device=device, short_conv=short_conv,
-                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
+                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp,
+                            gate_bias_init=gate_bias_init)
                        for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
@@ -30,9 +31,15 @@ def _label(budget: tuple) -> str:
             + (", short conv" if short_conv else ""))
 
 
+def _row(r: dict) -> str:
+    """A table row (plot line): the mixer, and its gate's initial bias where that is not the default."""
+    b = r.get("gate_bias_init", 0.0)  # best_per_cell's records of runs from before it existed lack it
+    return r["mixer"] if b == 0 else f"{r['mixer']}, gate bias {b:g}"
+
+
 def _cell(r: dict) -> tuple:
-    """A table cell: one budget, one mixer, one width (learning rates compete within it)."""
-    return *_budget(r), r["mixer"], r["d_model"]
+    """A table cell: one budget, one row, one width (learning rates compete within it)."""
+    return *_budget(r), _row(r), r["d_model"]
 
 
 PER_RUN = ("seed", "accuracy", "final_loss", "stopped_at", "seconds")  # what differs between the seeds of a rate
@@ -49,7 +56,7 @@ def best_per_cell(runs) -> list[dict]:
     for r in map(dataclasses.asdict, runs):
         rs = by_rate.setdefault((_cell(r), r["lr"]), [])
         if any(o["seed"] == r["seed"] for o in rs):
-            raise ValueError(f"two runs of {r['mixer']}, d_model {r['d_model']}, lr {r['lr']:g}, seed {r['seed']} "
+            raise ValueError(f"two runs of {_row(r)}, d_model {r['d_model']}, lr {r['lr']:g}, seed {r['seed']} "
                              f"at {_label(_budget(r))}: pass each run once")
         rs.append(r)
     best = {}
@@ -96,7 +103,7 @@ def markdown_table(results: list[dict]) -> str:
         seeds = max(len(r["runs"]) for r in rows)
         lines = [f"{_label(budget)}" + (f", up to {seeds} seeds (mean, min-max):" if seeds > 1 else ":"), "",
                  "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
-        for m in dict.fromkeys(r["mixer"] for r in rows):
+        for m in dict.fromkeys(map(_row, rows)):
             cells = [_percent(cell[(*budget, m, d)]) if (*budget, m, d) in cell else "–" for d in dims]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
@@ -119,12 +126,12 @@ def plot(results, path: str, title: str) -> None:
                              layout="constrained")  # unlike tight_layout, leaves room for the suptitle
     for ax in axes.flat[len(budgets):]:
         ax.set_visible(False)
-    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["mixer"] for r in results))}  # one per mixer throughout
+    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(map(_row, results)))}  # one per row throughout
     for ax, budget in zip(axes.flat, budgets):
         sub = [r for r in results if _budget(r) == budget]
         for m in color:
             pts = sorted((r["d_model"], 100 * r["accuracy"], 100 * r["accuracy_min"], 100 * r["accuracy_max"])
-                         for r in sub if r["mixer"] == m)
+                         for r in sub if _row(r) == m)
             if pts:
                 d, mean, lo, hi = zip(*pts)
                 # max(0, .): the mean of equal accuracies can round a hair past them, and negative bars are an error
@@ -170,6 +177,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mlp", choices=("swiglu", "none"), default="none",
                    help="none (Zoology's MQAR models): blocks are the token mixer alone; swiglu adds a SwiGLU MLP, "
                         "with which wide recurrent models stayed at chance far longer (docs/results/mqar-gpu)")
+    p.add_argument("--gate-bias-init", type=float, default=0.0,
+                   help="initial bias of GLA's forget gate (gla and seed mixers; 0 is FLA's): a larger bias starts "
+                        "with less decay; tables give such models their own rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task and seed trained in lockstep on one data stream (on CUDA: concurrent CUDA "
@@ -209,6 +219,8 @@ def _train_grid(args) -> tuple:
     lrs = _csv(args.lrs, float)
     seeds = _csv(args.seeds, int)
     check_seeds(seeds)  # before any training, like the stopping settings
+    if not math.isfinite(args.gate_bias_init):
+        raise SystemExit(f"gla eval mqar: --gate-bias-init must be finite, got {args.gate_bias_init}")
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -224,7 +236,8 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds)
+                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds,
+                     args.gate_bias_init)
     finally:
         if runs_log:
             runs_log.close()

@@ -30,6 +30,16 @@ def fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
     return gamma.log().float().repeat_interleave(head_k)
 
 
+class GateProj(nn.Linear):
+    """The forget gate's second (rank -> key_dim) projection; its bias starts at ``bias_init``, which the models'
+    weight initialisations apply in place of their zero bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias_init: float):
+        super().__init__(in_features, out_features, bias=True)
+        self.bias_init = bias_init
+        nn.init.constant_(self.bias, bias_init)
+
+
 @dataclass
 class GLAState:
     """Per-layer recurrent state: recurrent [B, H, K, V] float32; conv: (q, k, v) caches [B, C, W-1] or None."""
@@ -43,6 +53,8 @@ class GatedLinearAttention(nn.Module):
     q, k = x W_q, x W_k (d_model * expand_k); v = x W_v (d_model * expand_v); forget gate
     alpha = sigmoid(x W_1 W_2 + b)^(1/gate_logit_normalizer) from a rank-``gate_low_rank_dim`` projection, i.e.
     g = logsigmoid(.) / gate_logit_normalizer (optionally clamped below at ``clamp_min``); o = GLA(q, k, v, g),
+    b starts at ``gate_bias_init``: 0 (FLA's) keeps about exp(-0.043) of the state per token at first, b = 3 about
+    exp(-0.003), so a larger b lets early training see far back before the gate learns what to forget.
     normalised per head, gated by ``output_gate``(x W_r), projected by W_O. Parameter names follow FLA's GLA layer.
 
     Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
@@ -56,7 +68,7 @@ class GatedLinearAttention(nn.Module):
                  expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str | None = None,
                  output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
-                 use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
+                 gate_bias_init: float = 0.0, use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_kv_heads or n_heads
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
@@ -84,7 +96,7 @@ class GatedLinearAttention(nn.Module):
         self.decay = decay
         if decay == "data":
             self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
-                                         nn.Linear(gate_low_rank_dim, kv_k, bias=True))
+                                         GateProj(gate_low_rank_dim, kv_k, gate_bias_init))
         elif decay == "fixed":
             self.register_buffer("log_gamma", fixed_log_decay(num_kv_heads, self.head_k), persistent=False)
         self.convs = nn.ModuleList([ShortConv(c, conv_size) for c in (key_dim, kv_k, kv_v)]) \

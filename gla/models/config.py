@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -49,6 +50,7 @@ class GLAConfig:
     output_gate: str | None = "swish"
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
+    gate_bias_init: float = 0.0
     clamp_min: float | None = None
     use_short_conv: bool = False
     conv_size: int = 4
@@ -74,6 +76,8 @@ class GLAConfig:
         for m in (self.mixer, *self.layer_mixers):
             if m not in MIXERS:
                 raise ValueError(f"unknown mixer {m!r}; choose from {MIXERS}")
+        if not math.isfinite(self.gate_bias_init):
+            raise ValueError(f"gate_bias_init must be finite, got {self.gate_bias_init}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

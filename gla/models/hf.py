@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gla.layers.conv import ShortConv
-from gla.layers.gla_attention import GatedLinearAttention, fixed_log_decay
+from gla.layers.gla_attention import GatedLinearAttention, GateProj, fixed_log_decay
 
 from .config import GLAConfig
 from .state import ModelState
@@ -70,6 +70,7 @@ class GLALMConfig(PreTrainedConfig):
     output_gate: str | None = "swish"
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float | int = 16.0
+    gate_bias_init: float | int = 0.0
     clamp_min: float | int | None = None
     use_short_conv: bool = False
     conv_size: int = 4
@@ -234,6 +235,8 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, GatedLinearAttention) and module.decay == "fixed":
             init.copy_(module.log_gamma, fixed_log_decay(module.num_kv_heads, module.head_k))
+        elif isinstance(module, GateProj):  # a Linear: super() has just zeroed its bias
+            init.constant_(module.bias, module.bias_init)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: GLACache | None = None, labels: torch.LongTensor | None = None,

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from gla.layers import GLALayer
+from gla.layers.gla_attention import GateProj
 from gla.layers.norm import make_norm
 from gla.ops import validate_cu_seqlens
 from .config import GLAConfig
@@ -59,13 +60,14 @@ class GLATransformer(nn.Module):
                         expand_v=cfg.expand_v, num_kv_heads=cfg.num_kv_heads, feature_map=cfg.feature_map,
                         output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
                         gate_logit_normalizer=cfg.gate_logit_normalizer, clamp_min=cfg.clamp_min,
+                        gate_bias_init=cfg.gate_bias_init,
                         use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, **common)
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.initializer_range)
             if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+                nn.init.constant_(m.bias, m.bias_init if isinstance(m, GateProj) else 0.0)
 
     @classmethod
     def from_config(cls, cfg: GLAConfig) -> "GLATransformer":

@@ -151,3 +151,18 @@ def test_import_gla_registers_and_costs_nothing_without_transformers(tmp_path):
     blocked = ("import sys; sys.modules['transformers'] = None; import gla; "
                "assert not any(k.startswith('transformers.') for k in sys.modules)")
     subprocess.run([sys.executable, "-c", blocked], cwd=REPO, check=True, capture_output=True)
+
+
+def test_gate_bias_init_starts_fresh_models_and_leaves_loaded_ones(tmp_path):
+    fresh = AutoModelForCausalLM.from_config(hf.GLALMConfig(vocab_size=101, d_model=48, n_heads=4, d_ff=96,
+                                                            n_layers=2, gate_bias_init=2.0))
+    for layer in fresh.model.layers:
+        assert torch.equal(layer.attn.gk_proj[1].bias, torch.full((24,), 2.0))
+    m = gla.GLATransformer(101, 48, 4, 96, 2, dropout=0.0, gate_bias_init=2.0).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.gk_proj[1].bias.copy_(torch.randn(24))
+    m.save_pretrained(str(tmp_path))
+    h = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    for ours, theirs in zip(m.layers, h.model.layers):
+        assert torch.equal(theirs.attn.gk_proj[1].bias, ours.attn.gk_proj[1].bias)

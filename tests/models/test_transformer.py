@@ -7,6 +7,7 @@ import torch
 
 import gla
 from gla import GLAConfig, GLATransformer
+from gla.layers.gla_attention import GatedLinearAttention
 from tests.utils import rel_err
 
 KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)},
@@ -179,6 +180,32 @@ def test_blocks_without_mlp_are_the_mixer_alone():
         assert torch.equal(layer(x)[0], x + layer.attn(layer.attn_norm(x))[0])
     with pytest.raises(ValueError, match="'swiglu', 'gelu' or 'none'"):
         model(mlp="relu")
+
+
+def test_gate_bias_init_sets_the_starting_decay_and_checkpoints_keep_trained_biases(tmp_path):
+    """gate_bias_init b starts GLA's log forget gate near logsigmoid(b) / 16 in every layer with that gate
+    (standalone layer too); it is only an initialisation: a checkpoint keeps the bias it trained to."""
+    torch.manual_seed(0)
+    m = GLATransformer(101, 48, 4, 96, 4, dropout=0.0, gate_bias_init=3.0,
+                       layer_mixers=("gla", "retnet", "seed", "softmax")).eval()
+    biases = [layer.attn.gk_proj[1].bias for layer in m.layers if getattr(layer.attn, "decay", None) == "data"]
+    assert len(biases) == 2 and all(torch.equal(b, torch.full_like(b, 3.0)) for b in biases)
+    assert torch.equal(model().layers[0].attn.gk_proj[1].bias, torch.zeros(24))  # the default is FLA's zero bias
+    x = torch.randn(2, 7, 48)
+    g = torch.nn.functional.logsigmoid(m.layers[0].attn.gk_proj(x)) / 16
+    assert (g.mean() - torch.nn.functional.logsigmoid(torch.tensor(3.0)) / 16).abs() < 3e-4  # ~ -0.0030
+    assert torch.equal(GatedLinearAttention(48, 4, gate_bias_init=-1.5).gk_proj[1].bias, torch.full((24,), -1.5))
+    with torch.no_grad():
+        for b in biases:
+            b.copy_(torch.randn_like(b))
+    m.save_pretrained(str(tmp_path))
+    m2 = gla.from_pretrained(str(tmp_path))
+    assert m2.config.gate_bias_init == 3.0
+    assert torch.equal(m2.layers[2].attn.gk_proj[1].bias, biases[1])
+    ids = torch.randint(0, 101, (1, 9))
+    assert torch.equal(m(ids)[0], m2(ids)[0])
+    with pytest.raises(ValueError, match="gate_bias_init must be finite"):
+        GLAConfig(gate_bias_init=float("inf"))
 
 
 def test_layer_mixers_per_layer():
