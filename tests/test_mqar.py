@@ -214,7 +214,13 @@ def test_gate_bias_init_trains_gated_mixers_and_gets_its_own_row(tmp_path, capsy
           "--out", str(tmp_path / "merged")])
     md = (tmp_path / "merged" / "mqar.md").read_text()
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "%" in line]
-    assert rows == ["| gla, gate bias 3", "| linear", "| seed, gate bias 3", "| gla"]
+    assert rows == ["| gla, gate bias 3.0", "| linear", "| seed, gate bias 3.0", "| gla"]
+    near = {**b3[0], "gate_bias_init": 3.0000001}  # its own row, not a second run of bias 3.0
+    (tmp_path / "near.jsonl").write_text(json.dumps(near) + "\n")
+    capsys.readouterr()
+    main(["--from-runs", str(tmp_path / "b3" / "mqar-runs.jsonl"), str(tmp_path / "near.jsonl"), "--json"])
+    assert [r["gate_bias_init"] for r in map(json.loads, capsys.readouterr().out.splitlines())] == [
+        3.0, 0.0, 3.0, 3.0000001]
 
 
 def test_tables_from_saved_runs(tmp_path, capsys):

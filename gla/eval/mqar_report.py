@@ -31,10 +31,14 @@ def _label(budget: tuple) -> str:
             + (", short conv" if short_conv else ""))
 
 
-def _row(r: dict) -> str:
-    """A table row (plot line): the mixer, and its gate's initial bias where that is not the default."""
-    b = r.get("gate_bias_init", 0.0)  # best_per_cell's records of runs from before it existed lack it
-    return r["mixer"] if b == 0 else f"{r['mixer']}, gate bias {b:g}"
+def _row(r: dict) -> tuple:
+    """A table row (plot line): the mixer and its gate's initial bias (0: the default, and mixers without one)."""
+    return r["mixer"], float(r["gate_bias_init"])
+
+
+def _row_label(row: tuple) -> str:
+    mixer, b = row
+    return mixer if b == 0 else f"{mixer}, gate bias {b!r}"
 
 
 def _cell(r: dict) -> tuple:
@@ -56,8 +60,8 @@ def best_per_cell(runs) -> list[dict]:
     for r in map(dataclasses.asdict, runs):
         rs = by_rate.setdefault((_cell(r), r["lr"]), [])
         if any(o["seed"] == r["seed"] for o in rs):
-            raise ValueError(f"two runs of {_row(r)}, d_model {r['d_model']}, lr {r['lr']:g}, seed {r['seed']} "
-                             f"at {_label(_budget(r))}: pass each run once")
+            raise ValueError(f"two runs of {_row_label(_row(r))}, d_model {r['d_model']}, lr {r['lr']:g}, "
+                             f"seed {r['seed']} at {_label(_budget(r))}: pass each run once")
         rs.append(r)
     best = {}
     for (cell, _), rs in by_rate.items():
@@ -105,7 +109,7 @@ def markdown_table(results: list[dict]) -> str:
                  "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
         for m in dict.fromkeys(map(_row, rows)):
             cells = [_percent(cell[(*budget, m, d)]) if (*budget, m, d) in cell else "–" for d in dims]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_row_label(m)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -136,7 +140,7 @@ def plot(results, path: str, title: str) -> None:
                 d, mean, lo, hi = zip(*pts)
                 # max(0, .): the mean of equal accuracies can round a hair past them, and negative bars are an error
                 bars = [[max(0.0, a - b) for a, b in zip(mean, lo)], [max(0.0, b - a) for a, b in zip(mean, hi)]]
-                ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3, label=m,
+                ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3, label=_row_label(m),
                             color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")

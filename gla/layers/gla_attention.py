@@ -31,13 +31,16 @@ def fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
 
 
 class GateProj(nn.Linear):
-    """The forget gate's second (rank -> key_dim) projection; its bias starts at ``bias_init``, which the models'
-    weight initialisations apply in place of their zero bias."""
+    """The forget gate's second (rank -> key_dim) projection; its bias starts at ``bias_init`` (here, in
+    reset_parameters, and in the models' weight initialisations, which zero other biases)."""
 
     def __init__(self, in_features: int, out_features: int, bias_init: float):
+        self.bias_init = bias_init  # before nn.Linear's __init__, which calls reset_parameters
         super().__init__(in_features, out_features, bias=True)
-        self.bias_init = bias_init
-        nn.init.constant_(self.bias, bias_init)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.constant_(self.bias, self.bias_init)
 
 
 @dataclass
@@ -53,9 +56,10 @@ class GatedLinearAttention(nn.Module):
     q, k = x W_q, x W_k (d_model * expand_k); v = x W_v (d_model * expand_v); forget gate
     alpha = sigmoid(x W_1 W_2 + b)^(1/gate_logit_normalizer) from a rank-``gate_low_rank_dim`` projection, i.e.
     g = logsigmoid(.) / gate_logit_normalizer (optionally clamped below at ``clamp_min``); o = GLA(q, k, v, g),
-    b starts at ``gate_bias_init``: 0 (FLA's) keeps about exp(-0.043) of the state per token at first, b = 3 about
-    exp(-0.003), so a larger b lets early training see far back before the gate learns what to forget.
     normalised per head, gated by ``output_gate``(x W_r), projected by W_O. Parameter names follow FLA's GLA layer.
+    The bias b starts at ``gate_bias_init``. With normaliser 16 and small initial weights (x W_1 W_2 ~ 0), b = 0
+    (FLA's) keeps about exp(-0.043) of the state per token at first and b = 3 about exp(-0.003): a larger b lets
+    early training see far back before the gate learns what to forget.
 
     Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
     "relu" | "silu" applied to q and k), output_gate ("swish" | "sigmoid" | None), norm ("rms" | "layer"),
@@ -68,7 +72,8 @@ class GatedLinearAttention(nn.Module):
                  expand_v: float = 1.0, num_kv_heads: int | None = None, feature_map: str | None = None,
                  output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
-                 gate_bias_init: float = 0.0, use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
+                 gate_bias_init: float = 0.0,
+                 use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_kv_heads or n_heads
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)

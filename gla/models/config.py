@@ -76,8 +76,8 @@ class GLAConfig:
         for m in (self.mixer, *self.layer_mixers):
             if m not in MIXERS:
                 raise ValueError(f"unknown mixer {m!r}; choose from {MIXERS}")
-        if not math.isfinite(self.gate_bias_init):
-            raise ValueError(f"gate_bias_init must be finite, got {self.gate_bias_init}")
+        if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
+            raise ValueError(f"gate_bias_init must be a finite number, got {self.gate_bias_init!r}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

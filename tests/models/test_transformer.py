@@ -194,7 +194,10 @@ def test_gate_bias_init_sets_the_starting_decay_and_checkpoints_keep_trained_bia
     x = torch.randn(2, 7, 48)
     g = torch.nn.functional.logsigmoid(m.layers[0].attn.gk_proj(x)) / 16
     assert (g.mean() - torch.nn.functional.logsigmoid(torch.tensor(3.0)) / 16).abs() < 3e-4  # ~ -0.0030
-    assert torch.equal(GatedLinearAttention(48, 4, gate_bias_init=-1.5).gk_proj[1].bias, torch.full((24,), -1.5))
+    alone = GatedLinearAttention(48, 4, gate_bias_init=-1.5)
+    assert torch.equal(alone.gk_proj[1].bias, torch.full((24,), -1.5))
+    alone.gk_proj[1].reset_parameters()  # as after building on the meta device, then to_empty()
+    assert torch.equal(alone.gk_proj[1].bias, torch.full((24,), -1.5))
     with torch.no_grad():
         for b in biases:
             b.copy_(torch.randn_like(b))
@@ -204,8 +207,9 @@ def test_gate_bias_init_sets_the_starting_decay_and_checkpoints_keep_trained_bia
     assert torch.equal(m2.layers[2].attn.gk_proj[1].bias, biases[1])
     ids = torch.randint(0, 101, (1, 9))
     assert torch.equal(m(ids)[0], m2(ids)[0])
-    with pytest.raises(ValueError, match="gate_bias_init must be finite"):
-        GLAConfig(gate_bias_init=float("inf"))
+    for bad in (float("inf"), None, "3"):
+        with pytest.raises(ValueError, match="gate_bias_init must be a finite number"):
+            GLAConfig(gate_bias_init=bad)
 
 
 def test_layer_mixers_per_layer():
