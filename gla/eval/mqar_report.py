@@ -140,8 +140,8 @@ def plot(results, path: str, title: str) -> None:
                 d, mean, lo, hi = zip(*pts)
                 # max(0, .): the mean of equal accuracies can round a hair past them, and negative bars are an error
                 bars = [[max(0.0, a - b) for a, b in zip(mean, lo)], [max(0.0, b - a) for a, b in zip(mean, hi)]]
-                ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3, label=_row_label(m),
-                            color=color[m])
+                ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3,
+                            label=_row_label(m), color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")
