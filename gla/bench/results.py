@@ -43,7 +43,9 @@ def build(out: str, quick: bool) -> str:
                  f"![MQAR accuracy](results/mqar.png)\n\nThis is the CPU budget ({steps} steps of batch 64, "
                  "vocabulary 256, blocks without MLP as in Zoology, a short convolution before each recurrent mixer; "
                  "each cell is the mean over the seeds at the better of two rates, with their range): a check that "
-                 "runs in minutes. The GLA paper's grid (Fig. 4) needs the GPU: see the GPU section below."),
+                 "runs in minutes. The GLA paper's grid (Fig. 4) needs the GPU: see the GPU section below. GLA "
+                 "with its forget gate starting nearly open (--gate-bias-init 3) at these settings, paired seed by "
+                 "seed with the runs above: docs/results/mqar-cpu-gate-bias."),
                 ("Perplexity across token mixers (character-level Shakespeare)", compare,
                  lambda: open(os.path.join("runs", "compare", "compare.md")).read(), ""),
                 ("Decoding: per-token latency and memory vs context", decode,
