@@ -63,8 +63,10 @@ def save(run_dir: str, model: nn.Module, plain: nn.Module | None, optimizer, tra
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if plain is None:
-            ref = getattr(model, "config")
-            plain = build_model(ref)
+            # building draws initial weights from the global RNG; fork it so that writing a checkpoint leaves
+            # rank 0's dropout stream where an interrupted-and-resumed run will find it
+            with torch.random.fork_rng(devices=[]):
+                plain = build_model(getattr(model, "config"))
             plain.load_state_dict(msd)
         plain.save_pretrained(tmp)
         torch.save({"format": FORMAT, **train_state, "optimizer": osd}, os.path.join(tmp, STATE))

@@ -231,6 +231,8 @@ class Trainer:
                    "train_time_s": round(self.train_time, 2), "skipped_steps": self.skipped,
                    "tok_per_s": round(self.step * tokens_per_step / max(self.train_time, 1e-9), 1),
                    "params": n_params}
+        if self.device.type == "cuda":   # this rank's peak: shows what FSDP's sharding saves per GPU
+            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         if cfg.sample_tokens and (d.main or d.parallel == "fsdp"):
             texts = self.samples()
             if d.main:

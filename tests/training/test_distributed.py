@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gla.training import TrainConfig, resume_config, train
+from gla.training import TrainConfig, Trainer, resume_config, train
 from gla.training import report
 
 
@@ -17,15 +17,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict):
+def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, crash_at: int | None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train(TrainConfig(**cfg), progress=False)
+    if crash_at is not None:
+        real_step = Trainer.train_step
+
+        def crashing_step(self):
+            if self.step == crash_at:
+                raise RuntimeError("power cut")   # every rank dies here, after the last checkpoint
+            return real_step(self)
+        Trainer.train_step = crashing_step
+    train(resume_config(cfg["out"], {}) if resume else TrainConfig(**cfg), resume=resume, progress=False)
 
 
-def _run_2proc(cfg: TrainConfig):
-    mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict()), nprocs=2, start_method="spawn")
+def _run_2proc(cfg: TrainConfig, resume: bool = False, crash_at: int | None = None):
+    mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict(), resume, crash_at), nprocs=2,
+                       start_method="spawn")
 
 
 def _curve(out):
@@ -46,3 +55,20 @@ def test_two_processes_match_one(tmp_path, small_text, parallel):
     if parallel == "fsdp":   # the gathered checkpoint resumes on another number of processes
         summary = train(resume_config(str(tmp_path / parallel), {"steps": 6}), resume=True, progress=False)
         assert summary["step"] == 6
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_resume_is_exact(tmp_path, small_text, parallel):
+    """2 ranks crash after their step-4 checkpoint; resumed on 2 ranks, they reproduce the uninterrupted curve bit
+    for bit (dropout on: each rank's RNG stream must survive, and writing a checkpoint must not disturb it)."""
+    base = dict(data=small_text, preset="tiny", seq_len=32, batch_size=4, steps=7, lr=3e-3, warmup=1, dropout=0.1,
+                eval_every=4, eval_batches=1, log_every=1, sample_tokens=0, device="cpu", parallel=parallel)
+    _run_2proc(TrainConfig(out=str(tmp_path / "full"), **base))
+    cut = TrainConfig(out=str(tmp_path / "cut"), **base)
+    with pytest.raises(mp.ProcessRaisedException, match="power cut"):
+        _run_2proc(cut, crash_at=6)
+    assert len(_curve(tmp_path / "cut")) == 6 + 1          # 6 train losses and the step-4 validation
+    _run_2proc(cut, resume=True)
+    full, resumed = _curve(tmp_path / "full"), _curve(tmp_path / "cut")
+    assert len(full) == 7 + 2
+    assert resumed == full

@@ -1,0 +1,174 @@
+"""`gla train` on several GPUs of one host with NCCL: throughput, loss agreement with one GPU, exact resume.
+
+    python benchmarks/multi_gpu.py throughput [--gpus 2] [--presets gla-340m,gla-1.3b] [--out DIR]
+    python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]
+
+throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, bf16) on one GPU, then under
+`torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run sees the same
+tokens. The table gives tokens/s after the first log interval (compilation excluded), the speed-up over one GPU, rank
+0's peak memory, and how far each step's training loss strays from the one-GPU run's.
+
+resume: under torchrun, for ddp and fsdp, a run crashed after its step-8 checkpoint and resumed must reproduce the
+uninterrupted run's loss curve (train and validation, dropout on) exactly. Each of the three runs is its own torchrun
+launch; the crashed one is this script as the worker, killing its processes with os._exit before step 11.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs out of service.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+       "PYTHONPATH": ROOT}
+TRAIN = ["--data", "shakespeare", "--seq-len", "2048", "--batch-size", "16", "--warmup", "10", "--log-every", "5",
+         "--eval-every", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--device", "cuda", "--dtype", "bf16",
+         "--json"]
+
+
+def torchrun(gpus: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+
+
+def run_train(launcher: list[str], args: list[str], out: str, log) -> dict:
+    """One `gla train`; returns its JSON summary plus the metrics records."""
+    from gla.training import report
+    shutil.rmtree(out, ignore_errors=True)
+    stdout = _launch([*launcher, "-m", "gla.cli", "train", *args, "--out", out], log)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary["metrics"] = report.read_metrics(out)
+    shutil.rmtree(out, ignore_errors=True)   # checkpoints of 1.3B models fill the disk
+    return summary
+
+
+def steady_rate(metrics: list[dict]) -> float:
+    """Median tokens/s over the log intervals after the first (which holds kernel compilation)."""
+    rates = [r["tok_per_s"] for r in metrics if "tok_per_s" in r][1:]
+    return statistics.median(rates)
+
+
+def throughput(a) -> None:
+    os.makedirs(a.out, exist_ok=True)
+    rows, work = [], os.path.join(a.work, "tput")
+    with open(os.path.join(a.out, "throughput.log"), "a") as log:
+        for preset in a.presets.split(","):
+            steps = str(a.steps)
+            base = ["--preset", preset, "--steps", steps, *TRAIN]
+            one = run_train([sys.executable], base, os.path.join(work, "one"), log)
+            ref = {r["step"]: r["loss"] for r in one["metrics"] if "loss" in r}
+            runs = [("1 GPU", one)]
+            for par in ("ddp", "fsdp"):
+                runs.append((f"{a.gpus} GPUs {par}", run_train(torchrun(a.gpus), [*base, "--parallel", par],
+                                                               os.path.join(work, par), log)))
+            base_rate = steady_rate(one["metrics"])
+            for name, s in runs:
+                loss = {r["step"]: r["loss"] for r in s["metrics"] if "loss" in r}
+                drift = max(abs(loss[k] - ref[k]) for k in ref)
+                rate = steady_rate(s["metrics"])
+                rows.append(dict(preset=preset, params_m=round(s["params"] / 1e6, 1), run=name, tok_per_s=rate,
+                                 speedup=rate / base_rate, peak_mem_gib=s.get("peak_mem_gib"), max_loss_drift=drift,
+                                 final_loss=s["loss"], val_loss=s["val_loss"]))
+                log.write(json.dumps(rows[-1]) + "\n")
+            _table(rows, a.out)
+
+
+def _table(rows: list[dict], out: str) -> None:
+    lines = ["| preset | params | run | tokens/s | vs 1 GPU | peak GiB (rank 0) | max |loss - 1 GPU| | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['params_m']}M | {r['run']} | {r['tok_per_s']:,.0f} | "
+                     f"{r['speedup']:.2f}x | {r['peak_mem_gib']} | {r['max_loss_drift']:.2e} | {r['final_loss']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "throughput.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "throughput.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(text, flush=True)
+
+
+RESUME = ["--data", "shakespeare", "--preset", "demo", "--seq-len", "512", "--batch-size", "16", "--steps", "12",
+          "--warmup", "2", "--dropout", "0.1", "--eval-every", "4", "--eval-batches", "2", "--log-every", "1",
+          "--sample-tokens", "0", "--device", "cuda", "--dtype", "bf16", "--json"]
+CRASH_AT = 10   # the last checkpoint before it is step 8
+
+
+def crash_worker(argv: list[str]) -> None:
+    """`gla train` whose processes all die before step CRASH_AT + 1, as at a power cut (run under torchrun)."""
+    from gla.cli import main as cli
+    from gla.training import Trainer
+    real_step = Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == CRASH_AT:
+            os._exit(1)   # no clean-up, no final checkpoint
+        return real_step(self)
+
+    Trainer.train_step = crashing_step
+    cli(argv)
+
+
+def _curves(out: str) -> tuple[list, list]:
+    from gla.training import report
+    recs = report.read_metrics(out)
+    return ([(r["step"], r["loss"]) for r in recs if "loss" in r],
+            [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r])
+
+
+def resume(a) -> None:
+    os.makedirs(a.out, exist_ok=True)
+    results = []
+    with open(os.path.join(a.out, "resume.log"), "a") as log:
+        for par in ("ddp", "fsdp"):
+            args = ["train", *RESUME, "--parallel", par]
+            full, cut = os.path.join(a.work, f"{par}-full"), os.path.join(a.work, f"{par}-cut")
+            for d in (full, cut):
+                shutil.rmtree(d, ignore_errors=True)
+            _launch([*torchrun(a.gpus), "-m", "gla.cli", *args, "--out", full], log)
+            _launch([*torchrun(a.gpus), os.path.abspath(__file__), "crash-worker", *args, "--out", cut], log,
+                    check=False)
+            cut_train = _curves(cut)[0]
+            _launch([*torchrun(a.gpus), "-m", "gla.cli", *args, "--out", cut, "--resume"], log)
+            ref, got = _curves(full), _curves(cut)
+            results.append({"parallel": par, "world": a.gpus, "steps_before_crash":
+                            len(cut_train), "exact": ref == got, "train_steps": len(ref[0]), "val_points": len(ref[1]),
+                            "max_train_diff": max(abs(x[1] - y[1]) for x, y in zip(ref[0], got[0])),
+                            "full": ref, "resumed": got})
+            print(json.dumps({k: v for k, v in results[-1].items() if k not in ("full", "resumed")}), flush=True)
+    with open(os.path.join(a.out, "resume.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+
+
+def _launch(cmd: list[str], log, check: bool = True) -> str:
+    """Run cmd (stdout and stderr tails to the log); its stdout, or raise if it failed and check is set."""
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    log.write(f"rc {p.returncode}\n{p.stdout[-3000:]}{p.stderr[-3000:]}\n")
+    log.flush()
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with {p.returncode}:\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["crash-worker"]:
+        return crash_worker(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=("throughput", "resume"))
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--presets", default="gla-340m,gla-1.3b")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--out", default="runs/multi_gpu")
+    ap.add_argument("--work", default="/tmp/gla-multi-gpu")
+    a = ap.parse_args()
+    {"throughput": throughput, "resume": resume}[a.mode](a)
+
+
+if __name__ == "__main__":
+    main()
