@@ -79,7 +79,7 @@ def throughput(a) -> None:
 
 
 def _table(rows: list[dict], out: str) -> None:
-    lines = ["| preset | params | run | tokens/s | vs 1 GPU | peak GiB (rank 0) | max |loss - 1 GPU| | final loss |",
+    lines = ["| preset | params | run | tokens/s | vs 1 GPU | peak GiB (rank 0) | max loss gap to 1 GPU | final loss |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['params_m']}M | {r['run']} | {r['tok_per_s']:,.0f} | "
