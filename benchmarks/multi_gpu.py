@@ -1,7 +1,7 @@
 """`gla train` on several GPUs of one host with NCCL: throughput, loss agreement with one GPU, exact resume.
 
-    python benchmarks/multi_gpu.py throughput [--gpus 2] [--presets gla-340m,gla-1.3b] [--out DIR]
-    python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]
+    python benchmarks/multi_gpu.py throughput [--gpus 2] [--presets gla-340m,gla-1.3b] [--steps 40] [--out DIR]
+    python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]          (both: [--work SCRATCH_DIR])
 
 throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, 8 for 1.3B; bf16) on one GPU, then under
 `torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run sees the same
@@ -26,8 +26,7 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-       "PYTHONPATH": ROOT}
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 BATCH = {"gla-340m": 16, "gla-1.3b": 8}   # global sequences per step; 1.3B at 16 does not fit one GPU's 140 GB
 TRAIN = ["--data", "shakespeare", "--seq-len", "2048", "--warmup", "10", "--log-every", "1",
          "--eval-every", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--device", "cuda", "--dtype", "bf16",
@@ -43,7 +42,7 @@ def run_train(launcher: list[str], args: list[str], out: str, log) -> dict:
     from gla.training import report
     shutil.rmtree(out, ignore_errors=True)
     stdout = _launch([*launcher, "-m", "gla.cli", "train", *args, "--out", out], log)
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
     summary["metrics"] = report.read_metrics(out)
     shutil.rmtree(out, ignore_errors=True)   # checkpoints of 1.3B models fill the disk
     return summary
@@ -56,12 +55,14 @@ def steady_rate(metrics: list[dict]) -> float:
 
 
 def throughput(a) -> None:
+    if a.steps < 10:
+        raise SystemExit("--steps must be >= 10: the rate is a median over the steps after the first five")
     os.makedirs(a.out, exist_ok=True)
     rows, work = [], os.path.join(a.work, "tput")
     with open(os.path.join(a.out, "throughput.log"), "a") as log:
         for preset in a.presets.split(","):
-            steps = str(a.steps)
-            base = ["--preset", preset, "--steps", steps, "--batch-size", str(BATCH.get(preset, 16)), *TRAIN]
+            batch = BATCH.get(preset, 16)
+            base = ["--preset", preset, "--steps", str(a.steps), "--batch-size", str(batch), *TRAIN]
             one = run_train([sys.executable], base, os.path.join(work, "one"), log)
             ref = {r["step"]: r["loss"] for r in one["metrics"] if "loss" in r}
             runs = [("1 GPU", one)]
@@ -74,7 +75,7 @@ def throughput(a) -> None:
                 gap = [abs(loss[k] - ref[k]) for k in sorted(ref)]
                 rate = steady_rate(s["metrics"])
                 rows.append(dict(preset=preset, params_m=round(s["params"] / 1e6, 1), run=name,
-                                 batch=BATCH.get(preset, 16), tok_per_s=rate, speedup=rate / base_rate,
+                                 batch=batch, tok_per_s=rate, speedup=rate / base_rate,
                                  peak_mem_gib=s.get("peak_mem_gib"), gap_step1=gap[0], gap_first10=max(gap[:10]),
                                  gap_max=max(gap), final_loss=s["loss"], val_loss=s["val_loss"],
                                  losses=[loss[k] for k in sorted(loss)]))
@@ -115,7 +116,7 @@ def crash_worker(argv: list[str]) -> None:
         return real_step(self)
 
     Trainer.train_step = crashing_step
-    cli(argv)
+    sys.exit(cli(argv))
 
 
 def _curves(out: str) -> tuple[list, list]:
@@ -138,6 +139,8 @@ def resume(a) -> None:
             _launch([*torchrun(a.gpus), os.path.abspath(__file__), "crash-worker", *args, "--out", cut], log,
                     check=False)
             cut_train = _curves(cut)[0]
+            if len(cut_train) != CRASH_AT:
+                raise RuntimeError(f"the crashed {par} run logged {len(cut_train)} steps, not {CRASH_AT}")
             _launch([*torchrun(a.gpus), "-m", "gla.cli", *args, "--out", cut, "--resume"], log)
             ref, got = _curves(full), _curves(cut)
             results.append({"parallel": par, "world": a.gpus, "steps_before_crash":
@@ -147,6 +150,8 @@ def resume(a) -> None:
             print(json.dumps({k: v for k, v in results[-1].items() if k not in ("full", "resumed")}), flush=True)
     with open(os.path.join(a.out, "resume.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
+    if not all(r["exact"] for r in results):
+        raise SystemExit("a resumed run did not reproduce the uninterrupted one")
 
 
 def _launch(cmd: list[str], log, check: bool = True) -> str:

@@ -177,23 +177,4 @@ def load_fla(path: str, map_location="cpu") -> GLATransformer:
             raise ValueError(f"gate_low_rank_dim={cfg.gate_low_rank_dim} in config.json but the checkpoint's "
                              f"gk_proj.0 weights have rank {ranks.pop()}")
         cfg.gate_low_rank_dim = ranks.pop()  # FLA fixes it in code (16), not in its config: trust the weights
-    # Built on the meta device and filled by assignment: no random initialisation of weights we overwrite.
-    with torch.device("meta"):
-        model = GLATransformer.from_config(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: FLA weights do not match the config: missing {missing}, unexpected {unexpected}")
-    bad = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in model.state_dict().items()
-           if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: FLA weights have the wrong shapes for the config: {bad}")
-    model.load_state_dict(state, assign=True)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:  # a buffer the checkpoint does not hold: build normally and copy instead
-        model = GLATransformer.from_config(cfg)
-        model.load_state_dict(state)
-    model = model.float()
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embeddings.weight
-    return model.to(map_location)
+    return GLATransformer.from_state(cfg, state, what=f"{path}: FLA weights").to(map_location)

@@ -74,6 +74,37 @@ class GLATransformer(nn.Module):
         d = cfg.to_dict()
         return cls(**d)
 
+    @classmethod
+    def from_state(cls, cfg: GLAConfig, state: dict, what: str = "the weights") -> "GLATransformer":
+        """An fp32 model holding ``state`` (names as in ``state_dict()``; ``lm_head.weight`` may be left out when the
+        embeddings are tied), built without drawing initial weights: on the meta device, filled by assignment. That
+        skips a random initialisation that is overwritten anyway (20 s for gla-1.3b on a CPU) and leaves the
+        caller's RNG stream untouched, which exact resume relies on. Non-persistent buffers (RetNet's fixed decays)
+        are in no state dict: a model with them is built normally, under a forked RNG, and copied into.
+        Raises ValueError naming ``what`` when the tensors do not match the config.
+        """
+        if cfg.tie_embeddings and "embeddings.weight" in state:
+            state = {**state, "lm_head.weight": state["embeddings.weight"]}
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{what} do not match the config: missing {missing}, unexpected {unexpected}")
+        bad = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+               if state[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"{what} have the wrong shapes for the config: {bad}")
+        model.load_state_dict(state, assign=True)
+        if any(b.is_meta for b in model.buffers()):
+            with torch.random.fork_rng(devices=[]):
+                model = cls.from_config(cfg)
+            model.load_state_dict(state)
+        model = model.float()
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embeddings.weight
+        return model
+
     def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
         """Logits and the new state; arguments as in ``features``. Returns (logits [B, T, vocab_size], ModelState).
         """
@@ -165,7 +196,7 @@ class GLATransformer(nn.Module):
         ours = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version",
                                                            "torch_dtype", "dtype")}
         known = set(GLAConfig.__dataclass_fields__)
-        model = cls.from_config(GLAConfig.from_dict({k: v for k, v in ours.items() if k in known}))
+        config = GLAConfig.from_dict({k: v for k, v in ours.items() if k in known})
         wpath = os.path.join(path, WEIGHTS)
         if not os.path.isfile(wpath):
             raise FileNotFoundError(f"no {WEIGHTS} in {path}")
@@ -174,12 +205,7 @@ class GLATransformer(nn.Module):
         except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
             raise ValueError(f"{wpath} is not a readable safetensors file: {e}") from e
         state = {k.removeprefix("model."): v for k, v in tensors.items()}
-        if model.config.tie_embeddings:
-            state["lm_head.weight"] = state["embeddings.weight"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{wpath} does not match the config: missing {missing}, unexpected {unexpected}")
-        return model
+        return cls.from_state(config, state, what=wpath).to(map_location)
 
 
 def read_json(path: str, what: str) -> dict:

@@ -62,12 +62,9 @@ def save(run_dir: str, model: nn.Module, plain: nn.Module | None, optimizer, tra
         tmp, cur, old = (os.path.join(run_dir, n) for n in (f".{CKPT}.tmp", CKPT, f".{CKPT}.old"))
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if plain is None:
-            # building draws initial weights from the global RNG; fork it so that writing a checkpoint leaves
-            # rank 0's dropout stream where an interrupted-and-resumed run will find it
-            with torch.random.fork_rng(devices=[]):
-                plain = build_model(getattr(model, "config"))
-            plain.load_state_dict(msd)
+        if plain is None:   # built without drawing from rank 0's RNG: its dropout stream must not move here
+            from gla.models import GLATransformer
+            plain = GLATransformer.from_state(model.config, msd, what="gathered FSDP weights")
         plain.save_pretrained(tmp)
         torch.save({"format": FORMAT, **train_state, "optimizer": osd}, os.path.join(tmp, STATE))
         tok_file = tokenizer.save(tmp)   # "bytes", or the name of the copied tokenizer.json

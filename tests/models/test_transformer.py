@@ -11,7 +11,7 @@ from gla.layers.gla_attention import GatedLinearAttention
 from tests.utils import rel_err
 
 KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)},
-         "no_mlp": {"mlp": "none", "attn_layers": (1,)}}
+         "no_mlp": {"mlp": "none", "attn_layers": (1,)}, "retnet": {"mixer": "retnet"}}
 
 
 def model(kind="gla", **kw):
@@ -126,15 +126,24 @@ def test_bad_inputs():
         GLAConfig.preset("gla-7b")
 
 
-@pytest.mark.parametrize("kind", ["gla", "hybrid", "no_mlp"])
+@pytest.mark.parametrize("kind", ["gla", "hybrid", "no_mlp", "retnet"])
 def test_save_and_load_round_trip(tmp_path, kind):
+    """Loading draws no random numbers (exact resume relies on it), also for RetNet's fixed-decay buffers, which
+    no checkpoint holds; weights saved in bf16 load as fp32."""
     m = model(kind, tie_embeddings=True)
     m.save_pretrained(str(tmp_path))
+    rng = torch.get_rng_state()
     m2 = gla.from_pretrained(str(tmp_path))
+    assert torch.equal(torch.get_rng_state(), rng)
     x = torch.randint(0, 101, (1, 9))
     assert torch.equal(m(x)[0], m2(x)[0])
     assert m2.lm_head.weight is m2.embeddings.weight
+    assert not any(t.is_meta for t in [*m2.parameters(), *m2.buffers()])
     assert json.load(open(tmp_path / "config.json"))["model_type"] == "gla_lm"
+    m.to(torch.bfloat16).save_pretrained(str(tmp_path))
+    m3 = gla.from_pretrained(str(tmp_path))
+    assert {p.dtype for p in m3.parameters()} == {torch.float32}
+    assert torch.equal(m3.embeddings.weight, m.embeddings.weight.float())
 
 
 def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):

@@ -1,5 +1,6 @@
-"""DDP and FSDP2 in 2 gloo processes on CPU: the same losses as one process with the same global batch, and a
-checkpoint written by 2 FSDP ranks resumes in one process."""
+"""DDP and FSDP2 in 2 gloo processes on CPU: the same losses as one process with the same global batch, a
+checkpoint written by 2 FSDP ranks resumes in one process, and 2 ranks that crash and resume reproduce the
+uninterrupted run bit for bit."""
 import os
 import socket
 
@@ -26,7 +27,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, crash_at:
 
         def crashing_step(self):
             if self.step == crash_at:
-                raise RuntimeError("power cut")   # every rank dies here, after the last checkpoint
+                # every rank dies here, after the last checkpoint; the barrier lets rank 0 log its last step before
+                # the first death makes the launcher kill it
+                torch.distributed.barrier()
+                raise RuntimeError("power cut")
             return real_step(self)
         Trainer.train_step = crashing_step
     train(resume_config(cfg["out"], {}) if resume else TrainConfig(**cfg), resume=resume, progress=False)
