@@ -3,9 +3,9 @@
     python benchmarks/multi_gpu.py throughput [--gpus 2] [--presets gla-340m,gla-1.3b] [--steps 40] [--out DIR]
     python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]          (both: [--work SCRATCH_DIR])
 
-throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, 8 for 1.3B; bf16) on one GPU, then under
-`torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run sees the same
-tokens. The table gives tokens/s after the first five steps (compilation excluded), the speed-up over one GPU, rank
+throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, 8 for 1.3B; bf16) on one
+GPU, then under `torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run
+sees the same tokens. The table gives tokens/s after the first five steps (compilation excluded), the speed-up over one GPU, rank
 0's peak memory, and how far each step's training loss strays from the one-GPU run's (bf16 sums in another order
 at step 1, then amplified by training).
 

@@ -205,7 +205,7 @@ class GLATransformer(nn.Module):
         except Exception as e:  # safetensors raises its own error types for truncated or corrupted files
             raise ValueError(f"{wpath} is not a readable safetensors file: {e}") from e
         state = {k.removeprefix("model."): v for k, v in tensors.items()}
-        return cls.from_state(config, state, what=wpath).to(map_location)
+        return cls.from_state(config, state, what=f"the weights in {wpath}").to(map_location)
 
 
 def read_json(path: str, what: str) -> dict:
