@@ -5,9 +5,9 @@
 
 throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, 8 for 1.3B; bf16) on one
 GPU, then under `torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run
-sees the same tokens. The table gives tokens/s after the first five steps (compilation excluded), the speed-up over one GPU, rank
-0's peak memory, and how far each step's training loss strays from the one-GPU run's (bf16 sums in another order
-at step 1, then amplified by training).
+sees the same tokens. The table gives tokens/s after the first five steps (compilation excluded), the speed-up
+over one GPU, rank 0's peak memory, and how far each step's training loss strays from the one-GPU run's (bf16 sums
+in another order at step 1, then amplified by training).
 
 resume: under torchrun, for ddp and fsdp, a run crashed after its step-8 checkpoint and resumed must reproduce the
 uninterrupted run's loss curve (train and validation, dropout on) exactly. Each of the three runs is its own torchrun
