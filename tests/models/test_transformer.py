@@ -154,6 +154,14 @@ def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="safetensors"):
         gla.from_pretrained(str(tmp_path))
+    model().save_pretrained(str(tmp_path))
+    cfg = json.load(open(tmp_path / "config.json"))
+    json.dump({**cfg, "n_layers": 4}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"model.safetensors do not match the config: missing \[.layers.3"):
+        gla.from_pretrained(str(tmp_path))
+    json.dump({**cfg, "d_ff": 64}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="wrong shapes for the config.*mlp"):
+        gla.from_pretrained(str(tmp_path))
     with open(tmp_path / "config.json", "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="JSON"):
