@@ -1,13 +1,17 @@
 """`gla train` on several GPUs of one host with NCCL: throughput, loss agreement with one GPU, exact resume.
 
     python benchmarks/multi_gpu.py throughput [--gpus 2] [--presets gla-340m,gla-1.3b] [--steps 40] [--out DIR]
-    python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]          (both: [--work SCRATCH_DIR])
+    python benchmarks/multi_gpu.py scaling [--gpus 2] [--presets ...] [--per-gpu-batch 4,8] [--steps 40] [--out DIR]
+    python benchmarks/multi_gpu.py resume [--gpus 2] [--out DIR]          (all: [--work SCRATCH_DIR])
 
 throughput: each preset trains on the default corpus (bytes, seq 2048, global batch 16, 8 for 1.3B; bf16) on one
 GPU, then under `torchrun --nproc_per_node=N` with --parallel ddp and fsdp at the same global batch, so every run
 sees the same tokens. The table gives tokens/s after the first five steps (compilation excluded), the speed-up
 over one GPU, rank 0's peak memory, and how far each step's training loss strays from the one-GPU run's (bf16 sums
 in another order at step 1, then amplified by training).
+
+scaling: the same batch per GPU instead: one GPU at b sequences per step against DDP at gpus * b; efficiency is
+the DDP rate over gpus times the one-GPU rate.
 
 resume: under torchrun, for ddp and fsdp, a run crashed after its step-8 checkpoint and resumed must reproduce the
 uninterrupted run's loss curve (train and validation, dropout on) exactly. Each of the three runs is its own torchrun
@@ -54,12 +58,17 @@ def steady_rate(metrics: list[dict]) -> float:
     return statistics.median(rates)
 
 
-def throughput(a) -> None:
+def _start(a, name: str):
+    """Check --steps, make --out, open its log for mode `name`."""
     if a.steps < 10:
         raise SystemExit("--steps must be >= 10: the rate is a median over the steps after the first five")
     os.makedirs(a.out, exist_ok=True)
+    return open(os.path.join(a.out, f"{name}.log"), "a")
+
+
+def throughput(a) -> None:
     rows, work = [], os.path.join(a.work, "tput")
-    with open(os.path.join(a.out, "throughput.log"), "a") as log:
+    with _start(a, "throughput") as log:
         for preset in a.presets.split(","):
             batch = BATCH.get(preset, 16)
             base = ["--preset", preset, "--steps", str(a.steps), "--batch-size", str(batch), *TRAIN]
@@ -80,20 +89,41 @@ def throughput(a) -> None:
                                  gap_max=max(gap), final_loss=s["loss"], val_loss=s["val_loss"],
                                  losses=[loss[k] for k in sorted(loss)]))
                 log.write(json.dumps(rows[-1]) + "\n")
-            _table(rows, a.out)
+            _table(a.out, "throughput", rows, "| preset | params | batch | run | tokens/s | vs 1 GPU "
+                   "| peak GiB (rank 0) | loss gap to 1 GPU: step 1 / max of 1-10 / max | final loss |", lambda r: (
+                       f"| {r['preset']} | {r['params_m']}M | {r['batch']} | {r['run']} | {r['tok_per_s']:,.0f} | "
+                       f"{r['speedup']:.2f}x | {r['peak_mem_gib']} | {r['gap_step1']:.1e} / "
+                       f"{r['gap_first10']:.1e} / {r['gap_max']:.1e} | {r['final_loss']:.4f} |"))
 
 
-def _table(rows: list[dict], out: str) -> None:
-    lines = ["| preset | params | batch | run | tokens/s | vs 1 GPU | peak GiB (rank 0) | loss gap to 1 GPU: "
-             "step 1 / max of 1-10 / max | final loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['preset']} | {r['params_m']}M | {r['batch']} | {r['run']} | {r['tok_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f}x | {r['peak_mem_gib']} | {r['gap_step1']:.1e} / {r['gap_first10']:.1e} / "
-                     f"{r['gap_max']:.1e} | {r['final_loss']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "throughput.md"), "w") as f:
+def scaling(a) -> None:
+    """Same batch per GPU: one GPU at b sequences per step against DDP on --gpus GPUs at gpus * b."""
+    rows, work = [], os.path.join(a.work, "scaling")
+    with _start(a, "scaling") as log:
+        for preset in a.presets.split(","):
+            for b in (int(x) for x in a.per_gpu_batch.split(",")):
+                base = ["--preset", preset, "--steps", str(a.steps), *TRAIN]
+                one = run_train([sys.executable], [*base, "--batch-size", str(b)], os.path.join(work, "one"), log)
+                ddp = run_train(torchrun(a.gpus), [*base, "--batch-size", str(b * a.gpus), "--parallel", "ddp"],
+                                os.path.join(work, "ddp"), log)
+                r1, r2 = steady_rate(one["metrics"]), steady_rate(ddp["metrics"])
+                rows.append(dict(preset=preset, per_gpu_batch=b, gpus=a.gpus, one_tok_per_s=r1, ddp_tok_per_s=r2,
+                                 efficiency=r2 / (a.gpus * r1), one_peak_gib=one.get("peak_mem_gib"),
+                                 ddp_peak_gib=ddp.get("peak_mem_gib")))
+                log.write(json.dumps(rows[-1]) + "\n")
+            _table(a.out, "scaling", rows, "| preset | batch per GPU | 1 GPU tokens/s | DDP tokens/s | efficiency "
+                   "| peak GiB, 1 GPU / DDP rank 0 |", lambda r: (
+                       f"| {r['preset']} | {r['per_gpu_batch']} | {r['one_tok_per_s']:,.0f} | "
+                       f"{r['ddp_tok_per_s']:,.0f} ({r['gpus']} GPUs) | {r['efficiency']:.1%} | "
+                       f"{r['one_peak_gib']} / {r['ddp_peak_gib']} |"))
+
+
+def _table(out: str, name: str, rows: list[dict], header: str, line) -> None:
+    """NAME.md (header, then line(row) per row) and NAME.jsonl in `out`; the table is printed too."""
+    text = "\n".join([header, "|---" * header.count(" | ") + "|---|", *map(line, rows)]) + "\n"
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "throughput.jsonl"), "w") as f:
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     print(text, flush=True)
 
@@ -170,14 +200,15 @@ def main() -> None:
     if sys.argv[1:2] == ["crash-worker"]:
         return crash_worker(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("throughput", "resume"))
+    ap.add_argument("mode", choices=("throughput", "scaling", "resume"))
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--presets", default="gla-340m,gla-1.3b")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--per-gpu-batch", default="4,8", help="scaling: sequences per GPU per step, comma-separated")
     ap.add_argument("--out", default="runs/multi_gpu")
     ap.add_argument("--work", default="/tmp/gla-multi-gpu")
     a = ap.parse_args()
-    {"throughput": throughput, "resume": resume}[a.mode](a)
+    {"throughput": throughput, "scaling": scaling, "resume": resume}[a.mode](a)
 
 
 if __name__ == "__main__":
