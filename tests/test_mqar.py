@@ -86,6 +86,25 @@ def test_a_model_that_reaches_stop_at_trains_no_further(monkeypatch):
     assert a.final_loss != train_group([done], **kw)[0].final_loss  # six steps would have moved it further
 
 
+def test_training_on_cuda_draws_batches_with_one_host_thread():
+    """The pool goes to one thread inside the block and back to the caller's setting after it, also on an error;
+    off, it is left alone."""
+    from gla.eval.mqar import _one_host_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _one_host_thread(False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with _one_host_thread(True):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_autocast_grid(tmp_path, capsys):
     main(["--mixers", "gla,softmax", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "3",
           "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "64", "--precision", "bf16", "--short-conv", "--json",

@@ -13,6 +13,7 @@ tables are in ``mqar_report``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -193,6 +194,24 @@ def check_seeds(seeds) -> None:
         raise ValueError(f"seeds must be distinct integers >= 0 (each seed must be >= 0, none repeated), got {seeds}")
 
 
+@contextlib.contextmanager
+def _one_host_thread(on: bool):
+    """Runs the block with torch's intra-op pool at one thread (on), then restores the caller's setting.
+
+    Training on CUDA, the host's only work per step is drawing one batch with make_mqar (about 3 ms on one core at
+    T=256, 16 pairs). Threads gain little there, and their barriers wait on threads that other busy processes
+    deschedule. On one H200, with two CPU-bound processes beside it, a group of 4 models went from 22 to 70-110 ms
+    per step, and to 22 ms with one thread. Two `gla eval mqar` processes, one per GPU of one host, ran small groups
+    3-4x slower than one process alone (benchmarks/NOTES.md)."""
+    threads = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
@@ -224,65 +243,66 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     check_stopping(eval_every, stop_at)
     check_seeds([seed])
     bf16 = precision == "bf16"
-    members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp, gate_bias_init) for s in specs]
-    main = torch.cuda.current_stream(dev) if graphs else None
-    for m in members:
-        m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
-        m.model.train()
-    x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=TEST_SEED)
-    task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
-    t0 = time.perf_counter()
-    active = members
-    for step in range(steps):
-        x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
-        if graphs and step >= EAGER_STEPS:
-            if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
-                xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
-                for m in active:
-                    _capture(m, xs, ys, kv_pairs)
-            xs.copy_(x.pin_memory(), non_blocking=True)  # after the previous replays: main waited for them
-            ys.copy_(y.pin_memory(), non_blocking=True)
-        else:
-            xs, ys = x.to(dev), y.to(dev)
-        f = lr_factor(step, steps)
-        for m in active:
-            if m.stream is not None:
-                m.stream.wait_stream(main)
-            with torch.cuda.stream(m.stream):  # no-op for None
-                m.set_lr(m.spec["lr"] * f)
-                if m.graph is not None:
-                    m.graph.replay()
-                else:
-                    m.opt.zero_grad(set_to_none=True)
-                    m.loss = m.step(xs, ys, kv_pairs)
-        for m in active:
-            if m.stream is not None:
-                main.wait_stream(m.stream)
-        if log_every and (step + 1) % log_every == 0:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
-            losses = " ".join(f"{m.loss.item():.3f}" + ("(stopped)" if m.stopped_at else "") for m in members)
-            print(f"{task}, {len(members)} models: step {step + 1}/{steps}, "
-                  f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
-            print(f"{task}: step {step + 1}, accuracy "
-                  + " ".join(f"{m.spec['mixer']}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
-                             for m, a in zip(active, accs)), file=sys.stderr, flush=True)
-            if stop_at is not None:
-                for m, a in zip(active, accs):
-                    if a >= stop_at:
-                        m.stopped_at = step + 1
-                active = [m for m in active if m.stopped_at is None]
-                if not active:
-                    break
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
-                       _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv, m.loss.item(),
-                       precision, batch_size, mlp, m.stopped_at, seed, m.gate_bias_init)
-            for m in members]
+    with _one_host_thread(dev.type == "cuda"):  # the batches are drawn on the host; see _one_host_thread
+        members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp, gate_bias_init) for s in specs]
+        main = torch.cuda.current_stream(dev) if graphs else None
+        for m in members:
+            m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
+            m.model.train()
+        x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=TEST_SEED)
+        task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
+        t0 = time.perf_counter()
+        active = members
+        for step in range(steps):
+            x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
+            if graphs and step >= EAGER_STEPS:
+                if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
+                    xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
+                    for m in active:
+                        _capture(m, xs, ys, kv_pairs)
+                xs.copy_(x.pin_memory(), non_blocking=True)  # after the previous replays: main waited for them
+                ys.copy_(y.pin_memory(), non_blocking=True)
+            else:
+                xs, ys = x.to(dev), y.to(dev)
+            f = lr_factor(step, steps)
+            for m in active:
+                if m.stream is not None:
+                    m.stream.wait_stream(main)
+                with torch.cuda.stream(m.stream):  # no-op for None
+                    m.set_lr(m.spec["lr"] * f)
+                    if m.graph is not None:
+                        m.graph.replay()
+                    else:
+                        m.opt.zero_grad(set_to_none=True)
+                        m.loss = m.step(xs, ys, kv_pairs)
+            for m in active:
+                if m.stream is not None:
+                    main.wait_stream(m.stream)
+            if log_every and (step + 1) % log_every == 0:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
+                losses = " ".join(f"{m.loss.item():.3f}" + ("(stopped)" if m.stopped_at else "") for m in members)
+                print(f"{task}, {len(members)} models: step {step + 1}/{steps}, "
+                      f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
+                print(f"{task}: step {step + 1}, accuracy "
+                      + " ".join(f"{m.spec['mixer']}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
+                                 for m, a in zip(active, accs)), file=sys.stderr, flush=True)
+                if stop_at is not None:
+                    for m, a in zip(active, accs):
+                        if a >= stop_at:
+                            m.stopped_at = step + 1
+                    active = [m for m in active if m.stopped_at is None]
+                    if not active:
+                        break
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
+                           _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv,
+                           m.loss.item(), precision, batch_size, mlp, m.stopped_at, seed, m.gate_bias_init)
+                for m in members]
 
 
 def _train_in_worker(group: dict, threads: int) -> list:
