@@ -25,6 +25,8 @@ def _train_parser(sub):
         a(f"--{name}", type=kind, help="override the preset")
     a("--mixer", choices=("gla", "linear", "retnet", "seed", "softmax"),
       help="token mixer of every layer (gla; the others are baselines for comparisons)")
+    a("--gate-bias-init", type=float,
+      help="initial bias of the forget gate of gla and seed layers (0, as FLA); larger starts with less decay")
     a("--seq-len", type=int, help="tokens per training sequence (256)")
     a("--batch-size", type=int, help="sequences per optimizer step, over all processes (32)")
     a("--grad-accum", type=int, help="micro-steps per optimizer step (1)")

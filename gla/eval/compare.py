@@ -7,30 +7,44 @@ budget, in one command, with a table.
 Each mixer trains in OUT/MIXER with identical settings and seed; its validation loss is reported over windows of
 --seq-len tokens (the training context) and, for the recurrent mixers, with the whole text streamed through the
 state (unbounded context; softmax has no constant-size state, so that column is left empty for it).
+--gate-bias-init 0,3 trains gla (and seed) once per initial forget-gate bias, each in a row of its own, so the cost
+of starting with less decay shows beside FLA's start (0).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from gla.bench import write_report
+from gla.eval.mqar_report import mixer_label
+from gla.layers.block import GATED_MIXERS
 from gla.training import TrainConfig, train
 
 RECURRENT = ("gla", "linear", "retnet", "seed")
 
 
-def compare(mixers, out: str, device: str = "auto", **train_flags) -> list[dict]:
-    """Train and evaluate one model per mixer; returns one row per mixer."""
+def variants(mixers, gate_bias_inits=(0.0,)) -> list[tuple[str, float]]:
+    """(mixer, gate bias) pairs to train: every bias for the mixers with a data-dependent forget gate, bias 0 (no
+    gate to start) once for the others."""
+    return [(m, float(b)) for m in mixers for b in (gate_bias_inits if m in GATED_MIXERS else (0.0,))]
+
+
+def compare(mixers, out: str, device: str = "auto", gate_bias_inits=(0.0,), **train_flags) -> list[dict]:
+    """Train and evaluate one model per (mixer, gate bias) of ``variants``; returns one row for each. A model
+    trains in OUT/MIXER, or OUT/MIXER-biasB where its gate starts elsewhere than 0."""
     from gla.eval.ppl import evaluate
 
     rows = []
-    for mixer in mixers:
-        cfg = TrainConfig(out=os.path.join(out, mixer), mixer=mixer, device=device, sample_tokens=0, **train_flags)
+    for mixer, bias in variants(mixers, gate_bias_inits):
+        run = os.path.join(out, mixer if bias == 0 else f"{mixer}-bias{bias:g}")
+        cfg = TrainConfig(out=run, mixer=mixer, device=device, sample_tokens=0,
+                          gate_bias_init=bias if mixer in GATED_MIXERS else None, **train_flags)
         s = train(cfg, progress=False)
         dev = "cpu" if device == "auto" else device
         window = evaluate(cfg.out, cfg.data, cfg.seq_len, "val", cfg.val_fraction, dev)
-        row = {"mixer": mixer, "params": s["params"], "train_time_s": s["train_time_s"],
+        row = {"mixer": mixer, "gate_bias_init": bias, "params": s["params"], "train_time_s": s["train_time_s"],
                "val_loss": window["loss"], "val_bpb": window["bpb"], "seq_len": cfg.seq_len}
         if mixer in RECURRENT:
             row["val_loss_unbounded"] = evaluate(cfg.out, cfg.data, None, "val", cfg.val_fraction, dev)["loss"]
@@ -43,8 +57,8 @@ def markdown_table(rows) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         unb = f"{r['val_loss_unbounded']:.4f}" if "val_loss_unbounded" in r else "–"
-        lines.append(f"| {r['mixer']} | {r['params'] / 1e6:.2f}M | {r['train_time_s']:.0f} | {r['val_loss']:.4f} | "
-                     f"{r['val_bpb']:.4f} | {unb} |")
+        lines.append(f"| {mixer_label(r['mixer'], r['gate_bias_init'])} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['train_time_s']:.0f} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {unb} |")
     return "\n".join(lines)
 
 
@@ -53,16 +67,30 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+    p.add_argument("--gate-bias-init", default="0",
+                   help="comma-separated initial biases of the forget gate: gla and seed train once per bias "
+                        "(0 is FLA's; larger starts with less decay), the other mixers once")
     for name, kind in (("data", str), ("preset", str), ("d-model", int), ("n-layers", int), ("n-heads", int),
                        ("seq-len", int), ("batch-size", int), ("steps", int), ("lr", float), ("warmup", int),
                        ("beta2", float), ("eval-every", int), ("seed", int)):
         p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help="as for gla train")
 
 
+def _finite_floats(text: str) -> tuple:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
+        raise SystemExit(f"gla eval compare: --gate-bias-init must be distinct finite numbers, got {text!r}")
+    return values
+
+
 def run(args) -> list[dict]:
     flags = {k: v for k, v in vars(args).items() if k not in ("mixers", "out", "device", "json", "cmd", "task",
-                                                              "func")}
-    rows = compare([m for m in args.mixers.split(",") if m], args.out, args.device, **flags)
+                                                              "func", "gate_bias_init")}
+    biases = _finite_floats(args.gate_bias_init)
+    rows = compare([m for m in args.mixers.split(",") if m], args.out, args.device, biases, **flags)
     if args.json:
         for r in rows:
             print(json.dumps(r))

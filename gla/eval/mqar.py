@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
 
 IGNORE = -100
@@ -153,8 +154,7 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
                             fused=cuda or None)
-    gated = any(getattr(layer.attn, "decay", None) == "data" for layer in model.layers)
-    return _Member(spec, model, opt, bf16, gate_bias_init if gated else 0.0)
+    return _Member(spec, model, opt, bf16, gate_bias_init if spec["mixer"] in GATED_MIXERS else 0.0)
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces

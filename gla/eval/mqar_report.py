@@ -36,9 +36,9 @@ def _row(r: dict) -> tuple:
     return r["mixer"], float(r["gate_bias_init"])
 
 
-def _row_label(row: tuple) -> str:
-    mixer, b = row
-    return mixer if b == 0 else f"{mixer}, gate bias {b!r}"
+def mixer_label(mixer: str, gate_bias_init: float) -> str:
+    """A table row's name: the mixer, and its gate's initial bias where that is not the default 0."""
+    return mixer if gate_bias_init == 0 else f"{mixer}, gate bias {float(gate_bias_init)!r}"
 
 
 def _cell(r: dict) -> tuple:
@@ -60,7 +60,7 @@ def best_per_cell(runs) -> list[dict]:
     for r in map(dataclasses.asdict, runs):
         rs = by_rate.setdefault((_cell(r), r["lr"]), [])
         if any(o["seed"] == r["seed"] for o in rs):
-            raise ValueError(f"two runs of {_row_label(_row(r))}, d_model {r['d_model']}, lr {r['lr']:g}, "
+            raise ValueError(f"two runs of {mixer_label(*_row(r))}, d_model {r['d_model']}, lr {r['lr']:g}, "
                              f"seed {r['seed']} at {_label(_budget(r))}: pass each run once")
         rs.append(r)
     best = {}
@@ -109,7 +109,7 @@ def markdown_table(results: list[dict]) -> str:
                  "| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
         for m in dict.fromkeys(map(_row, rows)):
             cells = [_percent(cell[(*budget, m, d)]) if (*budget, m, d) in cell else "–" for d in dims]
-            lines.append(f"| {_row_label(m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {mixer_label(*m)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -141,7 +141,7 @@ def plot(results, path: str, title: str) -> None:
                 # max(0, .): the mean of equal accuracies can round a hair past them, and negative bars are an error
                 bars = [[max(0.0, a - b) for a, b in zip(mean, lo)], [max(0.0, b - a) for a, b in zip(mean, hi)]]
                 ax.errorbar(d, mean, yerr=bars if any(map(any, bars)) else None, marker="o", capsize=3,
-                            label=_row_label(m), color=color[m])
+                            label=mixer_label(*m), color=color[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
         ax.set_ylabel("MQAR accuracy (%)")

@@ -16,6 +16,8 @@ LINEAR_MIXERS = {
     "seed": {"feature_map": "elu1", "output_gate": "sigmoid"},
 }
 MIXERS = (*LINEAR_MIXERS, "softmax")
+# the mixers whose forget gate is data-dependent, its bias starting at GLAConfig.gate_bias_init
+GATED_MIXERS = tuple(m for m, opts in LINEAR_MIXERS.items() if opts.get("decay", "data") == "data")
 
 
 class GLALayer(nn.Module):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer")  # overrides of the preset's GLAConfig fields
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer", "gate_bias_init")  # overrides of the
+# preset's GLAConfig fields
 PARALLEL = ("none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -23,6 +24,7 @@ class TrainConfig:
     d_ff: int | None = None
     dropout: float | None = None
     mixer: str | None = None         # token mixer of every layer: gla (preset default), linear, retnet, seed, softmax
+    gate_bias_init: float | None = None  # initial bias of the forget gate (gla, seed); the preset's is 0, as FLA's
     seq_len: int = 256
     batch_size: int = 32
     grad_accum: int = 1
