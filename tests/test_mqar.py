@@ -204,7 +204,8 @@ def test_seeds_train_apart_on_one_test_set(tmp_path, capsys, monkeypatch):
                                             (["--stop-at", "0.99"], "stop_at needs eval_every"),
                                             (["--seeds", "0,0"], "distinct integers >= 0"),
                                             (["--seeds", "-1"], "distinct integers >= 0"),
-                                            (["--gate-bias-init", "nan"], "must be finite")])
+                                            (["--gate-bias-init", "nan"], "distinct finite numbers"),
+                                            (["--gate-bias-init", "0,0"], "distinct finite numbers")])
 def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
     import gla.eval.mqar_report as report
 
@@ -216,7 +217,7 @@ def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
 def test_gate_bias_init_trains_gated_mixers_and_gets_its_own_row(tmp_path, capsys):
     """--gate-bias-init starts GLA's forget gate elsewhere and is recorded for the mixers with that gate only, so
     a linear-attention run with it is the same cell as one without (merging both is an error), while GLA's gets
-    its own row beside the default GLA in one table."""
+    its own row beside the default GLA in one table. A list of biases trains the gated mixers once per bias."""
     flags = ["--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "2", "--batch-size", "4",
              "--lrs", "1e-3", "--vocab-size", "64", "--json"]
     main(["--mixers", "gla,linear,seed", *flags, "--gate-bias-init", "3", "--out", str(tmp_path / "b3")])
@@ -226,6 +227,12 @@ def test_gate_bias_init_trains_gated_mixers_and_gets_its_own_row(tmp_path, capsy
               for d in ("b3", "b0"))
     assert [(r["mixer"], r["gate_bias_init"]) for r in b3] == [("gla", 3.0), ("linear", 0.0), ("seed", 3.0)]
     assert b3[0]["final_loss"] != b0[0]["final_loss"] and b3[1]["final_loss"] == b0[1]["final_loss"]
+    main(["--mixers", "gla,linear", *flags, "--gate-bias-init", "0,3", "--group", "3", "--out", str(tmp_path / "both")])
+    capsys.readouterr()
+    both = [json.loads(line) for line in (tmp_path / "both" / "mqar-runs.jsonl").read_text().splitlines()]
+    assert [(r["mixer"], r["gate_bias_init"]) for r in both] == [("gla", 0.0), ("gla", 3.0), ("linear", 0.0)]
+    # one group holding both starts trains each model as its own command did
+    assert [r["final_loss"] for r in both] == [b0[0]["final_loss"], b3[0]["final_loss"], b0[1]["final_loss"]]
     with pytest.raises(ValueError, match="two runs of linear, d_model 16"):
         main(["--from-runs", str(tmp_path / "b3" / "mqar-runs.jsonl"), str(tmp_path / "b0" / "mqar-runs.jsonl")])
     (tmp_path / "gla0.jsonl").write_text(json.dumps(b0[0]) + "\n")

@@ -14,30 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 from gla.bench import write_report
-from gla.eval.mqar_report import mixer_label
+from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases
 from gla.layers.block import GATED_MIXERS
 from gla.training import TrainConfig, train
 
 RECURRENT = ("gla", "linear", "retnet", "seed")
 
 
-def variants(mixers, gate_bias_inits=(0.0,)) -> list[tuple[str, float]]:
-    """(mixer, gate bias) pairs to train: every bias for the mixers with a data-dependent forget gate, bias 0 (no
-    gate to start) once for the others."""
-    return [(m, float(b)) for m in mixers for b in (gate_bias_inits if m in GATED_MIXERS else (0.0,))]
-
-
 def compare(mixers, out: str, device: str = "auto", gate_bias_inits=(0.0,), **train_flags) -> list[dict]:
-    """Train and evaluate one model per (mixer, gate bias) of ``variants``; returns one row for each. A model
+    """Train and evaluate one model per (mixer, gate bias) of ``mixer_variants``; returns one row for each. A model
     trains in OUT/MIXER, or OUT/MIXER-biasB where its gate starts elsewhere than 0."""
     from gla.eval.ppl import evaluate
 
     rows = []
-    for mixer, bias in variants(mixers, gate_bias_inits):
+    for mixer, bias in mixer_variants(mixers, gate_bias_inits):
         run = os.path.join(out, mixer if bias == 0 else f"{mixer}-bias{bias:g}")
         cfg = TrainConfig(out=run, mixer=mixer, device=device, sample_tokens=0,
                           gate_bias_init=bias if mixer in GATED_MIXERS else None, **train_flags)
@@ -76,20 +69,10 @@ def add_arguments(p) -> None:
         p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help="as for gla train")
 
 
-def _finite_floats(text: str) -> tuple:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
-        raise SystemExit(f"gla eval compare: --gate-bias-init must be distinct finite numbers, got {text!r}")
-    return values
-
-
 def run(args) -> list[dict]:
     flags = {k: v for k, v in vars(args).items() if k not in ("mixers", "out", "device", "json", "cmd", "task",
                                                               "func", "gate_bias_init")}
-    biases = _finite_floats(args.gate_bias_init)
+    biases = parse_gate_biases(args.gate_bias_init, "gla eval compare")
     rows = compare([m for m in args.mixers.split(",") if m], args.out, args.device, biases, **flags)
     if args.json:
         for r in rows:

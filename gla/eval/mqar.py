@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gla.eval.variants import mixer_variants
 from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
 
@@ -141,12 +142,12 @@ class _Member:
 
 
 def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: int, device, bf16: bool,
-            mlp: str, gate_bias_init: float) -> _Member:
+            mlp: str) -> _Member:
     torch.manual_seed(seed)  # a model starts from the same weights whichever group it trains in
     d = spec["d_model"]
     model = GLATransformer(vocab_size, d, max(1, d // 64), 2 * d, 2, max_seq_len=seq_len, dropout=0.0,
                            layer_mixers=(spec["mixer"], spec["mixer"]), use_short_conv=short_conv, mlp=mlp,
-                           gate_bias_init=gate_bias_init).to(device)
+                           gate_bias_init=spec.get("gate_bias_init", 0.0)).to(device)
     # On CUDA the optimizer is fused and capturable (learning rate and step count in device tensors) whether or not
     # the steps are captured, so eager and captured training run the same arithmetic. (The unfused capturable AdamW
     # took half of the device time of a d=128 model's step on the H200.)
@@ -154,7 +155,12 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     lr = torch.tensor(spec["lr"], device=device) if cuda else spec["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
                             fused=cuda or None)
-    return _Member(spec, model, opt, bf16, gate_bias_init if spec["mixer"] in GATED_MIXERS else 0.0)
+    return _Member(spec, model, opt, bf16, model.config.gate_bias_init if spec["mixer"] in GATED_MIXERS else 0.0)
+
+
+def _name(m: _Member) -> str:
+    """The mixer, with its gate's initial bias where that is not 0: a group may hold both starts."""
+    return m.spec["mixer"] + (f"@{m.gate_bias_init:g}" if m.gate_bias_init else "")
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces
@@ -215,10 +221,11 @@ def _one_host_thread(on: bool):
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
-                stop_at: float | None = None, mlp: str = "swiglu", gate_bias_init: float = 0.0) -> list:
+                stop_at: float | None = None, mlp: str = "swiglu") -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
-    specs: [{"mixer": str, "d_model": int, "lr": float}, ...]. Every model starts from torch.manual_seed(seed) and
+    specs: [{"mixer": str, "d_model": int, "lr": float, "gate_bias_init": float (optional, 0: FLA's start of the
+    forget gate; recorded for the mixers that have one)}, ...]. Every model starts from torch.manual_seed(seed) and
     trains on the same batch at each step (drawn from seed's own stream), so mixers and learning rates see the same
     data; the test set is the same for every seed. graphs (default: on CUDA) replays each model's captured step on
     its own stream instead of launching its kernels one by one (the same arithmetic as eager steps; the GPU test
@@ -229,8 +236,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     it stops there (Zoology stops at 0.99, on its test set too) and the group trains on without it, so the models
     that solve the task early give their compute to those that do not (their memory stays held). seconds includes
     the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers alone; `gla
-    eval mqar` defaults to it, this function to the models it trained first). gate_bias_init: the initial bias of
-    GLA's forget gate (GLAConfig's), recorded for the mixers that have that gate.
+    eval mqar` defaults to it, this function to the models it trained first).
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -244,7 +250,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     check_seeds([seed])
     bf16 = precision == "bf16"
     with _one_host_thread(dev.type == "cuda"):  # the batches are drawn on the host; see _one_host_thread
-        members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp, gate_bias_init) for s in specs]
+        members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
         main = torch.cuda.current_stream(dev) if graphs else None
         for m in members:
             m.stream = torch.cuda.Stream(dev) if graphs else None  # eager steps and replays alike run on it
@@ -287,7 +293,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
                 print(f"{task}: step {step + 1}, accuracy "
-                      + " ".join(f"{m.spec['mixer']}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
+                      + " ".join(f"{_name(m)}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
                                  for m, a in zip(active, accs)), file=sys.stderr, flush=True)
                 if stop_at is not None:
                     for m, a in zip(active, accs):
@@ -312,8 +318,9 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
           jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
-          mlp="swiglu", seeds=(0,), gate_bias_init=0.0) -> list:
-    """Every (task, seed, mixer, d_model, lr) trained once: a list of MQARResult in that order.
+          mlp="swiglu", seeds=(0,), gate_bias_inits=(0.0,)) -> list:
+    """Every (task, seed, mixer and gate bias, d_model, lr) trained once: a list of MQARResult in that order (the
+    gated mixers once per bias in gate_bias_inits, the others once; gla.eval.variants).
 
     tasks: [(seq_len, kv_pairs), ...]. The models of a task and seed train in groups of ``group`` (lockstep, one
     data stream; on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in
@@ -321,13 +328,13 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
     """
     groups = []
-    specs = [dict(mixer=m, d_model=d, lr=lr) for m in mixers for d in d_models for lr in lrs]
+    specs = [dict(mixer=m, gate_bias_init=b, d_model=d, lr=lr)
+             for m, b in mixer_variants(mixers, gate_bias_inits) for d in d_models for lr in lrs]
     for t, kv in tasks:
         for seed in seeds:
             groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                             vocab_size=vocab_size, seed=seed, device=device, short_conv=short_conv,
-                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp,
-                            gate_bias_init=gate_bias_init)
+                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
                        for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

@@ -12,6 +12,7 @@ import math
 import os
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
+from gla.eval.variants import mixer_label, parse_gate_biases
 
 
 def _record(r: MQARResult) -> str:
@@ -34,11 +35,6 @@ def _label(budget: tuple) -> str:
 def _row(r: dict) -> tuple:
     """A table row (plot line): the mixer and its gate's initial bias (0: the default, and mixers without one)."""
     return r["mixer"], float(r["gate_bias_init"])
-
-
-def mixer_label(mixer: str, gate_bias_init: float) -> str:
-    """A table row's name: the mixer, and its gate's initial bias where that is not the default 0."""
-    return mixer if gate_bias_init == 0 else f"{mixer}, gate bias {float(gate_bias_init)!r}"
 
 
 def _cell(r: dict) -> tuple:
@@ -181,9 +177,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mlp", choices=("swiglu", "none"), default="none",
                    help="none (Zoology's MQAR models): blocks are the token mixer alone; swiglu adds a SwiGLU MLP, "
                         "with which wide recurrent models stayed at chance far longer (docs/results/mqar-gpu)")
-    p.add_argument("--gate-bias-init", type=float, default=0.0,
-                   help="initial bias of GLA's forget gate (gla and seed mixers; 0 is FLA's): a larger bias starts "
-                        "with less decay; tables give such models their own rows")
+    p.add_argument("--gate-bias-init", default="0",
+                   help="comma-separated initial biases of the forget gate (0 is FLA's; larger starts with less "
+                        "decay): gla and seed train once per bias, in the same groups, each in rows of its own")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task and seed trained in lockstep on one data stream (on CUDA: concurrent CUDA "
@@ -223,8 +219,7 @@ def _train_grid(args) -> tuple:
     lrs = _csv(args.lrs, float)
     seeds = _csv(args.seeds, int)
     check_seeds(seeds)  # before any training, like the stopping settings
-    if not math.isfinite(args.gate_bias_init):
-        raise SystemExit(f"gla eval mqar: --gate-bias-init must be finite, got {args.gate_bias_init}")
+    biases = parse_gate_biases(args.gate_bias_init, "gla eval mqar")
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -240,8 +235,7 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds,
-                     args.gate_bias_init)
+                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds, biases)
     finally:
         if runs_log:
             runs_log.close()
