@@ -75,6 +75,9 @@ def test_clear_errors(run, tmp_path, capsys):
         (["train", "--seq-len", "0", "--out", str(tmp_path / "o")], "--seq-len must be >= 1"),
         (["generate", "--ckpt", str(broken)], "safetensors"),
         (["eval", "ppl", "--ckpt", out, "--data", data, "--seq-len", "-3"], "--seq-len must be >= 1"),
+        (["train", "--gate-bias-init", "nan", "--out", str(tmp_path / "o")], "--gate-bias-init must be a finite"),
+        (["train", "--mixer", "softmax", "--gate-bias-init", "2", "--out", str(tmp_path / "o")], "has none"),
+        (["train", "--out", out, "--resume", "--gate-bias-init", "3"], "this run started from 0.0, got 3.0"),
     ]
     for args, msg in cases:
         assert main(args) == 2, args

@@ -86,7 +86,7 @@ def test_a_model_that_reaches_stop_at_trains_no_further(monkeypatch):
     assert a.final_loss != train_group([done], **kw)[0].final_loss  # six steps would have moved it further
 
 
-def test_training_on_cuda_draws_batches_with_one_host_thread():
+def test_one_host_thread_restores_the_pool():
     """The pool goes to one thread inside the block and back to the caller's setting after it, also on an error;
     off, it is left alone."""
     from gla.eval.mqar import _one_host_thread
@@ -103,6 +103,32 @@ def test_training_on_cuda_draws_batches_with_one_host_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _threads_seen_by_make_mqar(monkeypatch, device: str) -> tuple[set, int]:
+    import gla.eval.mqar as mqar
+
+    seen, real = set(), mqar.make_mqar
+    monkeypatch.setattr(mqar, "make_mqar", lambda *a, **k: seen.add(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_group([dict(mixer="gla", d_model=16, lr=1e-3)], seq_len=16, kv_pairs=2, steps=2, batch_size=2,
+                    n_test=4, vocab_size=32, device=device)
+        return seen, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_training_keeps_the_callers_threads(monkeypatch):
+    """On the CPU the models train on the host too, with the threads the caller set."""
+    assert _threads_seen_by_make_mqar(monkeypatch, "cpu") == ({2}, 2)
+
+
+@pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                    reason="GLA_TEST_GPU=1 with a CUDA device")
+def test_cuda_training_draws_batches_with_one_host_thread(monkeypatch):
+    assert _threads_seen_by_make_mqar(monkeypatch, "cuda") == ({1}, 2)
 
 
 def test_bf16_autocast_grid(tmp_path, capsys):
@@ -212,6 +238,15 @@ def test_bad_task_settings_fail_before_training(flags, message, monkeypatch):
     monkeypatch.setattr(report, "sweep", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
+
+
+@pytest.mark.parametrize("biases", [(), (0.0, 0.0), (float("nan"),)])
+def test_bad_gate_bias_lists_fail_before_training(biases, monkeypatch):
+    import gla.eval.mqar as mqar
+
+    monkeypatch.setattr(mqar, "train_group", lambda **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="distinct finite numbers"):
+        mqar.sweep(["gla"], [16], [(16, 2)], [1e-3], steps=1, gate_bias_inits=biases)
 
 
 def test_gate_bias_init_trains_gated_mixers_and_gets_its_own_row(tmp_path, capsys):

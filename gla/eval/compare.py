@@ -17,8 +17,7 @@ import json
 import os
 
 from gla.bench import write_report
-from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases
-from gla.layers.block import GATED_MIXERS
+from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases, variant_slug
 from gla.training import TrainConfig, train
 
 RECURRENT = ("gla", "linear", "retnet", "seed")
@@ -26,14 +25,13 @@ RECURRENT = ("gla", "linear", "retnet", "seed")
 
 def compare(mixers, out: str, device: str = "auto", gate_bias_inits=(0.0,), **train_flags) -> list[dict]:
     """Train and evaluate one model per (mixer, gate bias) of ``mixer_variants``; returns one row for each. A model
-    trains in OUT/MIXER, or OUT/MIXER-biasB where its gate starts elsewhere than 0."""
+    trains in OUT/MIXER, or OUT/MIXER-biasB where its gate starts elsewhere than 0 (``variant_slug``)."""
     from gla.eval.ppl import evaluate
 
     rows = []
     for mixer, bias in mixer_variants(mixers, gate_bias_inits):
-        run = os.path.join(out, mixer if bias == 0 else f"{mixer}-bias{bias:g}")
-        cfg = TrainConfig(out=run, mixer=mixer, device=device, sample_tokens=0,
-                          gate_bias_init=bias if mixer in GATED_MIXERS else None, **train_flags)
+        cfg = TrainConfig(out=os.path.join(out, variant_slug(mixer, bias)), mixer=mixer, device=device,
+                          sample_tokens=0, gate_bias_init=bias, **train_flags)
         s = train(cfg, progress=False)
         dev = "cpu" if device == "auto" else device
         window = evaluate(cfg.out, cfg.data, cfg.seq_len, "val", cfg.val_fraction, dev)
@@ -50,7 +48,7 @@ def markdown_table(rows) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         unb = f"{r['val_loss_unbounded']:.4f}" if "val_loss_unbounded" in r else "–"
-        lines.append(f"| {mixer_label(r['mixer'], r['gate_bias_init'])} | {r['params'] / 1e6:.2f}M | "
+        lines.append(f"| {mixer_label(r['mixer'], r.get('gate_bias_init', 0.0))} | {r['params'] / 1e6:.2f}M | "
                      f"{r['train_time_s']:.0f} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {unb} |")
     return "\n".join(lines)
 

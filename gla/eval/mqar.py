@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gla.eval.variants import mixer_variants
+from gla.eval.variants import mixer_variants, variant_slug
 from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
 
@@ -113,7 +113,7 @@ def lr_factor(step: int, steps: int) -> float:
 @dataclass
 class _Member:
     """One model of a group, its optimizer and (on CUDA) its captured training step and stream."""
-    spec: dict  # mixer, d_model, lr
+    spec: dict  # mixer, d_model, lr and optionally gate_bias_init
     model: GLATransformer
     opt: torch.optim.Optimizer
     bf16: bool
@@ -156,11 +156,6 @@ def _member(spec: dict, seq_len: int, vocab_size: int, short_conv: bool, seed: i
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), capturable=cuda,
                             fused=cuda or None)
     return _Member(spec, model, opt, bf16, model.config.gate_bias_init if spec["mixer"] in GATED_MIXERS else 0.0)
-
-
-def _name(m: _Member) -> str:
-    """The mixer, with its gate's initial bias where that is not 0: a group may hold both starts."""
-    return m.spec["mixer"] + (f"@{m.gate_bias_init:g}" if m.gate_bias_init else "")
 
 
 EAGER_STEPS = 3  # before capture: Triton compiles, AdamW creates its state, cuBLAS picks its workspaces
@@ -208,10 +203,14 @@ def _one_host_thread(on: bool):
     T=256, 16 pairs). Threads gain little there, and their barriers wait on threads that other busy processes
     deschedule. On one H200, with two CPU-bound processes beside it, a group of 4 models went from 22 to 70-110 ms
     per step, and to 22 ms with one thread. Two `gla eval mqar` processes, one per GPU of one host, ran small groups
-    3-4x slower than one process alone (benchmarks/NOTES.md)."""
+    3-4x slower than one process alone (benchmarks/NOTES.md). A thread that first runs torch inside the block
+    (autograd's CUDA worker, on a process's first backward) keeps one intra-op thread after it; it runs almost no
+    CPU ops."""
+    if not on:
+        yield
+        return
     threads = torch.get_num_threads()
-    if on:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -293,8 +292,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
                 print(f"{task}: step {step + 1}, accuracy "
-                      + " ".join(f"{_name(m)}/{m.spec['d_model']}/{m.spec['lr']:g}={a:.3f}"
-                                 for m, a in zip(active, accs)), file=sys.stderr, flush=True)
+                      + " ".join(f"{variant_slug(m.spec['mixer'], m.gate_bias_init)}/{m.spec['d_model']}/"
+                                 f"{m.spec['lr']:g}={a:.3f}" for m, a in zip(active, accs)),
+                      file=sys.stderr, flush=True)
                 if stop_at is not None:
                     for m, a in zip(active, accs):
                         if a >= stop_at:

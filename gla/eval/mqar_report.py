@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
@@ -179,7 +178,8 @@ def add_arguments(p) -> None:
                         "with which wide recurrent models stayed at chance far longer (docs/results/mqar-gpu)")
     p.add_argument("--gate-bias-init", default="0",
                    help="comma-separated initial biases of the forget gate (0 is FLA's; larger starts with less "
-                        "decay): gla and seed train once per bias, in the same groups, each in rows of its own")
+                        "decay): gla and seed train once per bias, each in rows of its own (in one lockstep group "
+                        "where --group is large enough)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--group", type=int, default=1,
                    help="models of a task and seed trained in lockstep on one data stream (on CUDA: concurrent CUDA "

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer", "gate_bias_init")  # overrides of the
-# preset's GLAConfig fields
+from gla.layers.block import GATED_MIXERS
+
+# overrides of the preset's GLAConfig fields
+MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer", "gate_bias_init")
 PARALLEL = ("none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -66,6 +69,12 @@ class TrainConfig:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.gate_bias_init is not None:
+            if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
+                raise ValueError(f"--gate-bias-init must be a finite number, got {self.gate_bias_init!r}")
+            if self.gate_bias_init != 0 and self.mixer is not None and self.mixer not in GATED_MIXERS:
+                raise ValueError(f"--gate-bias-init sets the forget gate of {' and '.join(GATED_MIXERS)} layers; "
+                                 f"--mixer {self.mixer} has none")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
 

@@ -27,6 +27,13 @@ def resume_config(out: str, overrides: dict) -> TrainConfig:
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out!r}")
     saved = checkpoint.read_train_config(ckpt)
+    if "gate_bias_init" in overrides:  # it only sets starting weights, which the checkpoint replaces
+        from gla.models import GLAConfig
+        before = saved.get("gate_bias_init")
+        before = GLAConfig.preset(saved.get("preset", "demo")).gate_bias_init if before is None else before
+        if overrides["gate_bias_init"] != before:
+            raise ValueError(f"--resume: --gate-bias-init sets the starting weights, which the checkpoint fixes "
+                             f"(this run started from {before}, got {overrides['gate_bias_init']})")
     if saved.get("tokenizer") not in (None, "bytes"):
         saved["tokenizer"] = os.path.join(ckpt, saved["tokenizer"])
     return TrainConfig.from_dict({**saved, **overrides, "out": out})

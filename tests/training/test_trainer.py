@@ -36,6 +36,28 @@ def test_config_errors():
         TrainConfig(batch_size=6, grad_accum=4)
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"bogus": 1})
+    for bad in (float("nan"), float("inf"), "3"):
+        with pytest.raises(ValueError, match="--gate-bias-init must be a finite number"):
+            TrainConfig(gate_bias_init=bad)
+    with pytest.raises(ValueError, match="--mixer linear has none"):
+        TrainConfig(mixer="linear", gate_bias_init=3.0)
+
+
+def test_gate_bias_init_starts_the_model_and_is_fixed_on_resume(tmp_path, small_text):
+    """--gate-bias-init sets where the forget gates' bias starts; a resume cannot change it (the checkpoint's
+    weights replace the starting ones, and the run's records would then name a start it never had)."""
+    from gla.models import GLATransformer
+
+    out = tmp_path / "run"
+    train(_cfg(out, small_text, steps=1, lr=1e-9, warmup=1, eval_every=1, gate_bias_init=2.0), progress=False)
+    biases = [layer.attn.gk_proj[1].bias for layer in GLATransformer.from_pretrained(str(out)).layers]
+    assert all(torch.allclose(b, torch.full_like(b, 2.0), atol=1e-6) for b in biases)
+    assert resume_config(str(out), {"steps": 2, "gate_bias_init": 2.0}).gate_bias_init == 2.0
+    with pytest.raises(ValueError, match="this run started from 2.0, got 3.0"):
+        resume_config(str(out), {"steps": 2, "gate_bias_init": 3.0})
+    train(_cfg(tmp_path / "default", small_text, steps=1, eval_every=1), progress=False)
+    with pytest.raises(ValueError, match="this run started from 0.0, got 1.0"):
+        resume_config(str(tmp_path / "default"), {"gate_bias_init": 1.0})
 
 
 def test_exact_resume(tmp_path, small_text, monkeypatch):
