@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gla.eval import mqar_state
 from gla.eval.variants import mixer_variants, variant_slug
 from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
@@ -220,7 +221,8 @@ def _one_host_thread(on: bool):
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
-                stop_at: float | None = None, mlp: str = "swiglu") -> list:
+                stop_at: float | None = None, mlp: str = "swiglu", state_path: str | None = None,
+                save_every: int = 0) -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float, "gate_bias_init": float (optional, 0: FLA's start of the
@@ -235,7 +237,10 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     it stops there (Zoology stops at 0.99, on its test set too) and the group trains on without it, so the models
     that solve the task early give their compute to those that do not (their memory stays held). seconds includes
     the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers alone; `gla
-    eval mqar` defaults to it, this function to the models it trained first).
+    eval mqar` defaults to it, this function to the models it trained first). state_path: where the group's progress
+    is saved every save_every steps and its results at the end (``mqar_state``); a group that finds its own state
+    there continues from it, or returns its results if it had finished (on the CPU exactly as if never stopped;
+    on CUDA its steps before the next capture run eagerly, which agree with replays to 1e-4 of the loss).
     """
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -247,7 +252,16 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     check_stopping(eval_every, stop_at)
     check_seeds([seed])
+    if save_every < 0 or (save_every and state_path is None):
+        raise ValueError(f"save_every needs a state_path and must be >= 0, got {save_every}")
     bf16 = precision == "bf16"
+    identity = mqar_state.group_identity(specs, seq_len=seq_len, kv_pairs=kv_pairs, steps=steps,
+                                         batch_size=batch_size, n_test=n_test, vocab_size=vocab_size, seed=seed,
+                                         short_conv=short_conv, precision=precision, eval_every=eval_every,
+                                         stop_at=stop_at, mlp=mlp)
+    state = mqar_state.load(state_path, identity) if state_path else None
+    if state is not None and "results" in state:
+        return [MQARResult(**r) for r in state["results"]]
     with _one_host_thread(dev.type == "cuda"):  # the batches are drawn on the host; see _one_host_thread
         members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
         main = torch.cuda.current_stream(dev) if graphs else None
@@ -256,12 +270,13 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             m.model.train()
         x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=TEST_SEED)
         task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
-        t0 = time.perf_counter()
-        active = members
-        for step in range(steps):
+        start, spent = mqar_state.restore(state, members, dev) if state is not None else (0, 0.0)
+        t0 = time.perf_counter() - spent
+        active = [m for m in members if m.stopped_at is None]
+        for step in range(start, steps):
             x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
-            if graphs and step >= EAGER_STEPS:
-                if step == EAGER_STEPS:  # the captured steps read their batch from these buffers
+            if graphs and step >= start + EAGER_STEPS:
+                if step == start + EAGER_STEPS:  # the captured steps read their batch from these buffers
                     xs, ys = torch.empty_like(x, device=dev), torch.empty_like(y, device=dev)
                     for m in active:
                         _capture(m, xs, ys, kv_pairs)
@@ -300,15 +315,22 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                         if a >= stop_at:
                             m.stopped_at = step + 1
                     active = [m for m in active if m.stopped_at is None]
-                    if not active:
-                        break
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps and active:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                mqar_state.save_progress(state_path, identity, step + 1, time.perf_counter() - t0, members)
+            if not active:
+                break
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
-        return [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
-                           _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv,
-                           m.loss.item(), precision, batch_size, mlp, m.stopped_at, seed, m.gate_bias_init)
-                for m in members]
+        results = [MQARResult(m.spec["mixer"], m.spec["d_model"], seq_len, kv_pairs, m.spec["lr"],
+                              _accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16), steps, seconds, short_conv,
+                              m.loss.item(), precision, batch_size, mlp, m.stopped_at, seed, m.gate_bias_init)
+                   for m in members]
+    if state_path:
+        mqar_state.save_results(state_path, identity, results)
+    return results
 
 
 def _train_in_worker(group: dict, threads: int) -> list:
@@ -318,7 +340,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
           jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
-          mlp="swiglu", seeds=(0,), gate_bias_inits=(0.0,)) -> list:
+          mlp="swiglu", seeds=(0,), gate_bias_inits=(0.0,), state_dir=None, save_every=0) -> list:
     """Every (task, seed, mixer and gate bias, d_model, lr) trained once: a list of MQARResult in that order (the
     gated mixers once per bias in gate_bias_inits, the others once; gla.eval.variants).
 
@@ -326,6 +348,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     data stream; on CUDA their captured steps run concurrently). jobs > 1 trains that many groups at once in
     spawned processes.
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
+    state_dir: each group keeps its state there (train_group's state_path, one file per group), so running the same
+    grid again continues unfinished groups and returns finished ones without training them.
     """
     groups = []
     specs = [dict(mixer=m, gate_bias_init=b, d_model=d, lr=lr)
@@ -334,7 +358,9 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         for seed in seeds:
             groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                             vocab_size=vocab_size, seed=seed, device=device, short_conv=short_conv,
-                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp)
+                            log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp,
+                            save_every=save_every, state_path=state_dir and os.path.join(
+                                state_dir, f"T{t}-kv{kv}-seed{seed}-group{i // group}.pt"))
                        for i in range(0, len(specs), group)]
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
 from gla.eval.variants import mixer_label, parse_gate_biases
@@ -193,6 +194,12 @@ def add_arguments(p) -> None:
                         "keeps the step (stopped_at); the rest of its group trains on")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="save each group's progress in OUT/state every N steps (OUT/state also keeps each finished "
+                        "group's results), so --resume can continue a grid cut short")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the same command's grid from OUT/state: finished groups are not trained again, "
+                        "unfinished ones go on from their last save")
     p.add_argument("--json", action="store_true",
                    help="print only one JSON record per (task, mixer, d_model): its best rate, mean accuracy and runs")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
@@ -220,6 +227,15 @@ def _train_grid(args) -> tuple:
     seeds = _csv(args.seeds, int)
     check_seeds(seeds)  # before any training, like the stopping settings
     biases = parse_gate_biases(args.gate_bias_init, "gla eval mqar")
+    if (args.resume or args.save_every) and not args.out:
+        raise SystemExit("gla eval mqar: --resume and --save-every keep their state in --out; give one")
+    if args.save_every < 0:
+        raise SystemExit(f"gla eval mqar: --save-every must be >= 0, got {args.save_every}")
+    state_dir = os.path.join(args.out, "state") if args.out else None
+    if args.resume and not os.path.isdir(state_dir):
+        raise SystemExit(f"gla eval mqar: --resume: no saved state in {state_dir}")
+    if state_dir and not args.resume:
+        shutil.rmtree(state_dir, ignore_errors=True)  # a fresh grid: no group may pick up an older run's state
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -235,7 +251,8 @@ def _train_grid(args) -> tuple:
     try:
         runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds, biases)
+                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds, biases,
+                     state_dir, args.save_every)
     finally:
         if runs_log:
             runs_log.close()
