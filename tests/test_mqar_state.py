@@ -37,7 +37,14 @@ def test_a_group_cut_short_continues_as_if_never_stopped(tmp_path, monkeypatch, 
         _cut_at(m, 5)
         with pytest.raises(RuntimeError, match="machine lost"):
             train_group(SPECS, state_path=path, save_every=2, **kw)
-    resumed = train_group(SPECS, state_path=path, save_every=2, **kw)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 4  # the last save before the cut at step 5
+    asked, real = [], mqar.make_mqar
+    with monkeypatch.context() as m:
+        m.setattr(mqar, "make_mqar", lambda *a, seed=0, **k: asked.append(seed) or real(*a, seed=seed, **k))
+        resumed = train_group(SPECS, state_path=path, save_every=2, **kw)
+    assert asked[1:] == [KW["seed"] * SEED_STRIDE + s for s in (4, 5)]  # (after the test set) only steps 4 and 5
+    assert all(r.seconds >= saved["seconds"] for r in resumed)
     key = [(r.final_loss, r.accuracy, r.stopped_at) for r in whole]
     assert [(r.final_loss, r.accuracy, r.stopped_at) for r in resumed] == key
     assert [r.stopped_at for r in resumed] == ([2, None] if stop else [None, None])
@@ -60,27 +67,52 @@ def test_a_state_that_is_not_the_groups_own_is_an_error(tmp_path):
         train_group(SPECS, save_every=2, **KW)
 
 
-def test_resume_a_grid_from_its_out_directory(tmp_path, monkeypatch, capsys):
-    flags = ["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "16", "--kv-pairs", "2", "--steps", "4",
-             "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "32", "--group", "1", "--save-every", "2",
-             "--out", str(tmp_path), "--json"]
-    main(flags)
-    first = (tmp_path / "mqar-runs.jsonl").read_text()
+FLAGS = ["--mixers", "gla,linear", "--d-model", "16", "--seq-len", "16", "--kv-pairs", "2", "--steps", "4",
+         "--batch-size", "4", "--lrs", "1e-3", "--vocab-size", "32", "--group", "2", "--save-every", "2", "--json"]
+
+
+def test_resume_a_grid_cut_short_from_its_out_directory(tmp_path, monkeypatch, capsys):
+    main(FLAGS + ["--out", str(tmp_path / "whole")])
+    whole = (tmp_path / "whole" / "mqar-runs.jsonl").read_text()
+    out = str(tmp_path / "cut")
+    with monkeypatch.context() as m:
+        _cut_at(m, 3)
+        with pytest.raises(RuntimeError, match="machine lost"):
+            main(FLAGS + ["--out", out, "--seeds", str(KW["seed"])])
+    with pytest.raises(SystemExit, match="holds saved groups: pass --resume"):
+        main(FLAGS + ["--out", out, "--seeds", str(KW["seed"])])
+    with pytest.raises(SystemExit, match="needs the grid flags of the run that saved"):
+        main(FLAGS[:-5] + ["--group", "1", "--save-every", "2", "--json", "--out", out, "--seeds", str(KW["seed"]),
+                           "--resume"])
+    main(FLAGS + ["--out", out, "--seeds", str(KW["seed"]), "--resume"])
+    main(FLAGS + ["--out", str(tmp_path / "whole1"), "--seeds", str(KW["seed"])])
+    fields = ("mixer", "final_loss", "accuracy", "seed")
+    records = [[{k: json.loads(line)[k] for k in fields} for line in (tmp_path / d / "mqar-runs.jsonl").read_text()
+                .splitlines()] for d in ("whole1", "cut")]
+    assert records[0] == records[1] and len(records[0]) == 2
     monkeypatch.setattr(mqar, "_member", lambda *a: pytest.fail("a finished group trained again"))
-    main(flags + ["--resume"])
-    assert (tmp_path / "mqar-runs.jsonl").read_text() == first
-    assert [json.loads(line)["mixer"] for line in first.splitlines()] == ["gla", "linear"]
+    main(FLAGS + ["--out", str(tmp_path / "whole"), "--resume"])
+    assert (tmp_path / "whole" / "mqar-runs.jsonl").read_text() == whole
     capsys.readouterr()
 
 
 @pytest.mark.parametrize("flags, message", [(["--resume"], "keep their state in --out"),
                                             (["--save-every", "2"], "keep their state in --out"),
                                             (["--save-every", "-1", "--out", "X"], "--save-every must be >= 0"),
-                                            (["--resume", "--out", "MISSING"], "no saved state in")])
+                                            (["--resume", "--out", "X"], "> 0 with --resume")])
 def test_bad_resume_flags(flags, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         main(["--mixers", "gla", "--d-model", "16", "--steps", "1", "--vocab-size", "64", *flags])
+
+
+def test_the_identity_is_every_argument_but_how_the_group_runs():
+    """A new train_group argument is part of what a saved state must match unless it is excluded on purpose."""
+    import inspect
+
+    identity = mqar._identity(dict(specs=SPECS, **KW))
+    args = set(inspect.signature(train_group).parameters) - set(mqar.NOT_IDENTITY)
+    assert set(identity) == args | {"version", "models"} and identity["device"] == "cpu"
 
 
 @pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
@@ -95,6 +127,7 @@ def test_a_captured_group_cut_short_continues_like_the_uninterrupted_one(tmp_pat
         _cut_at(m, 9)
         with pytest.raises(RuntimeError, match="machine lost"):
             train_group(SPECS, state_path=path, save_every=4, **kw)
+    assert torch.load(path, weights_only=True)["step"] == 8
     resumed = train_group(SPECS, state_path=path, save_every=4, **kw)
     for w, r in zip(whole, resumed):
         assert math.isfinite(w.final_loss) and r.final_loss == pytest.approx(w.final_loss, rel=1e-4)

@@ -14,6 +14,7 @@ tables are in ``mqar_report``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
@@ -70,7 +71,7 @@ def make_mqar(n: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192, power
 @dataclass
 class MQARResult:
     """One trained model's held-out accuracy on the scored (query) positions, and its loss on the last training batch;
-    seconds is the wall time of the group it trained in."""
+    seconds is the wall time of the group it trained in (resumed: with the time before its last save)."""
     mixer: str
     d_model: int
     seq_len: int
@@ -218,6 +219,19 @@ def _one_host_thread(on: bool):
         torch.set_num_threads(threads)
 
 
+NOT_IDENTITY = ("specs", "graphs", "log_every", "state_path", "save_every")  # how a group runs, not what it trains
+
+
+def _identity(call: dict) -> dict:
+    """mqar_state.group_identity of a train_group call given as its keyword arguments (defaults filled in): every
+    argument not in NOT_IDENTITY, so a new one is part of it unless excluded on purpose."""
+    args = inspect.signature(train_group).bind(**call)
+    args.apply_defaults()
+    settings = {k: v for k, v in args.arguments.items() if k not in NOT_IDENTITY}
+    settings["device"] = torch.device(settings["device"]).type  # cuda:0 and cuda train alike; cpu does not
+    return mqar_state.group_identity(args.arguments["specs"], **settings)
+
+
 def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size: int = 64, n_test: int = 1000,
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
@@ -236,12 +250,14 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     prints each training model's accuracy on the test set that often; with stop_at, a model whose accuracy reaches
     it stops there (Zoology stops at 0.99, on its test set too) and the group trains on without it, so the models
     that solve the task early give their compute to those that do not (their memory stays held). seconds includes
-    the evaluations. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers alone; `gla
-    eval mqar` defaults to it, this function to the models it trained first). state_path: where the group's progress
-    is saved every save_every steps and its results at the end (``mqar_state``); a group that finds its own state
-    there continues from it, or returns its results if it had finished (on the CPU exactly as if never stopped;
-    on CUDA its steps before the next capture run eagerly, which agree with replays to 1e-4 of the loss).
+    the evaluations and saves. mlp: the blocks' MLP, "swiglu" or "none" (Zoology's MQAR models are token mixers
+    alone; `gla eval mqar` defaults to it, this function to the models it trained first). state_path: where the
+    group's progress is saved every save_every steps and its results at the end (``mqar_state``); a group that finds
+    its own state there continues from it, or returns its results if it had finished (on the CPU exactly as if
+    never stopped; on CUDA its steps before the next capture run eagerly, which agree with replays to 1e-4 of the
+    loss).
     """
+    identity = _identity(dict(locals()))  # first: locals() is then exactly the arguments
     dev = torch.device(device)
     graphs = dev.type == "cuda" if graphs is None else graphs
     if graphs and dev.type != "cuda":
@@ -252,13 +268,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     check_stopping(eval_every, stop_at)
     check_seeds([seed])
-    if save_every < 0 or (save_every and state_path is None):
+    if save_every < 0 or (save_every and not state_path):
         raise ValueError(f"save_every needs a state_path and must be >= 0, got {save_every}")
     bf16 = precision == "bf16"
-    identity = mqar_state.group_identity(specs, seq_len=seq_len, kv_pairs=kv_pairs, steps=steps,
-                                         batch_size=batch_size, n_test=n_test, vocab_size=vocab_size, seed=seed,
-                                         short_conv=short_conv, precision=precision, eval_every=eval_every,
-                                         stop_at=stop_at, mlp=mlp)
     state = mqar_state.load(state_path, identity) if state_path else None
     if state is not None and "results" in state:
         return [MQARResult(**r) for r in state["results"]]
@@ -271,6 +283,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         x_te, y_te = make_mqar(n_test, seq_len, kv_pairs, vocab_size, seed=TEST_SEED)
         task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
         start, spent = mqar_state.restore(state, members, dev) if state is not None else (0, 0.0)
+        if start:
+            print(f"{task}: resumed at step {start} from {state_path} ({spent:.1f} s before)", file=sys.stderr,
+                  flush=True)
         t0 = time.perf_counter() - spent
         active = [m for m in members if m.stopped_at is None]
         for step in range(start, steps):
@@ -359,9 +374,12 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
             groups += [dict(specs=specs[i:i + group], seq_len=t, kv_pairs=kv, steps=steps, batch_size=batch_size,
                             vocab_size=vocab_size, seed=seed, device=device, short_conv=short_conv,
                             log_every=log_every, precision=precision, eval_every=eval_every, stop_at=stop_at, mlp=mlp,
-                            save_every=save_every, state_path=state_dir and os.path.join(
-                                state_dir, f"T{t}-kv{kv}-seed{seed}-group{i // group}.pt"))
+                            save_every=save_every, state_path=os.path.join(
+                                state_dir, f"T{t}-kv{kv}-seed{seed}-group{i // group}.pt") if state_dir else None)
                        for i in range(0, len(specs), group)]
+    for g in groups:  # a state saved by other grid flags fails here, before any group trains
+        if g["state_path"]:
+            mqar_state.load(g["state_path"], _identity(g))
     on_run = on_run or (lambda r: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in
     if jobs <= 1:

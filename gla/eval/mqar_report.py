@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import sys
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
 from gla.eval.variants import mixer_label, parse_gate_biases
@@ -199,7 +199,7 @@ def add_arguments(p) -> None:
                         "group's results), so --resume can continue a grid cut short")
     p.add_argument("--resume", action="store_true",
                    help="continue the same command's grid from OUT/state: finished groups are not trained again, "
-                        "unfinished ones go on from their last save")
+                        "unfinished ones go on from their last save (with nothing saved yet, the grid starts)")
     p.add_argument("--json", action="store_true",
                    help="print only one JSON record per (task, mixer, d_model): its best rate, mean accuracy and runs")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
@@ -229,20 +229,25 @@ def _train_grid(args) -> tuple:
     biases = parse_gate_biases(args.gate_bias_init, "gla eval mqar")
     if (args.resume or args.save_every) and not args.out:
         raise SystemExit("gla eval mqar: --resume and --save-every keep their state in --out; give one")
-    if args.save_every < 0:
-        raise SystemExit(f"gla eval mqar: --save-every must be >= 0, got {args.save_every}")
-    state_dir = os.path.join(args.out, "state") if args.out else None
-    if args.resume and not os.path.isdir(state_dir):
-        raise SystemExit(f"gla eval mqar: --resume: no saved state in {state_dir}")
-    if state_dir and not args.resume:
-        shutil.rmtree(state_dir, ignore_errors=True)  # a fresh grid: no group may pick up an older run's state
+    if args.save_every < 0 or (args.resume and not args.save_every):
+        raise SystemExit(f"gla eval mqar: --save-every must be >= 0, and > 0 with --resume (the saves go on), "
+                         f"got {args.save_every}")
+    state_dir = os.path.join(args.out, "state") if args.save_every else None
+    saved = bool(state_dir) and os.path.isdir(state_dir) and any(f.endswith(".pt") for f in os.listdir(state_dir))
+    if args.resume and not saved:  # a call cut before its first save: the same command starts the grid
+        print(f"gla eval mqar: --resume: nothing saved in {state_dir} yet; starting the grid", file=sys.stderr)
+    if saved and not args.resume:
+        raise SystemExit(f"gla eval mqar: {state_dir} holds saved groups: pass --resume to continue them, or remove "
+                         "it or choose another --out to start over")
     runs_log = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        runs_log = open(os.path.join(args.out, "mqar-runs.jsonl"), "w")
 
     def on_run(r):
-        if runs_log:
+        nonlocal runs_log
+        if args.out:
+            if runs_log is None:  # opened at the first result: a grid refused before training keeps the old log
+                runs_log = open(os.path.join(args.out, "mqar-runs.jsonl"), "w")
             runs_log.write(_record(r) + "\n")
             runs_log.flush()
         if not args.json:
@@ -253,6 +258,11 @@ def _train_grid(args) -> tuple:
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
                      args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds, biases,
                      state_dir, args.save_every)
+    except ValueError as e:
+        if not args.resume or "holds another MQAR group" not in str(e):
+            raise
+        raise SystemExit(f"gla eval mqar: --resume: {e}; it needs the grid flags of the run that saved {state_dir} "
+                         "(--group, --mixers, --lrs, --steps, ...)") from None
     finally:
         if runs_log:
             runs_log.close()

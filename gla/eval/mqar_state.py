@@ -36,7 +36,7 @@ def load(path: str, identity: dict) -> dict | None:
     saved = state.get("identity") if isinstance(state, dict) else None
     if saved != identity:
         changed = sorted(k for k in set(identity) | set(saved or {}) if (saved or {}).get(k) != identity.get(k))
-        raise ValueError(f"{path} holds another MQAR group (differs in {changed}); remove it or use another --out")
+        raise ValueError(f"{path} holds another MQAR group (differs in {changed})")
     return state
 
 
