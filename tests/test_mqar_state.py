@@ -26,30 +26,37 @@ def _cut_at(monkeypatch, step: int):
     monkeypatch.setattr(mqar, "make_mqar", draw)
 
 
+def _whole_cut_resumed(tmp_path, monkeypatch, kw: dict, cut: int, every: int):
+    """The group trained straight through, then cut at step `cut` with saves every `every` steps and resumed.
+    Returns (whole, the state saved before the cut, resumed, the batch seeds the resumed run drew)."""
+    whole = train_group(SPECS, **kw)
+    path = str(tmp_path / "group.pt")
+    with monkeypatch.context() as m:
+        _cut_at(m, cut)
+        with pytest.raises(RuntimeError, match="machine lost"):
+            train_group(SPECS, state_path=path, save_every=every, **kw)
+    saved = torch.load(path, weights_only=True)
+    asked, real = [], mqar.make_mqar
+    with monkeypatch.context() as m:
+        m.setattr(mqar, "make_mqar", lambda *a, seed=0, **k: asked.append(seed) or real(*a, seed=seed, **k))
+        resumed = train_group(SPECS, state_path=path, save_every=every, **kw)
+    return whole, saved, resumed, asked
+
+
 @pytest.mark.parametrize("stop", [False, True])
 def test_a_group_cut_short_continues_as_if_never_stopped(tmp_path, monkeypatch, stop):
     if stop:  # the gla model reaches the target at its first evaluation (step 2) and stops there
         monkeypatch.setattr(mqar, "_accuracy", lambda model, *a: 1.0 if model.config.d_model == 16 else 0.0)
     kw = dict(KW, stop_at=0.99 if stop else None)
-    whole = train_group(SPECS, **kw)
-    path = str(tmp_path / "group.pt")
-    with monkeypatch.context() as m:
-        _cut_at(m, 5)
-        with pytest.raises(RuntimeError, match="machine lost"):
-            train_group(SPECS, state_path=path, save_every=2, **kw)
-    saved = torch.load(path, weights_only=True)
+    whole, saved, resumed, asked = _whole_cut_resumed(tmp_path, monkeypatch, kw, cut=5, every=2)
     assert saved["step"] == 4  # the last save before the cut at step 5
-    asked, real = [], mqar.make_mqar
-    with monkeypatch.context() as m:
-        m.setattr(mqar, "make_mqar", lambda *a, seed=0, **k: asked.append(seed) or real(*a, seed=seed, **k))
-        resumed = train_group(SPECS, state_path=path, save_every=2, **kw)
     assert asked[1:] == [KW["seed"] * SEED_STRIDE + s for s in (4, 5)]  # (after the test set) only steps 4 and 5
     assert all(r.seconds >= saved["seconds"] for r in resumed)
     key = [(r.final_loss, r.accuracy, r.stopped_at) for r in whole]
     assert [(r.final_loss, r.accuracy, r.stopped_at) for r in resumed] == key
     assert [r.stopped_at for r in resumed] == ([2, None] if stop else [None, None])
     monkeypatch.setattr(mqar, "_member", lambda *a: pytest.fail("a finished group trained again"))
-    again = train_group(SPECS, state_path=path, save_every=2, **kw)
+    again = train_group(SPECS, state_path=str(tmp_path / "group.pt"), save_every=2, **kw)
     assert [(r.final_loss, r.accuracy, r.stopped_at) for r in again] == key
 
 
@@ -121,13 +128,7 @@ def test_a_captured_group_cut_short_continues_like_the_uninterrupted_one(tmp_pat
     """On CUDA the resumed group runs eager steps again before it captures (learning rate tensors moved back to the
     device, optimizer step counts restored); it must follow the uninterrupted replays."""
     kw = dict(KW, steps=12, device="cuda", precision="bf16", short_conv=True)
-    whole = train_group(SPECS, **kw)
-    path = str(tmp_path / "group.pt")
-    with monkeypatch.context() as m:
-        _cut_at(m, 9)
-        with pytest.raises(RuntimeError, match="machine lost"):
-            train_group(SPECS, state_path=path, save_every=4, **kw)
-    assert torch.load(path, weights_only=True)["step"] == 8
-    resumed = train_group(SPECS, state_path=path, save_every=4, **kw)
+    whole, saved, resumed, _ = _whole_cut_resumed(tmp_path, monkeypatch, kw, cut=9, every=4)
+    assert saved["step"] == 8
     for w, r in zip(whole, resumed):
         assert math.isfinite(w.final_loss) and r.final_loss == pytest.approx(w.final_loss, rel=1e-4)

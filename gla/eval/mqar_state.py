@@ -30,7 +30,8 @@ def load(path: str, identity: dict) -> dict | None:
     if not os.path.exists(path):
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mapped, not read: the grid's check of every group's state before training costs no copy of the weights
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
         raise ValueError(f"{path}: not a readable MQAR group state ({type(e).__name__}: {e})") from None
     saved = state.get("identity") if isinstance(state, dict) else None
