@@ -45,7 +45,8 @@ def build(out: str, quick: bool) -> str:
                  "each cell is the mean over the seeds at the better of two rates, with their range): a check that "
                  "runs in minutes. The GLA paper's grid (Fig. 4) needs the GPU: see the GPU section below. GLA "
                  "with its forget gate starting nearly open (--gate-bias-init 3) at these settings, paired seed by "
-                 "seed with the runs above: docs/results/mqar-cpu-gate-bias."),
+                 "seed with the runs above: docs/results/mqar-cpu-gate-bias. Without the short convolution no "
+                 "recurrent mixer learns the task in this budget: docs/results/mqar-cpu-short-conv."),
                 ("Perplexity across token mixers (character-level Shakespeare)", compare,
                  lambda: open(os.path.join("runs", "compare", "compare.md")).read(),
                  "\"gla, gate bias 3.0\" is GLA with its forget gate starting nearly open, the start that helped it "
