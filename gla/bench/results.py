@@ -2,6 +2,7 @@
 operator benchmark, each with the exact command that produced it.
 
     python -m gla.bench.results [--out docs] [--quick]     (make results)
+    python -m gla.bench.results --gpu-only                 (after new GPU MQAR runs: re-splice that section only)
 
 The CPU settings are the small end of each experiment (about 40 minutes on 2 cores; --quick: a few minutes, for
 checking the pipeline). The full MQAR grid of the GLA paper (Fig. 4) needs a GPU: add --device cuda and larger
@@ -72,6 +73,26 @@ def build(out: str, quick: bool) -> str:
     return text
 
 
+GPU_HEADING = "## MQAR on the GPU (kept from its own runs)"
+
+
+def splice_gpu_section(out: str) -> str:
+    """Replace the GPU MQAR section of OUT/results.md (always its last) with one built from OUT/results/mqar-gpu,
+    leaving the CPU sections as they were measured: they take about 40 minutes to regenerate."""
+    path = os.path.join(out, "results.md")
+    if not os.path.exists(path):
+        raise SystemExit(f"--gpu-only: {path} does not exist; build the page first (make results)")
+    gpu = gpu_mqar_section(os.path.join(out, "results"))
+    if gpu is None:
+        raise SystemExit(f"--gpu-only: {os.path.join(out, 'results', 'mqar-gpu', 'mqar.md')} does not exist")
+    text = open(path).read()
+    cut = text.find(GPU_HEADING)
+    text = (text[:cut] if cut >= 0 else text.rstrip("\n") + "\n\n") + gpu
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
 def gpu_mqar_section(res: str) -> str | None:
     """The MQAR grid measured on a GPU (RES/mqar-gpu), kept as measured: this CPU page does not repeat it."""
     gpu = os.path.join(res, "mqar-gpu")
@@ -79,7 +100,7 @@ def gpu_mqar_section(res: str) -> str | None:
         return None
     notes = open(os.path.join(gpu, "README.md")).read().strip()
     table = open(os.path.join(gpu, "mqar.md")).read().strip()
-    return (f"## MQAR on the GPU (kept from its own runs)\n\n{notes}\n\n{table}\n\n"
+    return (f"{GPU_HEADING}\n\n{notes}\n\n{table}\n\n"
             "![MQAR on the GPU](results/mqar-gpu/mqar.png)\n")
 
 
@@ -87,8 +108,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in a few minutes")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="train nothing: rebuild only the GPU MQAR section from OUT/results/mqar-gpu")
     a = p.parse_args(argv)
-    build(a.out, a.quick)
+    if a.gpu_only and a.quick:
+        p.error("--gpu-only trains nothing, so --quick does not apply")
+    if a.gpu_only:
+        splice_gpu_section(a.out)
+    else:
+        build(a.out, a.quick)
     print(f"wrote {os.path.join(a.out, 'results.md')}")
 
 
