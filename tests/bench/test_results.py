@@ -32,11 +32,12 @@ def test_gpu_only_replaces_the_old_section_and_keeps_the_cpu_ones(tmp_path):
     assert text.count(GPU_HEADING) == 1
 
 
-def test_gpu_only_appends_a_missing_section(tmp_path):
-    (tmp_path / "results.md").write_text("# Results\n\nCPU only\n")
+def test_gpu_only_appends_a_missing_section_and_ignores_quotes_of_its_heading(tmp_path):
+    cpu = f"# Results\n\nCPU text that quotes \"{GPU_HEADING}\" inline\n"
+    (tmp_path / "results.md").write_text(cpu)
     _gpu_dir(tmp_path / "results")
-    text = splice_gpu_section(str(tmp_path))
-    assert text.startswith("# Results\n\nCPU only\n\n" + GPU_HEADING)
+    splice_gpu_section(str(tmp_path))
+    assert (tmp_path / "results.md").read_text() == cpu + "\n" + gpu_mqar_section(str(tmp_path / "results"))
 
 
 def test_gpu_only_needs_the_page_and_the_grid(tmp_path):
@@ -46,5 +47,12 @@ def test_gpu_only_needs_the_page_and_the_grid(tmp_path):
     with pytest.raises(SystemExit, match="mqar.md does not exist"):
         splice_gpu_section(str(tmp_path))
     assert (tmp_path / "results.md").read_text() == "# Results\n"
-    with pytest.raises(SystemExit):
+
+
+def test_gpu_only_rejects_quick(tmp_path, capsys):
+    (tmp_path / "results.md").write_text("# Results\n")
+    _gpu_dir(tmp_path / "results")
+    with pytest.raises(SystemExit) as stop:
         main(["--out", str(tmp_path), "--gpu-only", "--quick"])
+    assert stop.value.code == 2 and "--quick does not apply" in capsys.readouterr().err
+    assert (tmp_path / "results.md").read_text() == "# Results\n"
