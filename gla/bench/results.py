@@ -27,19 +27,23 @@ def _run(cmd: list[str]) -> str:
     return subprocess.run([sys.executable, "-m", "gla.cli", *cmd], check=True, capture_output=True, text=True).stdout
 
 
+def _mqar(mixers: str, d_model: str, steps: str, lrs: str, conv: list, seeds: str, stop: list, out: str) -> list:
+    """The page's MQAR task (T=64, 4 pairs, vocabulary 256, blocks without MLP) as a `gla eval mqar` command."""
+    return ["eval", "mqar", "--mixers", mixers, "--d-model", d_model, "--seq-len", "64", "--kv-pairs", "4", "--steps",
+            steps, "--lrs", lrs, "--vocab-size", "256", "--mlp", "none", *conv, "--seeds", seeds, *stop, "--out", out]
+
+
 def build(out: str, quick: bool) -> str:
     res = os.path.join(out, "results")
     os.makedirs(res, exist_ok=True)
     steps = "40" if quick else "600"
-    mqar = ["eval", "mqar", "--mixers", "softmax,gla,retnet,linear", "--d-model", "32" if quick else "32,64",
-            "--seq-len", "64", "--kv-pairs", "4", "--steps", steps, "--lrs", "1e-3,3e-3", "--vocab-size", "256",
-            "--mlp", "none", "--short-conv", "--seeds", "0" if quick else "0,1,2", "--out", res]
+    seeds = "0" if quick else "0,1,2"
+    mqar = _mqar("softmax,gla,retnet,linear", "32" if quick else "32,64", steps, "1e-3,3e-3", ["--short-conv"],
+                 seeds, [], res)
     no_conv = os.path.join(res, "mqar-no-conv")
     nc_d, nc_steps, nc_lr = ("32", "40", "3e-3") if quick else ("64", "3000", "3e-3")
-    mqar_no_conv = ["eval", "mqar", "--mixers", "gla,retnet,linear", "--d-model", nc_d, "--seq-len", "64",
-                    "--kv-pairs", "4", "--steps", nc_steps, "--lrs", nc_lr, "--vocab-size", "256", "--mlp", "none",
-                    "--seeds", "0" if quick else "0,1,2", "--eval-every", "20" if quick else "500", "--stop-at",
-                    "0.99", "--out", no_conv]
+    mqar_no_conv = _mqar("gla,retnet,linear", nc_d, nc_steps, nc_lr, [], seeds,
+                         ["--eval-every", "20" if quick else "500", "--stop-at", "0.99"], no_conv)
     compare = ["eval", "compare", "--mixers", "gla,softmax,retnet,linear", "--data", "shakespeare", "--preset", "demo",
                "--d-model", "128", "--n-layers", "4", "--n-heads", "4", "--seq-len", "64", "--batch-size", "12",
                "--steps", "40" if quick else "1000", "--lr", "1e-3", "--beta2", "0.99", "--device", "cpu",
