@@ -1,51 +1,78 @@
-"""Chunkwise GLA on the GPU: the autograd Function that chains the Triton stages.
+"""Chunkwise GLA on the GPU: the Triton stages chained into two ``torch.library`` operators with registered autograd.
 
-forward:  chunk_state_fwd (states entering each chunk) -> chunk_output_fwd (o, and the intra scores A)
-backward: chunk_state_bwd (gradients of the states leaving each chunk, dh0) -> chunk_bwd (dv; dq, dk, dg)
-The per-chunk states (fp32) and intra-chunk scores (bf16 for bf16 inputs) are kept from the forward, so the
-backward does not recompute them.
+forward  ``gla::chunk_fwd_triton``: chunk_cumsum (gc) -> chunk_state_fwd (states entering each chunk) ->
+         chunk_output_fwd (o, and the intra scores A)
+backward ``gla::chunk_bwd_triton``: chunk_cumsum -> chunk_state_bwd (gradients of the states leaving each chunk, dh0)
+         -> chunk_bwd (dv; dq, dk, dg)
+Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
+a value back to the host, so they can be captured in CUDA graphs. The per-chunk states (fp32) and intra-chunk scores
+(bf16 for bf16 inputs) are kept from the forward; gc is recomputed in the backward (one cheap pass, where keeping it
+would hold 4 bytes per gate value for the whole step).
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from .. import no_autocast
+import torch
+from torch.library import register_autograd, triton_op
+
 from .chunk_bwd import chunk_bwd
 from .chunk_output import chunk_output_fwd
 from .chunk_state import chunk_state_bwd, chunk_state_fwd
+from .gate import chunk_cumsum
 from .utils import chunk_meta
 
 
-class ChunkGLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-        h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-        meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
-        need_grad = any(ctx.needs_input_grad[:6])
-        hs, ht = chunk_state_fwd(k, v, g, h0, meta, output_final_state)
-        o, A = chunk_output_fwd(q, k, v, g, hs, scale, meta, store_A=need_grad)
-        ctx.save_for_backward(q, k, v, g, A, hs)
-        ctx.meta, ctx.scale = meta, scale
-        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
-        return o, ht
+@triton_op("gla::chunk_fwd_triton", mutates_args=())
+def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], scale: float, output_final_state: bool,
+                 store_A: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None. Operators cannot return None, so an absent
+    output is an empty tensor. Returns o [B, T, H, V], ht [N, H, K, V] fp32 (empty unless output_final_state), A [B, T, H, BT] (empty unless
+    store_A) and hs [slots, H, K, V] fp32 (the per-chunk states, for the backward)."""
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
+    meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
+    gc = chunk_cumsum(g, meta)
+    hs, ht = chunk_state_fwd(k, v, gc, h0, meta, output_final_state)
+    o, A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=store_A)
+    return o, ht if ht is not None else hs.new_empty(0), A if A is not None else q.new_empty(0), hs
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        with no_autocast(do.device.type):  # backward() may run under autocast
-            return ChunkGLAFunction._backward(ctx, do, dht)
 
-    @staticmethod
-    def _backward(ctx, do, dht):
-        q, k, v, g, A, hs = ctx.saved_tensors
-        meta = ctx.meta
-        do = do.contiguous()
-        dht = dht.to(torch.float32).contiguous() if dht is not None else None
-        dhs, dh0 = chunk_state_bwd(q, g, do, dht, ctx.scale, meta, need_dh0=ctx.h0_dtype is not None)
-        dq, dk, dv, dg = chunk_bwd(q, k, v, g, do, A, hs, dhs, ctx.scale, meta)
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, None, dh0, None, None
+@triton_op("gla::chunk_bwd_triton", mutates_args=())
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor,
+                 dht: Optional[torch.Tensor], A: torch.Tensor, hs: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                 scale: float, need_dh0: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq, dk, dv, dg (dtypes of q, k, v, g) and dh0 [N, H, K, V] fp32 (empty unless need_dh0)."""
+    q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
+    dht = dht.to(torch.float32).contiguous() if dht is not None else None
+    meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
+    gc = chunk_cumsum(g, meta)
+    dhs, dh0 = chunk_state_bwd(q, gc, do, dht, scale, meta, need_dh0=need_dh0)
+    dq, dk, dv, dg = chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)
+    return dq, dk, dv, dg, dh0 if dh0 is not None else hs.new_empty(0)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, h0, cu_seqlens, scale, _, _ = inputs
+    _, _, A, hs = output
+    ctx.save_for_backward(q, k, v, g, A, hs, cu_seqlens)
+    ctx.scale = scale
+    ctx.h0_dtype = h0.dtype if h0 is not None else None
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, do, dht, dA, dhs):
+    q, k, v, g, A, hs, cu_seqlens = ctx.saved_tensors
+    if do is None:  # only the final state was used
+        do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, do, dht, A, hs, cu_seqlens, ctx.scale, ctx.h0_dtype is not None)
+    dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+    return dq, dk, dv, dg, dh0, None, None, None, None
+
+
+register_autograd("gla::chunk_fwd_triton", _backward, setup_context=_setup)
 
 
 def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -53,8 +80,8 @@ def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [N, H, K, V] or None; cu_seqlens: [N+1] or None
     (then B == 1). Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32 or None). Differentiable
-    in q, k, v, g and initial_state, also through the final state. Inputs: fp32, bf16 or fp16 (fp32 state);
-    K <= 256 and V <= 512 are the tuned range.
+    in q, k, v, g and initial_state, also through the final state. Inputs: fp32, bf16 or fp16 (fp32 state; g may
+    differ from q's dtype, e.g. the model's fp32 gate beside bf16 q, k, v); K <= 256 and V <= 512 are the tuned range.
     """
     for name, x in (("q", q), ("g", g)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -70,4 +97,7 @@ def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=
         if initial_state is None:
             return o, q.new_zeros(N, H, K, V, dtype=torch.float32)
         return o, initial_state.to(torch.float32).clone()
-    return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
+    o, ht, _, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, needs_grad)
+    return o, (ht if output_final_state else None)

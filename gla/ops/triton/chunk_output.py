@@ -8,14 +8,15 @@ The intra block A is one matrix product (q * exp(gc)) @ (k * exp(-gc))^T when th
 SAFE_DECAY (exp(-gc) <= exp(60) cannot overflow); with stronger gates it is built in log space one key column at a
 time, where every exponent gc_ik - gc_jk (i >= j) is <= 0. This plays the role of the paper's secondary-level
 chunking (§4.3): full precision where the decay is large, tensor cores where it is safe. The check is per chunk and
-K-tile, so ordinary gates (log-decay of a few units per chunk) always take the matrix-product path.
+K-tile (gc comes from gate.py), so ordinary gates (log-decay of a few units per chunk) always take the matrix-product path.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, chunk_cumsum, config, dot_dtype, gate_dtype, score_dtype
+from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot16, score_dtype, tile, to_dot
 
 
 @triton.jit
@@ -34,51 +35,54 @@ def attn_logspace(b_A, b_q, b_k, b_gc, BT: tl.constexpr):
 
 
 @triton.jit
-def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
+def chunk_output_fwd_kernel(q, k, v, gc, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr, GDOT: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr,
                             SAFE: tl.constexpr, STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """q, k, g: [B*T, H, K]; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled, lower-triangular)."""
-    # V tiles of one chunk are adjacent program ids, so they share q, k, g through L2
+    """q, k: [B*T, H, K]; gc: [B*T, H, K] fp32; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled,
+    lower-triangular)."""
+    # V tiles of one chunk are adjacent program ids, so they share q, k, gc through L2
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
+    t0 = i_t * BT
     o_t = tl.arange(0, BT)
-    p_qk = (bos * H + i_h) * K
+    o_k = (bos * H + i_h) * K
+    o_v = (bos * H + i_h) * V
     p_h = hs + ((boh + i_t) * H + i_h) * K * V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        p_q = tl.make_block_ptr(q + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_g = tl.make_block_ptr(g + p_qk, (L, K), (H * K, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_hk = tl.make_block_ptr(p_h, (K, V), (V, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero").to(tl.float32) * scale
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_gc = chunk_cumsum(tl.load(p_g, boundary_check=(0, 1), padding_option="zero").to(GDOT), BT)
-        b_h = tl.load(p_hk, boundary_check=(0, 1))
+        p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+        p_k, _ = tile(k + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+        p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+        p_hk, m_h = tile(p_h, i_k * BK, K, i_v * BV, V, V, 1, BK, BV)
+        b_q = (tl.load(p_q, mask=m_q, other=0.).to(tl.float32) * scale).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_q, other=0.).to(tl.float32)
+        b_gc = tl.load(p_g, mask=m_q, other=0.)
+        b_h = tl.load(p_hk, mask=m_h, other=0.)
         b_qg = b_q * tl.exp(b_gc)
-        b_o += tl.dot(b_qg.to(DOT), b_h.to(DOT), input_precision="ieee")
+        b_o += tl.dot(to_dot(b_qg, DOT16), to_dot(b_h, DOT16), input_precision="ieee")
         if tl.min(b_gc) >= -SAFE:
-            b_kg = (b_k * tl.exp(-b_gc)).to(DOT)
-            b_A += tl.dot(b_qg.to(DOT), tl.trans(b_kg), input_precision="ieee")
+            b_kg = to_dot(b_k * tl.exp(-b_gc), DOT16)
+            b_A += tl.dot(to_dot(b_qg, DOT16), tl.trans(b_kg), input_precision="ieee")
         else:
             b_A = attn_logspace(b_A, b_q, b_k, b_gc, BT)
     b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0.)
-    p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
-    b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision="ieee")
-    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (L, V), (H * V, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+    p_v, m_v = tile(v + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
+    b_v = tl.load(p_v, mask=m_v, other=0.)
+    b_o += tl.dot(to_dot(b_A, DOT16), to_dot(b_v, DOT16), input_precision="ieee")
+    p_o, _ = tile(o + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_A:
         if i_v == 0:
-            p_A = tl.make_block_ptr(A + (bos * H + i_h) * BT, (L, BT), (H * BT, 1), (i_t * BT, 0), (BT, BT), (1, 0))
-            tl.store(p_A, b_A.to(p_A.dtype.element_ty), boundary_check=(0, 1))
+            p_A, m_A = tile(A + (bos * H + i_h) * BT, t0, L, 0, BT, H * BT, 1, BT, BT)
+            tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_A)
 
 
-def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: bool):
-    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; hs from ``chunk_state_fwd``.
+def chunk_output_fwd(q, k, v, gc, hs, scale: float, meta: ChunkMeta, store_A: bool):
+    """q, k: [B, T, H, K]; gc: [B, T, H, K] fp32; v: [B, T, H, V]; hs from ``chunk_state_fwd``.
     Returns o [B, T, H, V] (v's dtype) and A [B, T, H, BT] (the scaled intra-chunk scores, for the backward) or None."""
     B, T, H, K = q.shape
     V = v.shape[3]
@@ -86,8 +90,8 @@ def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: boo
     A = q.new_empty(B, T, H, BT, dtype=score_dtype(q.dtype)) if store_A else None
     c = config("output", K, V)
     grid = (meta.NC * triton.cdiv(V, c["BV"]), H)
-    chunk_output_fwd_kernel[grid](
-        q, k, v, g, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT=dot_dtype(q.dtype), GDOT=gate_dtype(g.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
+    wrap_triton(chunk_output_fwd_kernel)[grid](
+        q, k, v, gc, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
+        H=H, K=K, V=V, BT=BT, DOT16=dot16(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
         IS_VARLEN=meta.varlen, num_stages=2, **c)
     return o, A

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from .utils import pow2
 
@@ -36,26 +37,47 @@ def recurrent_step_fwd_kernel(q, k, v, g, s, o, s_new, scale,
     tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
+def _launch(q, k, v, g, s, s_new, scale: float):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    o = v.new_empty(B, H, V)
+    if B * H == 0:
+        return o
+    BK = pow2(K)
+    BV = max(16, min(pow2(V), 4096 // BK))  # [K, BV] fp32 slab: 16 KiB per program keeps registers unspilled
+    wrap_triton(recurrent_step_fwd_kernel)[(B * H, triton.cdiv(V, BV))](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), s, o, s_new, scale,
+        K=K, V=V, BK=BK, BV=BV, num_warps=4)
+    return o
+
+
+@triton_op("gla::recurrent_step_triton", mutates_args=())
+def recurrent_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, g: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] -> (o [B, H, V], new state [B, H, K, V] fp32)."""
+    s = state.to(torch.float32).contiguous()
+    s_new = torch.empty_like(s)
+    return _launch(q, k, v, g, s, s_new, scale), s_new
+
+
+@triton_op("gla::recurrent_step_triton_", mutates_args=("state",))
+def recurrent_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                              state: torch.Tensor, scale: float) -> torch.Tensor:
+    """As ``recurrent_step_op``, writing the new state over ``state`` (contiguous fp32); returns o."""
+    return _launch(q, k, v, g, state, state, scale)
+
+
 def triton_recurrent_step(q, k, v, g, state, scale: float, inplace: bool = False):
     """One GLA token for a batch: same semantics as ``gla.ops.recurrent.recurrent_step``, for generation.
 
     q, k, g: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] float32. Returns (o [B, H, V] in v's dtype,
     new state [B, H, K, V] float32). With ``inplace=True`` the new state is written over ``state`` (which must be
-    contiguous float32) and ``state`` itself is returned: no allocation, one read and one write of the state.
-    Not differentiable (decoding runs under ``torch.no_grad``); use ``recurrent_step`` for gradients.
+    contiguous float32) and ``state`` itself is returned: no allocation, one read and one write of the state, so the
+    step can be captured in a CUDA graph. Not differentiable (decoding runs under ``torch.no_grad``); use
+    ``recurrent_step`` for gradients.
     """
-    B, H, K = q.shape
-    V = v.shape[-1]
-    if inplace and (state.dtype != torch.float32 or not state.is_contiguous()):
-        raise ValueError("inplace=True needs a contiguous float32 state")
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    s = state if inplace else state.to(torch.float32).contiguous()
-    s_new = s if inplace else torch.empty_like(s)
-    o = v.new_empty(B, H, V)
-    if B * H == 0:
-        return o, s_new
-    BK = pow2(K)
-    BV = max(16, min(pow2(V), 4096 // BK))  # [K, BV] fp32 slab: 16 KiB per program keeps registers unspilled
-    recurrent_step_fwd_kernel[(B * H, triton.cdiv(V, BV))](
-        q, k, v, g, s, o, s_new, scale, K=K, V=V, BK=BK, BV=BV, num_warps=4)
-    return o, s_new
+    if inplace:
+        if state.dtype != torch.float32 or not state.is_contiguous():
+            raise ValueError("inplace=True needs a contiguous float32 state")
+        return recurrent_step_inplace_op(q, k, v, g, state, scale), state
+    return recurrent_step_op(q, k, v, g, state, scale)

@@ -1,9 +1,14 @@
-"""Shared pieces of the Triton kernels: chunk bookkeeping (fixed length and varlen) and dtype choices.
+"""Shared pieces of the Triton kernels: tile addressing, chunk bookkeeping (fixed length and varlen), dtype choices.
+
+Tiles are addressed with plain pointer arithmetic and masks (``tile``), which every Triton from 3.6 to 3.9 compiles
+(block pointers were removed in 3.8) and which handles any head size, aligned or not.
 
 Every sequence is cut into chunks of BT = 64 tokens (the last one may be short). Chunks are numbered globally in
 sequence order: chunk ``i_c`` is chunk ``i_t`` of sequence ``i_n``. Per-chunk states live in "slots": sequence n owns
 NT_n + 1 consecutive slots (the state entering each chunk, then the final state), starting at slot
-``chunk_offsets[n] + n``.
+``chunk_offsets[n] + n``. With ``cu_seqlens`` the number of chunks depends on the data; the host never reads it
+(that would wait for the GPU): buffers are sized by the bound T // BT + N, and the spare chunk ids point past the end
+of the last sequence, where every row is masked off.
 """
 from __future__ import annotations
 
@@ -19,6 +24,24 @@ BT = 64  # chunk length (tokens): a power of two that fills a 64-row MMA tile
 # (q * exp(gc)) @ (k * exp(-gc))^T: exp(60) and exp(-60) are far inside the range of fp32 and bf16 (~exp(±88)).
 # Chunks with stronger decay take the log-space path, where every exponent is <= 0.
 SAFE_DECAY = 60.0
+
+
+@triton.jit
+def tile(base, r0, n_r, c0, n_c, s_r, s_c, BR: tl.constexpr, BC: tl.constexpr):
+    """Pointers and mask of the [BR, BC] tile at (r0, c0) of a matrix of n_r x n_c entries with strides (s_r, s_c)."""
+    o_r = r0 + tl.arange(0, BR)
+    o_c = c0 + tl.arange(0, BC)
+    return base + o_r[:, None] * s_r + o_c[None, :] * s_c, (o_r < n_r)[:, None] & (o_c < n_c)[None, :]
+
+
+@triton.jit
+def to_dot(x, DOT16: tl.constexpr):
+    """Operand of a tensor-core product: bf16 when DOT16 (16-bit inputs), else fp32 (see ``dot16``)."""
+    if DOT16:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -54,12 +77,21 @@ def seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: t
     return bos, eos, boc, boc + i_n
 
 
+@triton.jit
+def last_row(base, t_end, c0, n_c, s_r, BC: tl.constexpr):
+    """Row t_end - 1 of a row-major matrix with row stride s_r: [BC] entries from column c0, zeros past n_c.
+    Used for the cumulative log-decay at a chunk's last token (t_end = min(chunk start + BT, L))."""
+    o_c = c0 + tl.arange(0, BC)
+    return tl.load(base + (t_end - 1).to(tl.int64) * s_r + o_c, mask=o_c < n_c, other=0.)
+
+
 @dataclass
 class ChunkMeta:
-    """Host-side view of the chunking. ``cu_seqlens``/``chunk_indices``/``chunk_offsets`` are None for equal lengths."""
+    """Host-side view of the chunking. ``cu_seqlens``/``chunk_indices``/``chunk_offsets`` are None for equal lengths.
+    NC is exact for equal lengths and the bound T // BT + N with cu_seqlens (spare ids are masked off)."""
     N: int  # sequences
     T: int  # tokens per sequence (fixed length) or 0 (varlen)
-    NC: int  # chunks over all sequences
+    NC: int  # chunk ids over all sequences
     cu_seqlens: torch.Tensor | None
     chunk_indices: torch.Tensor | None  # [NC, 2] int32: (sequence, chunk within it)
     chunk_offsets: torch.Tensor | None  # [N + 1] int32: first global chunk of each sequence
@@ -74,44 +106,26 @@ class ChunkMeta:
 
 
 def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
+    """Chunk bookkeeping from tensor ops only (no host sync, fixed shapes: CUDA-graph and torch.compile safe)."""
     if cu_seqlens is None:
         return ChunkMeta(B, T, B * triton.cdiv(T, BT), None, None, None)
     cu = cu_seqlens.to(torch.int64)
     N = cu.numel() - 1
-    nt = (cu[1:] - cu[:-1] + BT - 1) // BT
-    offs = torch.zeros(N + 1, dtype=torch.int64, device=cu.device)
-    offs[1:] = torch.cumsum(nt, 0)
-    NC = int(offs[-1].item())
-    seq = torch.repeat_interleave(torch.arange(N, device=cu.device), nt)
-    idx = torch.arange(NC, device=cu.device) - offs[seq]
-    chunk_indices = torch.stack([seq, idx], 1).to(torch.int32).contiguous()
-    return ChunkMeta(N, 0, NC, cu.to(torch.int32).contiguous(), chunk_indices, offs.to(torch.int32).contiguous())
+    NC = T // BT + N  # sum_n ceil(L_n / BT) <= sum_n (L_n / BT + 1)
+    offs = torch.cat([cu.new_zeros(1), torch.cumsum((cu[1:] - cu[:-1] + BT - 1) // BT, 0)])
+    ids = torch.arange(NC, device=cu.device)
+    seq = (torch.searchsorted(offs[1:], ids, right=True)).clamp_(max=N - 1)
+    # spare ids (past the last chunk) become chunk NT of the last sequence: its final-state slot, all rows masked
+    idx = ids - offs[seq]
+    chunk_indices = torch.stack([seq, idx], 1).to(torch.int32)
+    return ChunkMeta(N, 0, NC, cu.to(torch.int32), chunk_indices, offs.to(torch.int32))
 
 
-def dot_dtype(dtype: torch.dtype):
-    """Operand dtype of the tensor-core products: bf16 for 16-bit inputs (fp16's range cannot hold the rescaled
-    operands exp(±60)), fp32 for fp32 inputs (computed in full fp32: input_precision="ieee"). The CPU interpreter
+def dot16(dtype: torch.dtype) -> bool:
+    """Whether the tensor-core products take bf16 operands: yes for 16-bit inputs (fp16's range cannot hold the
+    rescaled operands exp(±60)); fp32 inputs multiply in full fp32 (input_precision="ieee"). The CPU interpreter
     cannot multiply bf16 blocks (it stores them as raw uint16), so there every product runs in fp32."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return tl.bfloat16
-
-
-def gate_dtype(dtype: torch.dtype):
-    """Operand dtype of the in-chunk cumulative sum of g (a product with a triangular matrix of ones): g's own
-    16-bit dtype is exact there (products by 1, fp32 accumulation); fp32 gates (and the interpreter) use fp32."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-
-
-@triton.jit
-def chunk_cumsum(b_g, BT: tl.constexpr):
-    """Inclusive cumulative sum over the rows of a [BT, BK] block, as tril(1) @ g on the tensor cores: cheaper in
-    registers and time than a cross-warp scan (tl.cumsum). Returns fp32."""
-    o_t = tl.arange(0, BT)
-    b_tril = (o_t[:, None] >= o_t[None, :]).to(b_g.dtype)
-    return tl.dot(b_tril, b_g, input_precision="ieee")
+    return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,7 +141,7 @@ def pow2(n: int, lo: int = 16) -> int:
 
 
 # Fixed tile configurations, no autotuning (first call = compile only). Chosen from ptxas register reports (no
-# spills on sm_90) and H200 timings, see benchmarks/NOTES.md; benchmarks/gpu_ops.py edits this dict to time variants.
+# spills on sm_90) and H200 timings, see benchmarks/NOTES.md; `gla bench ops --variants` edits this dict to time others.
 CONFIGS = {
     # sequential state kernels, largest tile that still gives >= 4 programs per SM (see chunk_state._state_config)
     "state": dict(BK=64, BV=64, num_warps=4),
@@ -136,13 +150,16 @@ CONFIGS = {
     "output": dict(BK=32, BV=128, num_warps=4),
     "dv": dict(BK=32, BV=128, num_warps=4),
     "dqkg": dict(BK=32, BV=32, num_warps=4),  # square: see chunk_bwd.chunk_bwd
+    "cumsum": dict(BK=64, num_warps=4),
 }
 
 
 def config(name: str, K: int, V: int) -> dict:
     """Tile sizes (clipped to the padded head dims) and launch options of one kernel."""
     c = dict(CONFIGS[name])
-    c["BK"], c["BV"] = min(c["BK"], pow2(K)), min(c["BV"], pow2(V))
+    c["BK"] = min(c["BK"], pow2(K))
+    if "BV" in c:
+        c["BV"] = min(c["BV"], pow2(V))
     return c
 
 
