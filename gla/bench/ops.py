@@ -1,8 +1,11 @@
-"""Operator benchmark on CPU: chunk vs the recurrent reference, with SDPA causal attention as a reference row.
+"""Operator benchmark. CPU: chunk vs the recurrent reference, with SDPA causal attention as a reference row.
+CUDA (``--device cuda``): ours vs FLA 0.6.0 chunk_gla vs SDPA causal at the model's shapes, bf16 and fp32 gates
+(gla/bench/ops_gpu.py says what is timed and how).
 
-    python -m gla.bench.ops [--T 4096 --H 4 --K 128 --V 256 --threads 2 --json]
+    gla bench ops [--T 4096 --H 4 --K 128 --V 256 --threads 2 --json]
+    gla bench ops --device cuda [--fla] [--first-call] [--shape B,T,H,K,V ...] [--gates bf16,fp32] [--out DIR]
 
-Times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss).
+CPU times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss).
 """
 from __future__ import annotations
 
@@ -84,17 +87,54 @@ def format_table(rows, shape: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="gla bench ops", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     for name, default in (("B", 1), ("T", 4096), ("H", 4), ("K", 128), ("V", 256), ("threads", 2), ("reps", 5)):
-        p.add_argument(f"--{name}", type=int, default=default)
+        p.add_argument(f"--{name}", type=int, default=default, help="CPU shape and repetitions")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    g = p.add_argument_group("cuda")
+    g.add_argument("--shape", action="append", help="B,T,H,K,V (repeatable; default: gla.bench.ops_gpu.SHAPES)")
+    g.add_argument("--gates", default="bf16,fp32", help="gate dtypes, comma-separated (bf16, fp32)")
+    g.add_argument("--fla", action="store_true", help="FLA chunk_gla too (its first call per head shape autotunes)")
+    g.add_argument("--first-call", action="store_true", help="time our first call on a cold Triton cache")
+    g.add_argument("--baseline", help="directory of an older gla.ops package to time beside the current one")
+    g.add_argument("--variant", action="append", default=[],
+                   help='NAME=JSON tile-config overrides timed as extra rows, e.g. o64={"output":{"BK":64}}')
+    g.add_argument("--out", help="write DIR/ops-cuda.md and DIR/ops-cuda.json")
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        return _main_cuda(p, a)
     rows = run(a.B, a.T, a.H, a.K, a.V, a.threads, a.reps)
     if a.json:
         print(json.dumps(rows))
     else:
         print(format_table(rows, f"B={a.B} T={a.T} H={a.H} K={a.K} V={a.V} fp32, {a.threads} threads, "
                                  f"torch {torch.__version__}"))
+
+
+def _main_cuda(p, a):
+    from . import ops_gpu, write_report
+    try:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in a.shape] if a.shape else ops_gpu.SHAPES
+        variants = {n: json.loads(j) for n, j in (v.split("=", 1) for v in a.variant)}
+    except ValueError as e:
+        p.error(f"--shape takes B,T,H,K,V integers and --variant NAME=JSON ({e})")
+    if any(len(s) != 5 for s in shapes):
+        p.error("--shape takes five integers B,T,H,K,V")
+    gates = tuple(a.gates.split(","))
+    if not set(gates) <= set(ops_gpu.GATES):
+        p.error(f"--gates takes {', '.join(ops_gpu.GATES)}")
+    if not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA device")
+    print(ops_gpu.header(), flush=True)
+    rows = ops_gpu.run(shapes, gates, a.fla, a.baseline, a.first_call, variants,
+                       log=lambda line: print(line, flush=True))
+    table = ops_gpu.format_table(rows)
+    print(table)
+    if a.json:
+        print(json.dumps(rows))
+    if a.out:
+        write_report(a.out, "ops-cuda", table, rows)
 
 
 if __name__ == "__main__":

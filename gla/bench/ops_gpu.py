@@ -1,0 +1,222 @@
+"""GPU operator benchmark (``gla bench ops --device cuda``): ours vs FLA 0.6.0 ``chunk_gla`` vs SDPA causal (flash).
+
+Inputs as the model feeds the operator: bf16 q, k, v ~ randn and the log-gate g = logsigmoid(randn) / 16 in bf16 or
+fp32 (the GLA layer's gate is fp32). Times are ``triton.testing.do_bench`` medians in ms, all in one process on one
+card; forward+backward = forward plus ``torch.autograd.grad`` of (q, k, v, g) for a random cotangent. SDPA runs at
+the same tokens and value width with 128-dim heads (H * V / 128 heads: at H=4, V=256 that is Llama-341M's 8 heads).
+The first call of a new shape is timed in a fresh process with an empty Triton cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128), (8, 2048, 4, 128, 256),
+          (8, 2048, 4, 256, 512)]
+GATES = ("bf16", "fp32")
+DECODE = (16, 16, 128, 128)  # B, H, K, V of the decode-step row
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def bench(fn, rep=100) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def inputs(B, T, H, K, V, gate="bf16", seed=0):
+    """bf16 q, k: [B, T, H, K], v and the cotangent do: [B, T, H, V]; g: [B, T, H, K] in ``gate``'s dtype."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = (F.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).to(DTYPES[gate])
+    for x in (q, k, v, g):
+        x.requires_grad_(True)
+    return q, k, v, g, torch.randn_like(v)
+
+
+def ours(q, k, v, g):
+    from gla.ops import gated_linear_attention
+    return gated_linear_attention(q, k, v, g, backend="triton", check_values=False)[0]
+
+
+def fla_chunk(q, k, v, g):
+    from fla.ops.gla import chunk_gla
+    return chunk_gla(q, k, v, g)[0]
+
+
+def sdpa(q, k, v, g):
+    """Causal softmax attention over the same tokens and value width, in 128-dim heads."""
+    B, T, H, V = v.shape
+    shape = (B, T, H * V // 128, 128)
+    q, k = (x.repeat_interleave(V // x.shape[-1], -1) if V > x.shape[-1] else x for x in (q, k))
+    q, k, v = (x.reshape(shape).transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def baseline(path: str):
+    """An older copy of ``gla.ops`` (a package directory, e.g. made with ``git archive``) timed beside the current
+    one: its ``triton.triton_gla(q, k, v, g, scale)``."""
+    name = os.path.basename(os.path.normpath(path))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    from importlib import import_module
+    impl = import_module(f"{name}.triton").triton_gla
+    return lambda q, k, v, g: impl(q, k, v, g, q.shape[-1] ** -0.5)[0]
+
+
+def time_op(op, shape, gate, rep=100):
+    """(forward ms, forward+backward ms) of ``op`` at ``shape`` = (B, T, H, K, V)."""
+    q, k, v, g, do = inputs(*shape, gate=gate)
+    with torch.no_grad():
+        t_fwd = bench(lambda: op(q, k, v, g), rep)
+
+    def step():  # allow_unused: SDPA has no gate
+        torch.autograd.grad(op(q, k, v, g), (q, k, v, g), do, allow_unused=True)
+    return t_fwd, bench(step, rep)
+
+
+def decode_rows(fla: bool):
+    """Decode step at DECODE: ours (new state, in place) and FLA fused_recurrent_gla (T=1), ms."""
+    from gla.ops.triton import triton_recurrent_step
+    B, H, K, V = DECODE
+    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for D in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, H, K, device="cuda")) / 16
+    s = torch.randn(B, H, K, V, device="cuda")
+    scale = K ** -0.5
+    rows = {"ours decode (new state)": bench(lambda: triton_recurrent_step(q, k, v, g, s, scale)),
+            "ours decode (in place)": bench(lambda: triton_recurrent_step(q, k, v, g, s, scale, inplace=True))}
+    if fla:
+        from fla.ops.gla import fused_recurrent_gla
+        a = [x.unsqueeze(1) for x in (q, k, v, g)]
+        rows["FLA fused_recurrent_gla decode"] = bench(
+            lambda: fused_recurrent_gla(a[0], a[1], a[2], gk=a[3], initial_state=s, output_final_state=True))
+    return rows
+
+
+def first_call(shape, gate: str, provider: str = "ours") -> float:
+    """Seconds of the first forward+backward at ``shape`` in a fresh process with an empty Triton cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        arg = ",".join(map(str, shape))
+        out = subprocess.run([sys.executable, "-m", "gla.bench.ops_gpu", arg, gate, provider], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["first_call_s"]
+
+
+def _first_call_child(shape, gate, provider):
+    op = {"ours": ours, "fla": fla_chunk}[provider]
+    q, k, v, g, do = inputs(*shape, gate=gate)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    torch.autograd.grad(op(q, k, v, g), (q, k, v, g), do)
+    torch.cuda.synchronize()
+    print(json.dumps({"first_call_s": time.perf_counter() - t}))
+
+
+def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, variants=None, log=print):
+    """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms}; ``log`` gets each row as it is measured (a long run that
+    hits a time limit keeps what it printed). ``variants``: {name: CONFIGS overrides} timed as extra "ours" rows."""
+    rows = []
+
+    def add(op, shape, gate, t):
+        rows.append(dict(op=op, gate=gate, **dict(zip("BTHKV", shape)), fwd_ms=t[0], fwd_bwd_ms=t[1]))
+        log(_row_line(rows[-1]))
+
+    base = baseline(baseline_dir) if baseline_dir else None
+    for shape in shapes:
+        for gate in gates:
+            add("ours", shape, gate, time_op(ours, shape, gate))
+            if base is not None:
+                add("baseline", shape, gate, time_op(base, shape, gate))
+            if fla:
+                t0 = time.time()
+                time_op(fla_chunk, (1, 256, *shape[2:]), gate, rep=1)  # FLA autotunes per head shape and dtype
+                log(f"(FLA chunk_gla warm-up {shape[2:]} g {gate}: {time.time() - t0:.0f} s)")
+                add("FLA chunk_gla", shape, gate, time_op(fla_chunk, shape, gate))
+            for name, over in (variants or {}).items():
+                with _configs(over):
+                    add(f"ours, {name}", shape, gate, time_op(ours, shape, gate))
+        add("SDPA causal", shape, "-", time_op(sdpa, shape, "bf16"))
+    for name, t in decode_rows(fla).items():
+        rows.append(dict(op=name, gate="fp32", **dict(zip("BHKV", DECODE)), T=1, fwd_ms=t, fwd_bwd_ms=None))
+        log(_row_line(rows[-1]))
+    if first:
+        for shape in (shapes[0], shapes[-1]):
+            rows.append(dict(op="ours, first call (s)", gate="fp32", **dict(zip("BTHKV", shape)),
+                             fwd_ms=None, fwd_bwd_ms=first_call(shape, "fp32")))
+            log(_row_line(rows[-1]))
+    return rows
+
+
+class _configs:
+    """Temporarily override tile configurations (gla.ops.triton.utils.CONFIGS)."""
+
+    def __init__(self, over):
+        from gla.ops.triton import utils
+        self.configs, self.over = utils.CONFIGS, over
+
+    def __enter__(self):
+        self.saved = {k: dict(c) for k, c in self.configs.items()}
+        self.configs.update(self.over)
+
+    def __exit__(self, *exc):
+        self.configs.clear()
+        self.configs.update(self.saved)
+
+
+def _fmt(t):
+    return "–" if t is None else f"{t:.3f}"
+
+
+def _row_line(r) -> str:
+    return (f"| {r['op']} | {r['gate']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['V']} | "
+            f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} |")
+
+
+def header() -> str:
+    import triton
+    return (f"GLA operator on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def format_table(rows) -> str:
+    lines = [header(), "", "| op | g | B | T | H | K | V | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row_line(r) for r in rows]
+    ratios = _ratios(rows)
+    if ratios:
+        lines += ["", "| shape | g | fp32-g / bf16-g (ours) fwd, fwd+bwd | FLA / ours fwd, fwd+bwd |", "|---|---|---|---|"]
+        lines += ratios
+    return "\n".join(lines)
+
+
+def _ratios(rows):
+    """Per shape and gate: our fp32-gate time over our bf16-gate time, and FLA's time over ours."""
+    by = {(r["op"], r["gate"], r["B"], r["T"], r["H"], r["K"], r["V"]): r for r in rows}
+    out = []
+    for (op, gate, *shape), r in by.items():
+        if op != "ours":
+            continue
+        b16 = by.get(("ours", "bf16", *shape))
+        fla = by.get(("FLA chunk_gla", gate, *shape))
+        gate_ratio = "–" if b16 is None or gate == "bf16" else \
+            f"{r['fwd_ms'] / b16['fwd_ms']:.2f}, {r['fwd_bwd_ms'] / b16['fwd_bwd_ms']:.2f}"
+        fla_ratio = "–" if fla is None else \
+            f"{fla['fwd_ms'] / r['fwd_ms']:.2f}, {fla['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
+        out.append(f"| B={shape[0]} T={shape[1]} H={shape[2]} K={shape[3]} V={shape[4]} | {gate} | {gate_ratio} | "
+                   f"{fla_ratio} |")
+    return out
+
+
+if __name__ == "__main__":  # the first-call child: python -m gla.bench.ops_gpu B,T,H,K,V GATE PROVIDER
+    _first_call_child(tuple(int(x) for x in sys.argv[1].split(",")), sys.argv[2], sys.argv[3])
