@@ -79,7 +79,11 @@ class SoftmaxAttention(nn.Module):
             own[torch.arange(T), torch.arange(L - T, L)] = True
             mask = mask | own
         if mask is None:  # one new query sees every key; several without a cache are plainly causal
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            # a branch, not is_causal=T > 1: under torch.compile with dynamic shapes T > 1 is symbolic, not a bool
+            if T > 1:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, -1))), cache

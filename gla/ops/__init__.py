@@ -39,9 +39,13 @@ def _check_cu_seqlens_layout(cu_seqlens) -> None:
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     """cu_seqlens: [N+1] integer offsets, 0 first, non-decreasing (empty sequences allowed), ``total`` last.
 
-    Reads the offsets, so on a GPU it waits for them: callers validate once per batch, not once per layer.
+    Reads the offsets, so on a GPU it waits for them: callers validate once per batch, not once per layer. Inside
+    torch.compile or a CUDA-graph capture no value can be read back, so there only the layout is checked: validate
+    the batch before it reaches a compiled or captured model.
     """
     _check_cu_seqlens_layout(cu_seqlens)
+    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
     offs = cu_seqlens.tolist()
     if offs[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offs[0]}")

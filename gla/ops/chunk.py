@@ -28,6 +28,7 @@ index of all sequences at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -232,64 +233,118 @@ def _gates(g):
     return b, b[:, :, -1].exp()
 
 
-class _ChunkGLA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, plan):
-        acc = state_dtype(q.dtype)
-        qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
-        NC, H, _, K = qc.shape
-        V = vc.shape[-1]
-        b, decay = _gates(gc)
-        k_dec = kc * (b[:, :, -1:] - b).exp_()  # k_j ⊙ e^{B - b_j}
-        h = k_dec.transpose(-1, -2) @ vc  # per-chunk state contribution, becomes the entering state
-        carry = h0.to(acc).clone() if h0 is not None else qc.new_zeros(plan.N, H, K, V)
-        final = _scan(h, decay, carry, plan, reverse=False)
-        qs = qc * scale
-        o = (qs * b.exp()) @ h
-        o += _Intra(qs, kc, gc, b).output(vc)
-        ctx.save_for_backward(qc, kc, vc, gc, h, final)
-        ctx.meta = (scale, plan, None if h0 is None else h0.dtype, q.dtype, v.dtype, g.dtype)
-        ctx.set_materialize_grads(False)
-        ctx.device_type = q.device.type
-        return _unpack(o, plan, v.dtype), final
+def _max_chunks(B: int, T: int, N: int, varlen: bool) -> int:
+    """Rows of the per-chunk state buffer: exact for equal lengths, the bound T // BT + N with cu_seqlens (the
+    chunk count depends on the data, and an operator's output shapes may not)."""
+    return T // BT + N if varlen else B * -(-T // BT)
 
-    @staticmethod
-    def backward(ctx, do, dfinal):
-        with no_autocast(ctx.device_type):  # backward() may run under autocast
-            return _ChunkGLA._backward(ctx, do, dfinal)
 
-    @staticmethod
-    def _backward(ctx, do, dfinal):
-        qc, kc, vc, gc, h, final = ctx.saved_tensors
-        scale, plan, h0_dtype, q_dtype, v_dtype, g_dtype = ctx.meta
-        acc = qc.dtype
-        b, decay = _gates(gc)
-        qs = qc * scale
-        doc = _pack(do, plan, acc) if do is not None else torch.zeros_like(vc)
-        q_dec = qs * b.exp()
-        dh = q_dec.transpose(-1, -2) @ doc
-        carry = dfinal.to(acc).clone() if dfinal is not None else torch.zeros_like(final)
-        dh0 = _scan(dh, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving chunk c
-        k_fac = (b[:, :, -1:] - b).exp_()
-        dqs, dk, dv, w = _Intra(qs, kc, gc, b).backward(doc, vc)
-        dqs += (doc @ h.transpose(-1, -2)) * b.exp()
-        dk_state = (vc @ dh.transpose(-1, -2)) * k_fac
-        dv += (kc * k_fac) @ dh
-        # At each sequence's last token the state term of dk is k_T's own share of the final state; it cancels
-        # exactly against part of S_T ⊙ dS_T, so both are left out of the gate gradient (see _final_term).
-        has = plan.last_slot >= 0
-        c, p = plan.last_slot[has] // BT, plan.last_slot[has] % BT
-        own = dk_state[c, :, p]
-        dk_state[c, :, p] = 0
-        dk += dk_state
-        fin = _final_term(kc, vc, h, b, dfinal[has].to(acc), c, p) if dfinal is not None else None
-        dg = _gate_grad(_unpack(qs * dqs - kc * dk, plan, acc), fin, plan)
-        dk[c, :, p] += own
-        w = w.unsqueeze(-1)
-        dq = _unpack(dqs.addcmul_(w, kc).mul_(scale), plan, q_dtype)
-        dk = _unpack(dk.addcmul_(w, qs), plan, q_dtype)
-        return (dq, dk, _unpack(dv, plan, v_dtype), dg.to(g_dtype),
-                None if h0_dtype is None else dh0.to(h0_dtype), None, None)
+def _forward(q, k, v, g, h0, scale, plan: _Plan):
+    """Returns o [B, T, H, V], the final states [N, H, K, V] and the states entering each chunk [NC, H, K, V]."""
+    acc = state_dtype(q.dtype)
+    qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
+    NC, H, _, K = qc.shape
+    V = vc.shape[-1]
+    b, decay = _gates(gc)
+    k_dec = kc * (b[:, :, -1:] - b).exp_()  # k_j ⊙ e^{B - b_j}
+    h = k_dec.transpose(-1, -2) @ vc  # per-chunk state contribution, becomes the entering state
+    carry = h0.to(acc).clone() if h0 is not None else qc.new_zeros(plan.N, H, K, V)
+    final = _scan(h, decay, carry, plan, reverse=False)
+    qs = qc * scale
+    o = (qs * b.exp()) @ h
+    o += _Intra(qs, kc, gc, b).output(vc)
+    return _unpack(o, plan, v.dtype), final, h
+
+
+def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
+    """Gradients (dq, dk, dv, dg in the inputs' dtypes, dh0 in the state dtype) from the chunk states h of the
+    forward; do or dfinal may be None (no gradient through o or through the final state)."""
+    acc = state_dtype(q.dtype)
+    qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
+    b, decay = _gates(gc)
+    qs = qc * scale
+    doc = _pack(do, plan, acc) if do is not None else torch.zeros_like(vc)
+    q_dec = qs * b.exp()
+    dh = q_dec.transpose(-1, -2) @ doc
+    carry = dfinal.to(acc).clone() if dfinal is not None else vc.new_zeros(plan.N, *h.shape[1:])
+    dh0 = _scan(dh, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving chunk c
+    k_fac = (b[:, :, -1:] - b).exp_()
+    dqs, dk, dv, w = _Intra(qs, kc, gc, b).backward(doc, vc)
+    dqs += (doc @ h.transpose(-1, -2)) * b.exp()
+    dk_state = (vc @ dh.transpose(-1, -2)) * k_fac
+    dv += (kc * k_fac) @ dh
+    # At each sequence's last token the state term of dk is k_T's own share of the final state; it cancels
+    # exactly against part of S_T ⊙ dS_T, so both are left out of the gate gradient (see _final_term).
+    has = plan.last_slot >= 0
+    c, p = plan.last_slot[has] // BT, plan.last_slot[has] % BT
+    own = dk_state[c, :, p]
+    dk_state[c, :, p] = 0
+    dk += dk_state
+    fin = _final_term(kc, vc, h, b, dfinal[has].to(acc), c, p) if dfinal is not None else None
+    dg = _gate_grad(_unpack(qs * dqs - kc * dk, plan, acc), fin, plan)
+    dk[c, :, p] += own
+    w = w.unsqueeze(-1)
+    dq = _unpack(dqs.addcmul_(w, kc).mul_(scale), plan, q.dtype)
+    dk = _unpack(dk.addcmul_(w, qs), plan, q.dtype)
+    return dq, dk, _unpack(dv, plan, v.dtype), dg.to(g.dtype), dh0
+
+
+@torch.library.custom_op("gla::chunk_fwd", mutates_args=())
+def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o [B, T, H, V] (v's dtype), final states [N, H, K, V] and the states entering each chunk
+    [_max_chunks, H, K, V] (the state dtype; kept for the backward, zero rows past the last chunk)."""
+    with no_autocast(q.device.type):
+        plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        o, final, h = _forward(q, k, v, g, h0, scale, plan)
+    rows = _max_chunks(q.shape[0], q.shape[1], plan.N, cu_seqlens is not None)
+    # outputs must have the layout the fake implementation promises (contiguous), not a view of padded storage
+    return o.contiguous(), final, F.pad(h, (0, 0, 0, 0, 0, 0, 0, rows - h.shape[0])) if rows != h.shape[0] else h
+
+
+@chunk_fwd_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    acc = state_dtype(q.dtype)
+    rows = _max_chunks(B, T, N, cu_seqlens is not None)
+    return v.new_empty(B, T, H, V), q.new_empty(N, H, K, V, dtype=acc), q.new_empty(rows, H, K, V, dtype=acc)
+
+
+@torch.library.custom_op("gla::chunk_bwd", mutates_args=())
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                 do: Optional[torch.Tensor], dfinal: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg (the inputs' dtypes) and dh0 [N, H, K, V] (the state dtype)."""
+    with no_autocast(q.device.type):
+        plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        return tuple(x.contiguous() for x in _backward(q, k, v, g, h[:plan.NC], do, dfinal, scale, plan))
+
+
+@chunk_bwd_op.register_fake
+def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            h.new_empty(N, *h.shape[1:]))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, h0, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, g, output[2], cu_seqlens)
+    ctx.scale = scale
+    ctx.h0_dtype = h0.dtype if h0 is not None else None
+    ctx.set_materialize_grads(False)
+
+
+def _grad(ctx, do, dfinal, dh):
+    q, k, v, g, h, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, h, do, dfinal, cu_seqlens, ctx.scale)
+    return dq, dk, dv, dg, dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None, None, None
+
+
+torch.library.register_autograd("gla::chunk_fwd", _grad, setup_context=_setup)
 
 
 def _final_term(k, v, h, b, dfinal, c, p):
@@ -324,11 +379,11 @@ def _gate_grad(db, fin, plan: _Plan):
 
 
 def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Chunkwise GLA (arguments validated by ``gated_linear_attention``).
+    """Chunkwise GLA (arguments validated by ``gated_linear_attention``), as the operator ``gla::chunk_fwd``:
+    opaque to torch.compile, with its backward registered (``gla::chunk_bwd``).
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [N, H, K, V] or None; cu_seqlens: [N+1] or None.
     Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32 or None).
     """
-    plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
-    o, final = _ChunkGLA.apply(q, k, v, g, initial_state, scale, plan)
+    o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
     return o, (final if output_final_state else None)

@@ -1,0 +1,56 @@
+"""The operators registered with torch.library pass ``torch.library.opcheck``: schema, fake (meta) implementation,
+autograd registration and AOT dispatch with dynamic shapes.
+
+CPU in CI: the chunk operators (gla::chunk_fwd / gla::chunk_bwd). ``GLA_TEST_GPU=1`` adds the Triton operators on CUDA
+(their fake implementations come from tracing the launches, which the CPU interpreter cannot do).
+"""
+import os
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import gla.ops  # noqa: F401  (registers the operators)
+from tests.utils import gla_inputs
+
+GPU = os.environ.get("GLA_TEST_GPU") == "1"
+CASES = {"batch": (2, 70, 2, 16, 24, None), "varlen": (1, 150, 2, 16, 24, [0, 1, 1, 66, 150])}
+
+
+def _args(case, device, dtype=torch.float32):
+    B, T, H, K, V, cu = CASES[case]
+    N = len(cu) - 1 if cu else None
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, state=True, N=N, device=device, dtype=dtype,
+                                g_dtype=torch.float32, seed=3)
+    return q, k, v, g, h0, torch.tensor(cu, device=device) if cu else None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunk_ops(case):
+    from gla.ops.chunk import chunk_bwd_op, chunk_fwd_op
+    q, k, v, g, h0, cu = _args(case, "cpu")
+    opcheck(chunk_fwd_op, (q, k, v, g, h0, cu, 0.25))
+    opcheck(chunk_fwd_op, (q, k, v, g, None, cu, 0.25))
+    _, final, h = chunk_fwd_op(q, k, v, g, h0, cu, 0.25)
+    do, dfinal = torch.randn_like(v), torch.randn_like(final)
+    x = [t.detach() for t in (q, k, v, g, h)]
+    opcheck(chunk_bwd_op, (*x, do, dfinal, cu, 0.25))
+
+
+@pytest.mark.skipif(not GPU, reason="Triton operators: GLA_TEST_GPU=1 on a CUDA machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_ops(case, dtype):
+    from gla.ops.triton.chunk import chunk_bwd_op, chunk_fwd_op
+    from gla.ops.triton.decode import recurrent_step_inplace_op, recurrent_step_op
+    q, k, v, g, h0, cu = _args(case, "cuda", dtype)
+    opcheck(chunk_fwd_op, (q, k, v, g, h0, cu, 0.25, True, True))
+    opcheck(chunk_fwd_op, (q, k, v, g, None, cu, 0.25, False, False))
+    o, ht, A, hs = chunk_fwd_op(q, k, v, g, h0, cu, 0.25, True, True)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    x = [t.detach() for t in (q, k, v, g, A, hs)]
+    opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True))
+    s = torch.randn(3, 2, 16, 24, device="cuda")
+    step = [t[:3, 0].detach().contiguous() for t in (q, k, v, g)]
+    opcheck(recurrent_step_op, (*step, s, 0.25))
+    opcheck(recurrent_step_inplace_op, (*step, s.clone(), 0.25))
