@@ -179,3 +179,11 @@ def test_one_token_without_grad_takes_the_decode_kernel(monkeypatch):
     q.requires_grad_()
     o2, _ = gated_linear_attention(q, k, v, g, initial_state=h0, backend="triton")  # gradients: chunk kernels
     assert calls == [1] and o2.requires_grad
+
+
+@pytest.mark.skipif(not GPU, reason="T=32768 against the step-by-step reference: GLA_TEST_GPU=1 on a CUDA machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence_strong_gates_fp32_gate(dtype):
+    """The in-chunk cumulative sums stay fp32 over a long sequence: strong gates (normaliser 1, chunks around the
+    safe-factoring limit), T = 32768, the model's fp32 gate."""
+    _check((1, 32768, 2, 64, 64, 1.0, None), dtype, g_dtype=torch.float32)
