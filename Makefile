@@ -5,6 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The interpreter suite runs twice: under the pinned Triton of requirements-dev.txt (the oldest supported, the GPU
+# image's) and under the newest on the registry, installed beside the venv and put first on the path.
+TRITON_NEWEST := 3.9.0
+NEWEST := $(VENV)/triton-$(TRITON_NEWEST)
+
 .PHONY: demo test bench-cpu results clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
@@ -17,8 +22,14 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python -m gla.demo
 
-test: $(STAMP)
+$(NEWEST)/.installed: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(NEWEST) triton==$(TRITON_NEWEST)
+	touch $@
+
+test: $(STAMP) $(NEWEST)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	PYTHONPATH=$(NEWEST) $(BIN)/python -c "import triton; assert triton.__version__ == '$(TRITON_NEWEST)', triton.__version__"
+	PYTHONPATH=$(NEWEST) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/ops/test_triton.py
 
 bench-cpu: $(STAMP)
 	$(BIN)/python -m gla.bench.ops

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import warnings
 
 import torch
 
@@ -15,6 +17,7 @@ from .recurrent import recurrent_gla, recurrent_step
 __all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton")
+TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
 
 
 def no_autocast(device_type: str):
@@ -138,13 +141,15 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        if q.device.type == "cuda" and _triton_importable():
+        if q.device.type == "cuda" and triton_status() is None:
             backend = "triton"
         else:
+            if q.device.type == "cuda":
+                _warn_once(f"gla: using the PyTorch chunk path on CUDA: {triton_status()}")
             backend = "recurrent" if q.shape[1] == 1 else "chunk"
     if backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError('backend="triton" needs the triton package: pip install "gla[triton]"')
+        if triton_status() is not None:
+            raise RuntimeError(f'backend="triton": {triton_status()}')
         if not _triton_usable(q.device):
             raise ValueError(f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}')
         if _is_decode_step(q, k, v, g, initial_state, cu_seqlens):
@@ -175,13 +180,35 @@ def _triton_decode(q, k, v, g, scale, initial_state, output_final_state):
     return o.unsqueeze(1), state if output_final_state else None
 
 
-def _triton_importable() -> bool:
+_TRITON_STATUS: list = []  # filled on first use: [None] if the kernels can run, else [why not]
+_WARNED: set = set()
+
+
+def triton_status() -> str | None:
+    """None when gla's Triton kernels can run with the installed Triton, else one line saying why not and what to
+    install. Checked once per process: an unsupported version gets this message, never a crash inside a kernel."""
+    if not _TRITON_STATUS:
+        _TRITON_STATUS.append(_check_triton())
+    return _TRITON_STATUS[0]
+
+
+def _check_triton() -> str | None:
+    (lo, hi), want = TRITON_RANGE, f"triton>={TRITON_RANGE[0][0]}.{TRITON_RANGE[0][1]},<{TRITON_RANGE[1][0]}.{TRITON_RANGE[1][1]}"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
+        return f'the triton package is not installed: pip install "gla[triton]" ({want})'
+    version = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    if not lo <= version < hi:
+        return f"triton {triton.__version__} is not supported by gla's kernels: pip install \"{want}\""
     try:
         from . import triton as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        return f"gla's Triton kernels failed to import ({e})"
+    return None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

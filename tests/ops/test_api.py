@@ -74,10 +74,18 @@ def test_rejects_unknown_backend():
     bad("backend", *inputs(), backend="fast")
 
 
-def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(ops, "_triton_importable", lambda: False)
-    with pytest.raises(RuntimeError, match="triton"):
+@pytest.mark.parametrize("version,message", [(None, "not installed"), ("3.5.1", "3.5.1 is not supported"),
+                                             ("3.10.0", "3.10.0 is not supported")])
+def test_unusable_triton_is_a_clear_error(monkeypatch, version, message):
+    """A missing or unsupported Triton: one line naming what to install, before any kernel runs."""
+    import sys
+    import types
+    fake = None if version is None else types.SimpleNamespace(__version__=version)
+    monkeypatch.setitem(sys.modules, "triton", fake)
+    monkeypatch.setattr(ops, "_TRITON_STATUS", [])
+    with pytest.raises(RuntimeError, match=message) as e:
         gated_linear_attention(*inputs(), backend="triton")
+    assert 'pip install' in str(e.value) and "triton>=3.6,<3.10" in str(e.value)
 
 
 def test_auto_backend_choice(monkeypatch):
