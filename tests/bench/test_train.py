@@ -1,0 +1,22 @@
+"""Training-step benchmark at a tiny size: rows, table and files (eager only: test_compile covers the compiled step)."""
+import json
+
+import pytest
+
+from gla.bench import train
+
+
+def test_main_writes_table_and_json(tmp_path, capsys):
+    argv = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "2",
+            "--modes", "eager", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| eager |" in out and "B=2 T=16" in out
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert [r["mode"] for r in rows] == ["eager"] and len(rows[0]["losses"]) == 5
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["tok_per_s"] > 0
+
+
+def test_bad_modes():
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--modes", "jit"])
