@@ -47,7 +47,7 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     the batch before it reaches a compiled or captured model.
     """
     _check_cu_seqlens_layout(cu_seqlens)
-    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not _values_readable(cu_seqlens):
         return
     offs = cu_seqlens.tolist()
     if offs[0] != 0:
@@ -56,6 +56,11 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError("cu_seqlens must be non-decreasing")
     if offs[-1] != total:
         raise ValueError(f"cu_seqlens must end at the sequence length T={total}, got {offs[-1]}")
+
+
+def _values_readable(x: torch.Tensor) -> bool:
+    """False inside torch.compile tracing or a CUDA-graph capture, where reading a value back is impossible."""
+    return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _gate_ok(g: torch.Tensor) -> bool:
@@ -89,6 +94,7 @@ def _validate(q, k, v, g, initial_state, cu_seqlens, backend, check_values):
     V = v.shape[-1]
     if K == 0 or V == 0 or H == 0:
         raise ValueError(f"head dims must be non-empty, got H={H}, K={K}, V={V}")
+    check_values = check_values and _values_readable(q)
     if check_values and g.numel() and not _gate_ok(g):
         raise ValueError("g is a log forget gate and must be finite and <= 0 everywhere "
                          "(e.g. F.logsigmoid(x) / normalizer); got positive, NaN or infinite values")
@@ -125,7 +131,8 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
         "recurrent"
         (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels).
     check_values: False skips the two checks that read tensor values (g finite and <= 0; cu_seqlens well formed),
-        each of which makes the host wait for the GPU. For callers that build g themselves (logsigmoid is <= 0) and
+        each of which makes the host wait for the GPU (they are skipped anyway inside torch.compile and CUDA-graph
+        capture, which cannot read values). For callers that build g themselves (logsigmoid is <= 0) and
         have validated cu_seqlens once per batch, as the GLA layer and model do; shapes are always checked.
     Returns (o [B, T, H, V] in v's dtype, final_state or None). Differentiable in q, k, v, g and initial_state.
     Raises ValueError naming the argument on malformed input.

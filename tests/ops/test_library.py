@@ -54,3 +54,19 @@ def test_triton_ops(case, dtype):
     step = [t[:3, 0].detach().contiguous() for t in (q, k, v, g)]
     opcheck(recurrent_step_op, (*step, s, 0.25))
     opcheck(recurrent_step_inplace_op, (*step, s.clone(), 0.25))
+
+
+def test_operator_call_compiles_without_graph_break():
+    """The public entry point with its default value checks traces under fullgraph=True (the checks that read values
+    are skipped while tracing) and matches the eager call."""
+    from gla.ops import gated_linear_attention
+    q, k, v, g, h0, cu = _args("varlen", "cpu")
+
+    def f(q, k, v, g, h0):
+        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return o, s
+
+    torch._dynamo.reset()
+    out, ref = torch.compile(f, fullgraph=True)(q, k, v, g, h0), f(q, k, v, g, h0)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
