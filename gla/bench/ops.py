@@ -3,7 +3,8 @@ CUDA (``--device cuda``): ours vs FLA 0.6.0 chunk_gla vs SDPA causal at the mode
 (gla/bench/ops_gpu.py says what is timed and how).
 
     gla bench ops [--T 4096 --H 4 --K 128 --V 256 --threads 2 --json]
-    gla bench ops --device cuda [--fla] [--first-call] [--shape B,T,H,K,V ...] [--gates bf16,fp32] [--out DIR]
+    gla bench ops --device cuda [--fla] [--first-call] [--stages] [--shape B,T,H,K,V ...] [--gates bf16,fp32]
+        [--variant NAME=JSON ...] [--baseline DIR] [--out DIR]
 
 CPU times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss).
 """
@@ -97,6 +98,7 @@ def main(argv=None):
     g.add_argument("--gates", default="bf16,fp32", help="gate dtypes, comma-separated (bf16, fp32)")
     g.add_argument("--fla", action="store_true", help="FLA chunk_gla too (its first call per head shape autotunes)")
     g.add_argument("--first-call", action="store_true", help="time our first call on a cold Triton cache")
+    g.add_argument("--stages", action="store_true", help="time each of our kernels alone too")
     g.add_argument("--baseline", help="directory of an older gla.ops package to time beside the current one")
     g.add_argument("--variant", action="append", default=[],
                    help='NAME=JSON tile-config overrides timed as extra rows, e.g. o64={"output":{"BK":64}}')
@@ -126,10 +128,11 @@ def _main_cuda(p, a):
         p.error(f"--gates takes {', '.join(ops_gpu.GATES)}")
     if not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device")
-    print(ops_gpu.header(), flush=True)
-    rows = ops_gpu.run(shapes, gates, a.fla, a.baseline, a.first_call, variants,
+    title = ops_gpu.header()
+    print(title, flush=True)
+    rows = ops_gpu.run(shapes, gates, a.fla, a.baseline, a.first_call, variants, a.stages,
                        log=lambda line: print(line, flush=True))
-    table = ops_gpu.format_table(rows)
+    table = ops_gpu.format_table(rows, title)
     print(table)
     if a.json:
         print(json.dumps(rows))

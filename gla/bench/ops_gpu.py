@@ -24,6 +24,7 @@ SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 
 GATES = ("bf16", "fp32")
 DECODE = (16, 16, 128, 128)  # B, H, K, V of the decode-step row
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEVICE = "cuda"  # the tests smoke-run this module on CPU tensors under the Triton interpreter
 
 
 def bench(fn, rep=100) -> float:
@@ -33,10 +34,10 @@ def bench(fn, rep=100) -> float:
 
 def inputs(B, T, H, K, V, gate="bf16", seed=0):
     """bf16 q, k: [B, T, H, K], v and the cotangent do: [B, T, H, V]; g: [B, T, H, K] in ``gate``'s dtype."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(B, T, H, V, device="cuda", generator=gen, dtype=torch.bfloat16)
-    g = (F.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).to(DTYPES[gate])
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    g = (F.logsigmoid(torch.randn(B, T, H, K, device=DEVICE, generator=gen)) / 16).to(DTYPES[gate])
     for x in (q, k, v, g):
         x.requires_grad_(True)
     return q, k, v, g, torch.randn_like(v)
@@ -86,13 +87,13 @@ def time_op(op, shape, gate, rep=100):
     return t_fwd, bench(step, rep)
 
 
-def decode_rows(fla: bool):
-    """Decode step at DECODE: ours (new state, in place) and FLA fused_recurrent_gla (T=1), ms."""
+def decode_rows(fla: bool, shape=DECODE):
+    """Decode step at ``shape`` = (B, H, K, V): ours (new state, in place) and FLA fused_recurrent_gla (T=1), ms."""
     from gla.ops.triton import triton_recurrent_step
-    B, H, K, V = DECODE
-    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for D in (K, K, V))
-    g = F.logsigmoid(torch.randn(B, H, K, device="cuda")) / 16
-    s = torch.randn(B, H, K, V, device="cuda")
+    B, H, K, V = shape
+    q, k, v = (torch.randn(B, H, D, device=DEVICE, dtype=torch.bfloat16) for D in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, H, K, device=DEVICE)) / 16
+    s = torch.randn(B, H, K, V, device=DEVICE)
     scale = K ** -0.5
     rows = {"ours decode (new state)": bench(lambda: triton_recurrent_step(q, k, v, g, s, scale)),
             "ours decode (in place)": bench(lambda: triton_recurrent_step(q, k, v, g, s, scale, inplace=True))}
@@ -102,6 +103,27 @@ def decode_rows(fla: bool):
         rows["FLA fused_recurrent_gla decode"] = bench(
             lambda: fused_recurrent_gla(a[0], a[1], a[2], gk=a[3], initial_state=s, output_final_state=True))
     return rows
+
+
+def stage_rows(shape, gate):
+    """Each of our Triton stages alone at ``shape`` (ms), to see where the forward+backward time goes."""
+    from gla.ops.triton.chunk_bwd import chunk_bwd
+    from gla.ops.triton.chunk_output import chunk_output_fwd
+    from gla.ops.triton.chunk_state import chunk_state_bwd, chunk_state_fwd
+    from gla.ops.triton.gate import chunk_cumsum
+    from gla.ops.triton.utils import chunk_meta
+    q, k, v, g, do = (x.detach() for x in inputs(*shape, gate=gate))
+    scale = shape[3] ** -0.5
+    meta = chunk_meta(shape[0], shape[1], None)
+    gc = chunk_cumsum(g, meta)
+    hs, _ = chunk_state_fwd(k, v, gc, None, meta, False)
+    _, A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, True)
+    dhs, _ = chunk_state_bwd(q, gc, do, None, scale, meta, False)
+    return {"cumsum": bench(lambda: chunk_cumsum(g, meta)),
+            "state_fwd": bench(lambda: chunk_state_fwd(k, v, gc, None, meta, False)),
+            "output_fwd": bench(lambda: chunk_output_fwd(q, k, v, gc, hs, scale, meta, True)),
+            "state_bwd": bench(lambda: chunk_state_bwd(q, gc, do, None, scale, meta, False)),
+            "dv+dqkg": bench(lambda: chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta))}
 
 
 def first_call(shape, gate: str, provider: str = "ours") -> float:
@@ -124,7 +146,8 @@ def _first_call_child(shape, gate, provider):
     print(json.dumps({"first_call_s": time.perf_counter() - t}))
 
 
-def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, variants=None, log=print):
+def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, variants=None, stages=False,
+        log=print, decode_shape=DECODE):
     """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms}; ``log`` gets each row as it is measured (a long run that
     hits a time limit keeps what it printed). ``variants``: {name: CONFIGS overrides} timed as extra "ours" rows."""
     rows = []
@@ -147,9 +170,12 @@ def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, v
             for name, over in (variants or {}).items():
                 with _configs(over):
                     add(f"ours, {name}", shape, gate, time_op(ours, shape, gate))
+            if stages:
+                for name, t in stage_rows(shape, gate).items():
+                    add(f"ours stage {name}", shape, gate, (t, None))
         add("SDPA causal", shape, "-", time_op(sdpa, shape, "bf16"))
-    for name, t in decode_rows(fla).items():
-        rows.append(dict(op=name, gate="fp32", **dict(zip("BHKV", DECODE)), T=1, fwd_ms=t, fwd_bwd_ms=None))
+    for name, t in decode_rows(fla, decode_shape).items():
+        rows.append(dict(op=name, gate="fp32", **dict(zip("BHKV", decode_shape)), T=1, fwd_ms=t, fwd_bwd_ms=None))
         log(_row_line(rows[-1]))
     if first:
         for shape in (shapes[0], shapes[-1]):
@@ -190,8 +216,8 @@ def header() -> str:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
-def format_table(rows) -> str:
-    lines = [header(), "", "| op | g | B | T | H | K | V | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+def format_table(rows, title: str) -> str:
+    lines = [title, "", "| op | g | B | T | H | K | V | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_line(r) for r in rows]
     ratios = _ratios(rows)
     if ratios:
