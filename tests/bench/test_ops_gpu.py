@@ -31,7 +31,7 @@ def test_run_smoke_on_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
     from gla.bench import ops_gpu
     monkeypatch.setattr(ops_gpu, "DEVICE", "cpu")
-    monkeypatch.setattr(ops_gpu, "bench", lambda fn, rep=100: fn() or 1.0)
+    monkeypatch.setattr(ops_gpu, "bench", lambda fn, rep=100: (fn(), 1.0)[1])
     variants = {"o16": {"output": {"BK": 16, "BV": 16, "num_warps": 4}}}
     rows = ops_gpu.run([(1, 70, 2, 16, 32)], ("fp32",), variants=variants, stages=True,
                        log=lambda line: None, decode_shape=(2, 2, 16, 32))
