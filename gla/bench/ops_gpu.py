@@ -32,6 +32,17 @@ def bench(fn, rep=100) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def bench_graph(fn, rep=100) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph: device time without the host's launch overhead. None when
+    ``fn`` cannot be captured (it reads a value back or allocates by data)."""
+    from triton.testing import do_bench_cudagraph
+    try:
+        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    except Exception:  # capture refused: report no graph time rather than stop the table
+        torch.cuda.synchronize()
+        return None
+
+
 def inputs(B, T, H, K, V, gate="bf16", seed=0):
     """bf16 q, k: [B, T, H, K], v and the cotangent do: [B, T, H, V]; g: [B, T, H, K] in ``gate``'s dtype."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -82,14 +93,17 @@ def baseline(path: str):
 
 
 def time_op(op, shape, gate, rep=100):
-    """(forward ms, forward+backward ms) of ``op`` at ``shape`` = (B, T, H, K, V)."""
+    """Forward and forward+backward ms of ``op`` at ``shape`` = (B, T, H, K, V), launched eagerly (host overhead
+    included where it exceeds the device time) and replayed from a CUDA graph (device time)."""
     q, k, v, g, do = inputs(*shape, gate=gate)
-    with torch.no_grad():
-        t_fwd = bench(lambda: op(q, k, v, g), rep)
+
+    def fwd():
+        with torch.no_grad():
+            op(q, k, v, g)
 
     def step():  # allow_unused: SDPA has no gate
         torch.autograd.grad(op(q, k, v, g), (q, k, v, g), do, allow_unused=True)
-    return t_fwd, bench(step, rep)
+    return bench(fwd, rep), bench(step, rep), bench_graph(fwd, rep), bench_graph(step, rep)
 
 
 def decode_rows(fla: bool, shape=DECODE):
@@ -153,12 +167,14 @@ def _first_call_child(shape, gate, provider):
 
 def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, variants=None, stages=False,
         log=print, decode_shape=DECODE):
-    """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms}; ``log`` gets each row as it is measured (a long run that
+    """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms, fwd_graph_ms, fwd_bwd_graph_ms}; ``log`` gets each row as it is measured (a long run that
     hits a time limit keeps what it printed). ``variants``: {name: CONFIGS overrides} timed as extra "ours" rows."""
     rows = []
 
     def add(op, shape, gate, t):
-        rows.append(dict(op=op, gate=gate, **dict(zip("BTHKV", shape)), fwd_ms=t[0], fwd_bwd_ms=t[1]))
+        t = (*t, None, None, None)[:4]  # missing times (no backward, no graph) are None
+        rows.append(dict(op=op, gate=gate, **dict(zip("BTHKV", shape)), fwd_ms=t[0], fwd_bwd_ms=t[1],
+                         fwd_graph_ms=t[2], fwd_bwd_graph_ms=t[3]))
         log(_row_line(rows[-1]))
 
     base = baseline(baseline_dir) if baseline_dir else None
@@ -180,13 +196,10 @@ def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, v
                     add(f"ours stage {name}", shape, gate, (t, None))
         add("SDPA causal", sdpa_shape(shape), "-", time_op(sdpa, sdpa_shape(shape), "bf16"))
     for name, t in decode_rows(fla, decode_shape).items():
-        rows.append(dict(op=name, gate="fp32", **dict(zip("BHKV", decode_shape)), T=1, fwd_ms=t, fwd_bwd_ms=None))
-        log(_row_line(rows[-1]))
+        add(name, (decode_shape[0], 1, *decode_shape[1:]), "fp32", (t,))
     if first:
         for shape in (shapes[0], shapes[-1]):
-            rows.append(dict(op="ours, first call (s)", gate="fp32", **dict(zip("BTHKV", shape)),
-                             fwd_ms=None, fwd_bwd_ms=first_call(shape, "fp32")))
-            log(_row_line(rows[-1]))
+            add("ours, first call (s)", shape, "fp32", (None, first_call(shape, "fp32")))
     return rows
 
 
@@ -212,7 +225,7 @@ def _fmt(t):
 
 def _row_line(r) -> str:
     return (f"| {r['op']} | {r['gate']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['V']} | "
-            f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} |")
+            f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['fwd_graph_ms'])} | {_fmt(r['fwd_bwd_graph_ms'])} |")
 
 
 def header() -> str:
@@ -222,11 +235,13 @@ def header() -> str:
 
 
 def format_table(rows, title: str) -> str:
-    lines = [title, "", "| op | g | B | T | H | K | V | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| op | g | B | T | H | K | V | fwd ms | fwd+bwd ms | fwd ms, graph | fwd+bwd ms, graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_line(r) for r in rows]
     ratios = _ratios(rows)
     if ratios:
-        lines += ["", "| shape | g | fp32-g / bf16-g (ours) fwd, fwd+bwd | FLA / ours fwd, fwd+bwd |", "|---|---|---|---|"]
+        lines += ["", "Ratios of the times above, eager launches (CUDA-graph replays in brackets):", "",
+                  "| shape | g | fp32-g / bf16-g (ours) fwd, fwd+bwd | FLA / ours fwd, fwd+bwd |", "|---|---|---|---|"]
         lines += ratios
     return "\n".join(lines)
 
@@ -240,13 +255,19 @@ def _ratios(rows):
             continue
         b16 = by.get(("ours", "bf16", *shape))
         fla = by.get(("FLA chunk_gla", gate, *shape))
-        gate_ratio = "–" if b16 is None or gate == "bf16" else \
-            f"{r['fwd_ms'] / b16['fwd_ms']:.2f}, {r['fwd_bwd_ms'] / b16['fwd_bwd_ms']:.2f}"
-        fla_ratio = "–" if fla is None else \
-            f"{fla['fwd_ms'] / r['fwd_ms']:.2f}, {fla['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
+        gate_ratio = "–" if b16 is None or gate == "bf16" else _ratio(r, b16)
+        fla_ratio = "–" if fla is None else _ratio(fla, r)
         out.append(f"| B={shape[0]} T={shape[1]} H={shape[2]} K={shape[3]} V={shape[4]} | {gate} | {gate_ratio} | "
                    f"{fla_ratio} |")
     return out
+
+
+def _ratio(a, b) -> str:
+    """a / b for forward and forward+backward, eager, with the CUDA-graph ratios in brackets where both have them."""
+    def one(key):
+        return "–" if a[key] is None or b[key] is None else f"{a[key] / b[key]:.2f}"
+    return (f"{one('fwd_ms')}, {one('fwd_bwd_ms')} "
+            f"({one('fwd_graph_ms')}, {one('fwd_bwd_graph_ms')})")
 
 
 if __name__ == "__main__":  # the first-call child: python -m gla.bench.ops_gpu B,T,H,K,V GATE PROVIDER
