@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot16, last_row, tile, to_dot
+from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, last_row, tile, to_dot
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     DOT16 = dot16(q.dtype)
     dv = torch.empty_like(v)
     c = config("dv", K, V)
-    wrap_triton(chunk_dv_bwd_kernel)[(meta.NC * triton.cdiv(V, c["BV"]), H)](
+    wrap_triton(chunk_dv_bwd_kernel)[(meta.NC * cdiv(V, c["BV"]), H)](
         k, gc, do, A, dhs, dv, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
@@ -159,7 +159,7 @@ def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     # is not software-pipelined (one V tile, e.g. K=16/V=32, K=V=64): dq, dk, dg came out wrong or NaN, or the launch
     # faulted. BK = BV = 32 costs < 1% at K=V=128 (benchmarks/NOTES.md).
     c["BK"] = c["BV"] = min(c["BK"], c["BV"])
-    wrap_triton(chunk_dqkg_bwd_kernel)[(meta.NC * triton.cdiv(K, c["BK"]), H)](
+    wrap_triton(chunk_dqkg_bwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
         q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
         meta.T, H=H, K=K, V=V, BT=BT, DOT16=DOT16, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dq, dk, dv, dg

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, chunk_bounds, config, dot16, score_dtype, tile, to_dot
+from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, score_dtype, tile, to_dot
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def chunk_output_fwd(q, k, v, gc, hs, scale: float, meta: ChunkMeta, store_A: bo
     o = v.new_empty(B, T, H, V)
     A = q.new_empty(B, T, H, BT, dtype=score_dtype(q.dtype)) if store_A else None
     c = config("output", K, V)
-    grid = (meta.NC * triton.cdiv(V, c["BV"]), H)
+    grid = (meta.NC * cdiv(V, c["BV"]), H)
     wrap_triton(chunk_output_fwd_kernel)[grid](
         q, k, v, gc, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=dot16(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,

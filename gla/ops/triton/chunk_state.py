@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, ChunkMeta, config, dot16, last_row, seq_bounds, tile, to_dot
+from .utils import BT, ChunkMeta, cdiv, config, dot16, last_row, seq_bounds, tile, to_dot
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def _state_config(N: int, H: int, K: int, V: int) -> dict:
     fit on an SM at once, so each SM interleaves several chunk loops and hides their memory latency."""
     for name in ("state", "state_mid"):
         c = config(name, K, V)
-        if N * H * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) >= 4 * 132:
+        if N * H * cdiv(K, c["BK"]) * cdiv(V, c["BV"]) >= 4 * 132:
             return c
     return config("state_small", K, V)
 
@@ -128,7 +128,7 @@ def chunk_state_fwd(k, v, gc, h0, meta: ChunkMeta, output_final_state: bool):
     hs = k.new_empty(meta.n_slots, H, K, V, dtype=torch.float32)
     ht = k.new_empty(meta.N, H, K, V, dtype=torch.float32) if output_final_state else None
     c = _state_config(meta.N, H, K, V)
-    grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
+    grid = (meta.N * H, cdiv(K, c["BK"]), cdiv(V, c["BV"]))
     wrap_triton(chunk_state_fwd_kernel)[grid](
         k, v, gc, h0, hs, ht, meta.cu_seqlens, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=dot16(k.dtype),
@@ -142,7 +142,7 @@ def chunk_state_bwd(q, gc, do, dht, scale: float, meta: ChunkMeta, need_dh0: boo
     dhs = q.new_empty(meta.NC, H, K, V, dtype=torch.float32)
     dh0 = q.new_empty(meta.N, H, K, V, dtype=torch.float32) if need_dh0 else None
     c = _state_config(meta.N, H, K, V)
-    grid = (meta.N * H, triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]))
+    grid = (meta.N * H, cdiv(K, c["BK"]), cdiv(V, c["BV"]))
     wrap_triton(chunk_state_bwd_kernel)[grid](
         q, gc, do, dht, dh0, dhs, scale, meta.cu_seqlens, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=dot16(q.dtype),

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .utils import pow2
+from .utils import cdiv, pow2
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _launch(q, k, v, g, s, s_new, scale: float):
         return o
     BK = pow2(K)
     BV = max(16, min(pow2(V), 4096 // BK))  # [K, BV] fp32 slab: 16 KiB per program keeps registers unspilled
-    wrap_triton(recurrent_step_fwd_kernel)[(B * H, triton.cdiv(V, BV))](
+    wrap_triton(recurrent_step_fwd_kernel)[(B * H, cdiv(V, BV))](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), s, o, s_new, scale,
         K=K, V=V, BK=BK, BV=BV, num_warps=4)
     return o

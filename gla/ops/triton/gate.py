@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, ChunkMeta, chunk_bounds, config, tile
+from .utils import BT, ChunkMeta, cdiv, chunk_bounds, config, tile
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def chunk_cumsum(g, meta: ChunkMeta):
     B, T, H, K = g.shape
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     c = config("cumsum", K, 0)
-    wrap_triton(chunk_cumsum_fwd_kernel)[(meta.NC * triton.cdiv(K, c["BK"]), H)](
+    wrap_triton(chunk_cumsum_fwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
         g, gc, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
         H=H, K=K, BT=BT, IS_VARLEN=meta.varlen, **c)
     return gc

@@ -108,7 +108,7 @@ class ChunkMeta:
 def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
     """Chunk bookkeeping from tensor ops only (no host sync, fixed shapes: CUDA-graph and torch.compile safe)."""
     if cu_seqlens is None:
-        return ChunkMeta(B, T, B * triton.cdiv(T, BT), None, None, None)
+        return ChunkMeta(B, T, B * cdiv(T, BT), None, None, None)
     cu = cu_seqlens.to(torch.int64)
     N = cu.numel() - 1
     NC = T // BT + N  # sum_n ceil(L_n / BT) <= sum_n (L_n / BT + 1)
@@ -136,8 +136,18 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host side. (``triton.cdiv`` is a ConstexprFunction costing microseconds per call: with
+    ~20 calls per forward it was half of the launcher's host time.)"""
+    return -(-a // b)
+
+
 def pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    """The smallest power of two >= n, at least lo."""
+    p = lo
+    while p < n:
+        p *= 2
+    return p
 
 
 # Fixed tile configurations, no autotuning (first call = compile only). Chosen from ptxas register reports (no
