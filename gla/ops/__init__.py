@@ -20,9 +20,14 @@ BACKENDS = ("auto", "recurrent", "chunk", "triton")
 TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
 def no_autocast(device_type: str):
-    """A context with autocast off for ``device_type`` (a no-op for devices without autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
+    """A context with autocast off for ``device_type`` (a no-op for devices without autocast, e.g. meta). A fixed
+    list, not ``torch.amp.is_autocast_available``: Dynamo cannot trace that call, and this runs inside compiled
+    models."""
+    if device_type in _AUTOCAST_DEVICES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
