@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from gla import GLATransformer
-from gla.models.state import _map
-from gla.ops import gated_linear_attention
-from gla.ops.triton import triton_recurrent_step
-from tests.utils import gla_inputs, rel_err
-
-if os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available():
+if os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available():  # before triton is imported
     pytest.skip("CUDA graphs: GLA_TEST_GPU=1 on a CUDA machine", allow_module_level=True)
+
+from gla import GLATransformer  # noqa: E402
+from gla.models.state import _map  # noqa: E402
+from gla.ops import gated_linear_attention  # noqa: E402
+from gla.ops.triton import triton_recurrent_step  # noqa: E402
+from tests.utils import gla_inputs, rel_err  # noqa: E402
 
 
 def _capture(fn):
