@@ -20,6 +20,17 @@ from .utils import BT, ChunkMeta, cdiv, config, dot16, last_row, seq_bounds, til
 
 
 @triton.jit
+def load_chunk(a, gc, b, o_k, o_w, t0, L, i_k, i_w, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr):
+    """Rows t0 .. t0+BT-1 of one head (zeros past L): [BT, BK] tiles of a and gc (K columns from i_k * BK) and the
+    [BT, BW] tile of b (W columns from i_w * BW). a, gc: [.., H, K] rows starting at o_k; b: [.., H, W] at o_w."""
+    p_a, m_a = tile(a + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+    p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+    p_b, m_b = tile(b + o_w, t0, L, i_w * BW, W, H * W, 1, BT, BW)
+    return tl.load(p_a, mask=m_a, other=0.), tl.load(p_g, mask=m_a, other=0.), tl.load(p_b, mask=m_b, other=0.)
+
+
+@triton.jit
 def chunk_state_fwd_kernel(k, v, gc, h0, hs, ht, cu_seqlens, chunk_offsets, T,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr,
@@ -41,22 +52,12 @@ def chunk_state_fwd_kernel(k, v, gc, h0, hs, ht, cu_seqlens, chunk_offsets, T,
         b_h += tl.load(h0 + i_n.to(tl.int64) * H * K * V + p_s, mask=m_s, other=0.)
     # The chunk loop is latency-bound (one dependent step per chunk), so the next chunk's tiles are loaded before
     # this chunk's math: their memory latency overlaps it (past the end they are masked to zeros, unused).
-    p_k, m_k = tile(k + o_k, 0, L, i_k * BK, K, H * K, 1, BT, BK)
-    p_g, _ = tile(gc + o_k, 0, L, i_k * BK, K, H * K, 1, BT, BK)
-    p_v, m_v = tile(v + o_v, 0, L, i_v * BV, V, H * V, 1, BT, BV)
-    b_kn = tl.load(p_k, mask=m_k, other=0.)
-    b_gn = tl.load(p_g, mask=m_k, other=0.)
-    b_vn = tl.load(p_v, mask=m_v, other=0.)
+    b_kn, b_gn, b_vn = load_chunk(k, gc, v, o_k, o_v, 0, L, i_k, i_v, H, K, V, BT, BK, BV)
     for i_t in range(0, NT):
         tl.store(hs + (boh + i_t) * H * K * V + p_s, b_h.to(hs.dtype.element_ty), mask=m_s)
         b_k, b_gc, b_v = b_kn, b_gn, b_vn
         t1 = (i_t + 1) * BT
-        p_k, m_k = tile(k + o_k, t1, L, i_k * BK, K, H * K, 1, BT, BK)
-        p_g, _ = tile(gc + o_k, t1, L, i_k * BK, K, H * K, 1, BT, BK)
-        p_v, m_v = tile(v + o_v, t1, L, i_v * BV, V, H * V, 1, BT, BV)
-        b_kn = tl.load(p_k, mask=m_k, other=0.)
-        b_gn = tl.load(p_g, mask=m_k, other=0.)
-        b_vn = tl.load(p_v, mask=m_v, other=0.)
+        b_kn, b_gn, b_vn = load_chunk(k, gc, v, o_k, o_v, t1, L, i_k, i_v, H, K, V, BT, BK, BV)
         b_gl = last_row(gc + o_k, tl.minimum(t1, L), i_k * BK, K, H * K, BK)
         b_kd = to_dot(b_k * tl.exp(b_gl[None, :] - b_gc), DOT16)
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), to_dot(b_v, DOT16), input_precision="ieee")
@@ -86,24 +87,14 @@ def chunk_state_bwd_kernel(q, gc, do, dht, dh0, dhs, scale, cu_seqlens, chunk_of
         b_dh += tl.load(dht + i_n.to(tl.int64) * H * K * V + p_s, mask=m_s, other=0.)
     # prefetch as in the forward, walking backwards (the load after chunk 0 re-reads chunk 0, unused)
     t_last = tl.maximum(NT - 1, 0) * BT
-    p_q, m_q = tile(q + o_k, t_last, L, i_k * BK, K, H * K, 1, BT, BK)
-    p_g, _ = tile(gc + o_k, t_last, L, i_k * BK, K, H * K, 1, BT, BK)
-    p_do, m_do = tile(do + o_v, t_last, L, i_v * BV, V, H * V, 1, BT, BV)
-    b_qn = tl.load(p_q, mask=m_q, other=0.)
-    b_gn = tl.load(p_g, mask=m_q, other=0.)
-    b_don = tl.load(p_do, mask=m_do, other=0.)
+    b_qn, b_gn, b_don = load_chunk(q, gc, do, o_k, o_v, t_last, L, i_k, i_v, H, K, V, BT, BK, BV)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
         tl.store(dhs + (boc + i_t) * H * K * V + p_s, b_dh.to(dhs.dtype.element_ty), mask=m_s)
         b_q, b_gc, b_do = b_qn, b_gn, b_don
         b_gl = last_row(gc + o_k, tl.minimum((i_t + 1) * BT, L), i_k * BK, K, H * K, BK)
         t0 = tl.maximum(i_t - 1, 0) * BT
-        p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
-        p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
-        p_do, m_do = tile(do + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
-        b_qn = tl.load(p_q, mask=m_q, other=0.)
-        b_gn = tl.load(p_g, mask=m_q, other=0.)
-        b_don = tl.load(p_do, mask=m_do, other=0.)
+        b_qn, b_gn, b_don = load_chunk(q, gc, do, o_k, o_v, t0, L, i_k, i_v, H, K, V, BT, BK, BV)
         b_qd = to_dot((b_q.to(tl.float32) * scale).to(tl.float32) * tl.exp(b_gc), DOT16)
         b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qd), to_dot(b_do, DOT16), input_precision="ieee")
     if STORE_DH0:
