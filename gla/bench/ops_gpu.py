@@ -73,7 +73,7 @@ def sdpa(q, k, v, g):
 def sdpa_shape(shape):
     """The softmax layer of the same tokens and value width: heads of min(V, 128) dims (Llama-341M's 8 x 128 beside
     GLA-340M's 4 x 256)."""
-    B, T, H, K, V = shape
+    B, T, H, _, V = shape
     D = min(V, 128)
     return B, T, H * V // D, D, D
 
@@ -170,8 +170,9 @@ def _first_call_child(shape, gate, provider):
 
 def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, variants=None, stages=False,
         log=print, decode_shape=DECODE):
-    """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms, fwd_graph_ms, fwd_bwd_graph_ms}; ``log`` gets each row as it is measured (a long run that
-    hits a time limit keeps what it printed). ``variants``: {name: CONFIGS overrides} timed as extra "ours" rows."""
+    """Rows {op, gate, B, T, H, K, V, fwd_ms, fwd_bwd_ms, fwd_graph_ms, fwd_bwd_graph_ms}; ``log`` gets each row as
+    it is measured (a long run that hits a time limit keeps what it printed). ``variants``: {name: CONFIGS overrides}
+    timed as extra "ours" rows; ``stages``: each kernel alone too."""
     rows = []
 
     def add(op, shape, gate, t):
@@ -215,7 +216,8 @@ class _configs:
 
     def __enter__(self):
         self.saved = {k: dict(c) for k, c in self.configs.items()}
-        self.configs.update(self.over)
+        for name, over in self.over.items():  # merged: {"output": {"BK": 64}} keeps output's BV and num_warps
+            self.configs[name] = {**self.configs[name], **over}
 
     def __exit__(self, *exc):
         self.configs.clear()
@@ -228,7 +230,7 @@ def _fmt(t):
 
 def _row_line(r) -> str:
     return (f"| {r['op']} | {r['gate']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {r['V']} | "
-            f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['fwd_graph_ms'])} | {_fmt(r['fwd_bwd_graph_ms'])} |")
+            + " | ".join(_fmt(r[key]) for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms")) + " |")
 
 
 def header() -> str:

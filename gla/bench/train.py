@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device) for m in modes]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    table = format_table(rows, f"{a.preset} training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}")
+    title = f"{a.preset} training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"
+    table = format_table(rows, title)
     print(table)
     if a.out:
         from . import write_report

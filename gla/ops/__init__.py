@@ -157,7 +157,8 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
             backend = "triton"
         else:
             if q.device.type == "cuda":
-                _warn_once(f"gla: using the PyTorch chunk path on CUDA: {triton_status()}")
+                _warn_once(f"gla: using the PyTorch chunk path on CUDA (slower, and not capturable in CUDA graphs): "
+                           f"{triton_status()}")
             backend = "recurrent" if q.shape[1] == 1 else "chunk"
     if backend == "triton":
         if triton_status() is not None:
@@ -205,7 +206,8 @@ def triton_status() -> str | None:
 
 
 def _check_triton() -> str | None:
-    (lo, hi), want = TRITON_RANGE, f"triton>={TRITON_RANGE[0][0]}.{TRITON_RANGE[0][1]},<{TRITON_RANGE[1][0]}.{TRITON_RANGE[1][1]}"
+    (lo, hi) = TRITON_RANGE
+    want = f"triton>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
     try:
         import triton
     except ImportError:

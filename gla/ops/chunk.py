@@ -300,7 +300,8 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
         o, final, h = _forward(q, k, v, g, h0, scale, plan)
     rows = _max_chunks(q.shape[0], q.shape[1], plan.N, cu_seqlens is not None)
     # outputs must have the layout the fake implementation promises (contiguous), not a view of padded storage
-    return o.contiguous(), final, F.pad(h, (0, 0, 0, 0, 0, 0, 0, rows - h.shape[0])) if rows != h.shape[0] else h
+    h = F.pad(h, (0, 0, 0, 0, 0, 0, 0, rows - h.shape[0])) if rows != h.shape[0] else h
+    return o.contiguous(), final.contiguous(), h
 
 
 @chunk_fwd_op.register_fake
@@ -326,8 +327,8 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 @chunk_bwd_op.register_fake
 def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            h.new_empty(N, *h.shape[1:]))
+    # contiguous, as the real outputs are (empty_like would keep a strided input's layout)
+    return (*(x.new_empty(x.shape) for x in (q, k, v, g)), h.new_empty(N, *h.shape[1:]))
 
 
 def _setup(ctx, inputs, output):

@@ -35,6 +35,11 @@ def test_chunk_ops(case):
     do, dfinal = torch.randn_like(v), torch.randn_like(final)
     x = [t.detach() for t in (q, k, v, g, h)]
     opcheck(chunk_bwd_op, (*x, do, dfinal, cu, 0.25))
+    # strided inputs (a [B, H, T, D] layout seen as [B, T, H, D]): outputs are contiguous in fake and real alike
+    strided = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, g)]
+    h0_strided = h0.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+    opcheck(chunk_fwd_op, (*strided, h0_strided, cu, 0.25))
+    opcheck(chunk_bwd_op, (*strided, x[4], do, dfinal, cu, 0.25))
 
 
 @pytest.mark.skipif(not GPU, reason="Triton operators: GLA_TEST_GPU=1 on a CUDA machine")

@@ -53,6 +53,8 @@ else:
         (1, 150, 1, 40, 24, 1.0, None),
         (1, 150, 2, 32, 32, 16.0, [0, 1, 1, 66, 150]),
         (3, 1, 2, 16, 16, 16.0, None),
+        # short sequences and an empty last one: 4 chunks in a buffer bounded at 190 // 64 + 5 = 7, so 3 spare ids
+        (1, 190, 2, 16, 16, 1.0, [0, 63, 64, 127, 190, 190]),
     ]
 
 
@@ -187,3 +189,19 @@ def test_long_sequence_strong_gates_fp32_gate(dtype):
     """The in-chunk cumulative sums stay fp32 over a long sequence: strong gates (normaliser 1, chunks around the
     safe-factoring limit), T = 32768, the model's fp32 gate."""
     _check((1, 32768, 2, 64, 64, 1.0, None), dtype, g_dtype=torch.float32)
+
+
+def test_backward_after_a_forward_that_kept_no_scores():
+    """The operator called with store_A=False (a forward that expected no backward) still differentiates: the
+    backward recomputes the intra-chunk scores instead of reading an empty buffer."""
+    from gla.ops.triton.chunk import chunk_fwd_op
+    q, k, v, g, h0 = gla_inputs(1, 70, 2, 16, 24, state=True, device=DEVICE, seed=7)
+    grads = []
+    for store_A in (False, True):
+        o, ht, A, _ = chunk_fwd_op(q, k, v, g, h0, None, 0.25, True, store_A)
+        assert (A.numel() > 0) == store_A
+        gen = torch.Generator().manual_seed(0)
+        do, dht = (torch.randn(x.shape, generator=gen).to(x) for x in (o, ht))
+        grads.append(torch.autograd.grad((o * do).sum() + (ht * dht).sum(), (q, k, v, g, h0)))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6

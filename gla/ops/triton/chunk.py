@@ -28,8 +28,8 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  cu_seqlens: Optional[torch.Tensor], scale: float, output_final_state: bool,
                  store_A: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None. Operators cannot return None, so an absent
-    output is an empty tensor. Returns o [B, T, H, V], ht [N, H, K, V] fp32 (empty unless output_final_state), A [B, T, H, BT] (empty unless
-    store_A) and hs [slots, H, K, V] fp32 (the per-chunk states, for the backward)."""
+    output is an empty tensor. Returns o [B, T, H, V], ht [N, H, K, V] fp32 (empty unless output_final_state),
+    A [B, T, H, BT] (empty unless store_A) and hs [slots, H, K, V] fp32 (the per-chunk states, for the backward)."""
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
@@ -44,11 +44,14 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  dht: Optional[torch.Tensor], A: torch.Tensor, hs: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                  scale: float, need_dh0: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients dq, dk, dv, dg (dtypes of q, k, v, g) and dh0 [N, H, K, V] fp32 (empty unless need_dh0)."""
+    """Gradients dq, dk, dv, dg (dtypes of q, k, v, g) and dh0 [N, H, K, V] fp32 (empty unless need_dh0).
+    A empty (a forward that did not expect a backward, store_A=False): the scores are recomputed here."""
     q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
     dht = dht.to(torch.float32).contiguous() if dht is not None else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
     gc = chunk_cumsum(g, meta)
+    if A.numel() == 0:  # a shape, not a value: no host sync
+        A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=True)[1]
     dhs, dh0 = chunk_state_bwd(q, gc, do, dht, scale, meta, need_dh0=need_dh0)
     dq, dk, dv, dg = chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)
     return dq, dk, dv, dg, dh0 if dh0 is not None else hs.new_empty(0)
@@ -59,7 +62,7 @@ def _setup(ctx, inputs, output):
     _, _, A, hs = output
     ctx.save_for_backward(q, k, v, g, A, hs, cu_seqlens)
     ctx.scale = scale
-    ctx.h0_dtype = h0.dtype if h0 is not None else None
+    ctx.h0_dtype = h0.dtype if h0 is not None else None  # the state's dtype, for its gradient
     ctx.set_materialize_grads(False)
 
 
@@ -67,8 +70,9 @@ def _backward(ctx, do, dht, dA, dhs):
     q, k, v, g, A, hs, cu_seqlens = ctx.saved_tensors
     if do is None:  # only the final state was used
         do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, do, dht, A, hs, cu_seqlens, ctx.scale, ctx.h0_dtype is not None)
-    dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+    need_dh0 = ctx.needs_input_grad[4]
+    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, do, dht, A, hs, cu_seqlens, ctx.scale, need_dh0)
+    dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
     return dq, dk, dv, dg, dh0, None, None, None, None
 
 

@@ -47,7 +47,7 @@ def chunk_dv_bwd_kernel(k, gc, do, A, dhs, dv, cu_seqlens, chunk_indices, chunk_
                         BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr, IS_VARLEN: tl.constexpr):
     """k: [B*T, H, K]; gc: [B*T, H, K] fp32; do, dv: [B*T, H, V]; A: [B*T, H, BT]; dhs: [NC, H, K, V]."""
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
-    i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    i_t, bos, eos, _ = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     t0 = i_t * BT
     o_k = (bos * H + i_h) * K
@@ -145,7 +145,7 @@ def chunk_dqkg_bwd_kernel(q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, cu_seqlen
 def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     """All inputs [B, T, H, *] contiguous; gc: the fp32 in-chunk cumsum of g; A, hs from the forward, dhs from
     ``chunk_state_bwd``. Returns dq, dk, dv, dg in the dtypes of q, k, v, g."""
-    B, T, H, K = q.shape
+    H, K = q.shape[2], q.shape[3]
     V = v.shape[3]
     DOT16 = dot16(q.dtype)
     dv = torch.empty_like(v)

@@ -8,7 +8,8 @@ The intra block A is one matrix product (q * exp(gc)) @ (k * exp(-gc))^T when th
 SAFE_DECAY (exp(-gc) <= exp(60) cannot overflow); with stronger gates it is built in log space one key column at a
 time, where every exponent gc_ik - gc_jk (i >= j) is <= 0. This plays the role of the paper's secondary-level
 chunking (§4.3): full precision where the decay is large, tensor cores where it is safe. The check is per chunk and
-K-tile (gc comes from gate.py), so ordinary gates (log-decay of a few units per chunk) always take the matrix-product path.
+K-tile (gc comes from gate.py), so ordinary gates (log-decay of a few units per chunk) always take the
+matrix-product path.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def chunk_state_fwd_kernel(k, v, gc, h0, hs, ht, cu_seqlens, chunk_offsets, T,
     (entering + final)."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, boc, boh = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
+    bos, eos, _, boh = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     NT = tl.cdiv(L, BT)
     o_k = (bos * H + i_h) * K
@@ -75,7 +75,7 @@ def chunk_state_bwd_kernel(q, gc, do, dht, dh0, dhs, scale, cu_seqlens, chunk_of
     gradient of the state leaving each chunk."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, boc, boh = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
+    bos, eos, boc, _ = seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     NT = tl.cdiv(L, BT)
     o_k = (bos * H + i_h) * K

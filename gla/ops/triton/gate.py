@@ -31,7 +31,7 @@ def chunk_cumsum_fwd_kernel(g, gc, cu_seqlens, chunk_indices, chunk_offsets, T,
 
 def chunk_cumsum(g, meta: ChunkMeta):
     """g: [B, T, H, K] -> gc [B, T, H, K] fp32, the cumulative sum of g within each chunk."""
-    B, T, H, K = g.shape
+    H, K = g.shape[2], g.shape[3]
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     c = config("cumsum", K, 0)
     wrap_triton(chunk_cumsum_fwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](

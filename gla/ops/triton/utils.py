@@ -28,10 +28,14 @@ SAFE_DECAY = 60.0
 
 @triton.jit
 def tile(base, r0, n_r, c0, n_c, s_r, s_c, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers and mask of the [BR, BC] tile at (r0, c0) of a matrix of n_r x n_c entries with strides (s_r, s_c)."""
-    o_r = r0 + tl.arange(0, BR)
-    o_c = c0 + tl.arange(0, BC)
-    return base + o_r[:, None] * s_r + o_c[None, :] * s_c, (o_r < n_r)[:, None] & (o_c < n_c)[None, :]
+    """Pointers and mask of the [BR, BC] tile at (r0, c0) of a matrix of n_r x n_c entries with strides (s_r, s_c).
+    The tile's origin is offset in int64 (a long sequence passes 2^31 elements: T * H * K at T = 2^20, H * K = 2048);
+    the offsets inside the tile stay int32."""
+    o_r = tl.arange(0, BR)
+    o_c = tl.arange(0, BC)
+    origin = base + tl.cast(r0, tl.int64) * s_r + tl.cast(c0, tl.int64) * s_c
+    mask = ((r0 + o_r) < n_r)[:, None] & ((c0 + o_c) < n_c)[None, :]
+    return origin + o_r[:, None] * s_r + o_c[None, :] * s_c, mask
 
 
 @triton.jit
@@ -115,7 +119,8 @@ def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
     offs = torch.cat([cu.new_zeros(1), torch.cumsum((cu[1:] - cu[:-1] + BT - 1) // BT, 0)])
     ids = torch.arange(NC, device=cu.device)
     seq = (torch.searchsorted(offs[1:], ids, right=True)).clamp_(max=N - 1)
-    # spare ids (past the last chunk) become chunk NT of the last sequence: its final-state slot, all rows masked
+    # spare ids (past the last chunk) become chunks NT, NT+1, ... of the last sequence: slots from its final state
+    # on (inside the buffers, which hold NC + N slots), every row masked off
     idx = ids - offs[seq]
     chunk_indices = torch.stack([seq, idx], 1).to(torch.int32)
     return ChunkMeta(N, 0, NC, cu.to(torch.int32), chunk_indices, offs.to(torch.int32))
