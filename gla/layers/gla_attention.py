@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from gla.ops import gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
 from .norm import make_norm
+from .packing import packed_info
 
 FEATURE_MAPS = {
     None: lambda x: x,
@@ -118,6 +119,9 @@ class GatedLinearAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.num_kv_heads
+        if cu_seqlens is not None and seq_info is None:  # called on its own: the model passes what it computed once
+            validate_cu_seqlens(cu_seqlens, T)
+            seq_info = packed_info(cu_seqlens, T, x.device)[:2]
         m = None if attention_mask is None else attention_mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
         xin = x if m is None else x * m
         q, k, v = self.q_proj(xin), self.k_proj(xin), self.v_proj(xin)
@@ -144,8 +148,6 @@ class GatedLinearAttention(nn.Module):
         if Hkv != H:
             k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
         h0 = state.recurrent if state is not None else None
-        if cu_seqlens is not None and seq_info is None:  # called on its own: the model validates once per batch
-            validate_cu_seqlens(cu_seqlens, T)
         # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
         # construction, so the operator skips its value checks (each would stall the GPU once per layer, and a NaN
         # from upstream should reach the trainer's non-finite-loss guard, not raise here).

@@ -10,21 +10,13 @@ import torch.nn as nn
 from gla.layers import GLALayer
 from gla.layers.gla_attention import GateProj
 from gla.layers.norm import make_norm
+from gla.layers.packing import packed_info
 from gla.ops import validate_cu_seqlens
 from .config import GLAConfig
 from .state import ModelState
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 MODEL_TYPE = "gla_lm"  # our Hugging Face model_type; FLA's is "gla"
-
-
-def _packed_info(cu_seqlens, T, device):
-    """cu_seqlens [N+1] -> (seq_start [T], seq_last [N] (-1 if empty), positions [1, T])."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    lens = cu[1:] - cu[:-1]
-    start = torch.repeat_interleave(cu[:-1], lens, output_size=T)
-    last = torch.where(lens > 0, cu[1:] - 1, -1)
-    return start, last, (torch.arange(T, device=device) - start).unsqueeze(0)
 
 
 class GLATransformer(nn.Module):
@@ -134,7 +126,7 @@ class GLATransformer(nn.Module):
             validate_cu_seqlens(cu_seqlens, T)
             if state is not None and has_softmax:
                 raise ValueError("a hybrid model cannot continue a state with packed documents (cu_seqlens)")
-            start, last, positions = _packed_info(cu_seqlens, T, dev)
+            start, last, positions = packed_info(cu_seqlens, T, dev)
             gla_kw = dict(cu_seqlens=cu_seqlens, seq_info=(start, last))
             pos = torch.arange(T, device=dev)
             block = (start.unsqueeze(1) == start.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gla import GatedLinearAttention, GLALayer, SoftmaxAttention
+from gla.layers.packing import packed_info
 from tests.utils import rel_err
 
 OPTIONS = [
@@ -59,15 +60,17 @@ def test_left_padding_is_invisible(opts):
     assert rel_err(s.recurrent[1], s_short.recurrent[0]) < 1e-5
 
 
+@pytest.mark.parametrize("from_model", [True, False], ids=["seq_info", "alone"])
 @pytest.mark.parametrize("opts", OPTIONS)
-def test_packed_documents_equal_separate(opts):
+def test_packed_documents_equal_separate(opts, from_model):
+    """Called by the model (which passes seq_info) or on its own (the layer derives it): no document sees another,
+    the short convolution included."""
     m = layer(**opts)
     lens = [9, 0, 30, 1]
     x = torch.randn(1, sum(lens), 48)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
-    from gla.models.transformer import _packed_info
-    start, last, _ = _packed_info(cu, x.shape[1], x.device)
-    y, s = m(x, cu_seqlens=cu, seq_info=(start, last))
+    info = packed_info(cu, x.shape[1], x.device)[:2] if from_model else None
+    y, s = m(x, cu_seqlens=cu, seq_info=info)
     assert s.recurrent.shape[0] == len(lens)
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
         if b == a:
