@@ -128,9 +128,10 @@ class GLATransformer(nn.Module):
                 raise ValueError("a hybrid model cannot continue a state with packed documents (cu_seqlens)")
             start, last, positions = packed_info(cu_seqlens, T, dev)
             gla_kw = dict(cu_seqlens=cu_seqlens, seq_info=(start, last))
-            pos = torch.arange(T, device=dev)
-            block = (start.unsqueeze(1) == start.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
-            sm_kw = dict(positions=positions, block_mask=block)
+            if has_softmax:  # [T, T]: 1 GiB at T = 32768, so only for models that have a softmax layer
+                pos = torch.arange(T, device=dev)
+                block = (start.unsqueeze(1) == start.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
+                sm_kw = dict(positions=positions, block_mask=block)
             n_real = None
         else:
             mask = attention_mask.to(torch.bool) if attention_mask is not None else None
