@@ -3,6 +3,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
 # The interpreter suite runs twice: under the pinned Triton of requirements-dev.txt (the oldest supported, the GPU
@@ -12,14 +13,20 @@ NEWEST := $(VENV)/triton-$(TRITON_NEWEST)
 
 .PHONY: demo test bench-cpu results clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+# The demo needs only torch (CPU build, pinned) and the training extra; the tests add Triton and the other extras.
+$(DEMO_STAMP): pyproject.toml requirements-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip install -q -e ".[train]"
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP) requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q -e ".[dev,train,hf,eval]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m gla.demo
 
 $(NEWEST)/.installed: $(STAMP)
