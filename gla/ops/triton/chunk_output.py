@@ -51,6 +51,7 @@ def chunk_output_fwd_kernel(q, k, v, gc, hs, o, A, scale, cu_seqlens, chunk_indi
     o_k = (bos * H + i_h) * K
     o_v = (bos * H + i_h) * V
     p_h = hs + ((boh + i_t) * H + i_h) * K * V
+    K_ok = (t0 < L).to(tl.int32) * K  # spare varlen chunk ids (t0 >= L) have no entering state: read none of it
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -58,7 +59,7 @@ def chunk_output_fwd_kernel(q, k, v, gc, hs, o, A, scale, cu_seqlens, chunk_indi
         p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
         p_k, _ = tile(k + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
         p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
-        p_hk, m_h = tile(p_h, i_k * BK, K, i_v * BV, V, V, 1, BK, BV)
+        p_hk, m_h = tile(p_h, i_k * BK, K_ok, i_v * BV, V, V, 1, BK, BV)
         b_q = (tl.load(p_q, mask=m_q, other=0.).to(tl.float32) * scale).to(tl.float32)
         b_k = tl.load(p_k, mask=m_q, other=0.).to(tl.float32)
         b_gc = tl.load(p_g, mask=m_q, other=0.)
