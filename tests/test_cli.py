@@ -67,6 +67,8 @@ def test_clear_errors(run, tmp_path, capsys):
     for name in ("config.json", "train_config.json"):
         (broken / name).write_text(open(os.path.join(out, name)).read())
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
     cases = [
         (["eval", "ppl", "--ckpt", str(tmp_path / "nope"), "--data", data], "no config.json"),
         (["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "data not found"),
@@ -78,6 +80,10 @@ def test_clear_errors(run, tmp_path, capsys):
         (["train", "--gate-bias-init", "nan", "--out", str(tmp_path / "o")], "--gate-bias-init must be a finite"),
         (["train", "--mixer", "softmax", "--gate-bias-init", "2", "--out", str(tmp_path / "o")], "has none"),
         (["train", "--out", out, "--resume", "--gate-bias-init", "3"], "this run started from 0.0, got 3.0"),
+        (["train", "--data", str(empty), "--preset", "tiny", "--out", str(tmp_path / "o")], "holds no text"),
+        # the preset is checked before the data: a missing data file is not what the user hears about
+        (["train", "--preset", "nosuch", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
+         "--preset 'nosuch' is not a preset"),
     ]
     for args, msg in cases:
         assert main(args) == 2, args

@@ -36,6 +36,8 @@ def encode_documents(docs: list[str], tokenizer) -> TokenStream:
         raise ValueError("no documents to encode")
     pieces, starts, n = [], [], 0
     for doc in docs:
+        if not doc:  # (frombuffer refuses an empty buffer)
+            continue
         ids = torch.frombuffer(bytearray(doc.encode("utf-8")), dtype=torch.uint8).long() \
             if getattr(tokenizer, "name", "") == "bytes" else torch.tensor(tokenizer.encode(doc), dtype=torch.long)
         if ids.numel() == 0:
@@ -44,7 +46,7 @@ def encode_documents(docs: list[str], tokenizer) -> TokenStream:
         pieces.append(ids)
         n += ids.numel()
     if n == 0:
-        raise ValueError("the documents are empty")
+        raise ValueError("the data holds no text (empty file or documents)")
     return TokenStream(torch.cat(pieces), torch.tensor(starts, dtype=torch.long))
 
 

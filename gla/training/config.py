@@ -75,6 +75,9 @@ class TrainConfig:
             if self.gate_bias_init != 0 and self.mixer is not None and self.mixer not in GATED_MIXERS:
                 raise ValueError(f"--gate-bias-init sets the forget gate of {' and '.join(GATED_MIXERS)} layers; "
                                  f"--mixer {self.mixer} has none")
+        from gla.models.config import PRESETS
+        if self.preset not in PRESETS:  # checked here, before any data or model is loaded
+            raise ValueError(f"--preset {self.preset!r} is not a preset; choose from {', '.join(sorted(PRESETS))}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
 

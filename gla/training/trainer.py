@@ -80,8 +80,11 @@ class Trainer:
             raise FileExistsError(f"{cfg.out!r} already holds a checkpoint: pass --resume to continue it, "
                                   "or choose another --out")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.train_data, self.val_data = split_stream(
-            encode_documents(load_documents(cfg.data), self.tokenizer), cfg.val_fraction)
+        try:
+            self.train_data, self.val_data = split_stream(
+                encode_documents(load_documents(cfg.data), self.tokenizer), cfg.val_fraction)
+        except ValueError as e:  # name the argument to fix
+            raise ValueError(f"--data {cfg.data!r}: {e}") from None
         torch.manual_seed(cfg.seed)            # same initial weights on every rank
         self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
         self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
