@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -129,13 +130,12 @@ def _main_cuda(p, a):
     if not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device")
     title = ops_gpu.header()
-    print(title, flush=True)
+    stream = sys.stderr if a.json else sys.stdout  # rows as they are measured; with --json stdout is only JSON
+    print(title, file=stream, flush=True)
     rows = ops_gpu.run(shapes, gates, a.fla, a.baseline, a.first_call, variants, a.stages,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, file=stream, flush=True))
     table = ops_gpu.format_table(rows, title)
-    print(table)
-    if a.json:
-        print(json.dumps(rows))
+    print(json.dumps(rows) if a.json else table)  # as on the CPU: --json prints only the rows
     if a.out:
         write_report(a.out, "ops-cuda", table, rows)
 
