@@ -206,7 +206,7 @@ def triton_status() -> str | None:
 
 
 def _check_triton() -> str | None:
-    (lo, hi) = TRITON_RANGE
+    lo, hi = TRITON_RANGE
     want = f"triton>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
     try:
         import triton
