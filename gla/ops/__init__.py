@@ -175,11 +175,14 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
     return impl(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
 
 
+def wants_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def _is_decode_step(q, k, v, g, initial_state, cu_seqlens) -> bool:
     """One token per sequence with no gradient wanted: generation's step, served by the decode kernel."""
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
-    return q.shape[1] == 1 and cu_seqlens is None and not needs_grad
+    return q.shape[1] == 1 and cu_seqlens is None and not wants_grad(q, k, v, g, initial_state)
 
 
 def _triton_decode(q, k, v, g, scale, initial_state, output_final_state):

@@ -110,7 +110,7 @@ def test_gradcheck_varlen(small_chunks):
     assert torch.autograd.gradcheck(f, (q, k, v, g, h0), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same draws in every CI run
 @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.integers(1, 20),
        V=st.integers(1, 20), log_norm=st.floats(-2.0, 2.0), with_state=st.booleans(),
        seed=st.integers(0, 2 ** 16))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch.library import register_autograd, triton_op
 
+from .. import wants_grad
 from .chunk_bwd import chunk_bwd
 from .chunk_output import chunk_output_fwd
 from .chunk_state import chunk_state_bwd, chunk_state_fwd
@@ -101,7 +102,6 @@ def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=
         if initial_state is None:
             return o, q.new_zeros(N, H, K, V, dtype=torch.float32)
         return o, initial_state.to(torch.float32).clone()
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
-    o, ht, _, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, needs_grad)
+    store_A = wants_grad(q, k, v, g, initial_state)  # the scores are kept only for a backward
+    o, ht, _, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, store_A)
     return o, (ht if output_final_state else None)

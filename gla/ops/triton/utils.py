@@ -118,7 +118,7 @@ def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
     NC = T // BT + N  # sum_n ceil(L_n / BT) <= sum_n (L_n / BT + 1)
     offs = torch.cat([cu.new_zeros(1), torch.cumsum((cu[1:] - cu[:-1] + BT - 1) // BT, 0)])
     ids = torch.arange(NC, device=cu.device)
-    seq = (torch.searchsorted(offs[1:], ids, right=True)).clamp_(max=N - 1)
+    seq = torch.searchsorted(offs[1:], ids, right=True).clamp_(max=N - 1)
     # spare ids (past the last chunk) become chunks NT, NT+1, ... of the last sequence: slots from its final state
     # on (inside the buffers, which hold NC + N slots), every row masked off
     idx = ids - offs[seq]
@@ -143,7 +143,7 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host side. (``triton.cdiv`` is a ConstexprFunction costing microseconds per call: with
-    ~20 calls per forward it was half of the launcher's host time.)"""
+    ~20 calls per forward it was about a quarter of the launcher's host time.)"""
     return -(-a // b)
 
 
