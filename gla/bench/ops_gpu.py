@@ -189,7 +189,7 @@ def run(shapes=SHAPES, gates=GATES, fla=False, baseline_dir=None, first=False, v
                 add("baseline", shape, gate, time_op(base, shape, gate))
             if fla:
                 t0 = time.time()
-                time_op(fla_chunk, (1, 256, *shape[2:]), gate, rep=1)  # FLA autotunes per head shape and dtype
+                time_op(fla_chunk, shape, gate, rep=1)  # FLA autotunes per head dims and dtypes, on its first call
                 log(f"(FLA chunk_gla warm-up {shape[2:]} g {gate}: {time.time() - t0:.0f} s)")
                 add("FLA chunk_gla", shape, gate, time_op(fla_chunk, shape, gate))
             for name, over in (variants or {}).items():

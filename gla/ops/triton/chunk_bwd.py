@@ -47,7 +47,7 @@ def chunk_dv_bwd_kernel(k, gc, do, A, dhs, dv, cu_seqlens, chunk_indices, chunk_
                         BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr, IS_VARLEN: tl.constexpr):
     """k: [B*T, H, K]; gc: [B*T, H, K] fp32; do, dv: [B*T, H, V]; A: [B*T, H, BT]; dhs: [NC, H, K, V]."""
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
-    i_t, bos, eos, _ = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    i_t, bos, eos, _slot = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     t0 = i_t * BT
     o_k = (bos * H + i_h) * K

@@ -1,0 +1,138 @@
+"""Compile every Triton kernel for the H100 (sm_90) on a machine without a GPU: ``python -m tests.ops.aot_compile``.
+
+The CPU interpreter runs kernels as NumPy code and skips the compiler's checks (types of loop-carried values,
+constexpr rules, layouts), so a kernel can pass the interpreter suite and still fail to compile on the GPU. Here each
+launcher is run on CPU tensors with ``wrap_triton`` replaced by a recorder, and every launch it would make (the same
+arguments, constexprs and launch options) is compiled down to a cubin with the ptxas shipped in the Triton wheel.
+Must run without TRITON_INTERPRET (then ``triton.jit`` gives interpreter functions). Prints one line per kernel.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+CASES = [  # (dtype of q/k/v, dtype of g, varlen, initial state, K, V)
+    (torch.bfloat16, torch.float32, False, True, 128, 256),
+    (torch.bfloat16, torch.bfloat16, True, False, 64, 128),
+    (torch.float32, torch.float32, False, False, 60, 100),
+    (torch.float16, torch.float32, True, True, 256, 512),
+]
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64"}
+
+
+class Recorder:
+    """Stands in for ``torch.library.wrap_triton``: ``wrap_triton(kernel)[grid](*args, **kwargs)`` records."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        return _Grid(self, kernel)
+
+
+class _Grid:
+    def __init__(self, rec, kernel):
+        self.rec, self.kernel = rec, kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.rec.launches.append((self.kernel, args, kwargs))
+
+
+def record() -> list:
+    """Run every launcher (forward, backward, decode) over CASES; returns the launches."""
+    from gla.ops.triton import chunk_bwd, chunk_output, chunk_state, decode, gate
+    from gla.ops.triton.utils import chunk_meta
+    rec = Recorder()
+    for mod in (chunk_bwd, chunk_output, chunk_state, decode, gate):
+        mod.wrap_triton = rec
+    B, T, H = 2, 150, 2
+    for dtype, g_dtype, varlen, h0, K, V in CASES:
+        q, k = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(2))
+        v, do = (torch.randn(B, T, H, V, dtype=dtype) for _ in range(2))
+        g = torch.randn(B, T, H, K).to(g_dtype)
+        cu = torch.tensor([0, 40, 41, B * T], dtype=torch.int32) if varlen else None
+        if varlen:
+            q, k, v, do, g = (x.reshape(1, B * T, H, -1) for x in (q, k, v, do, g))
+        meta = chunk_meta(q.shape[0], q.shape[1], cu)
+        state = torch.randn(meta.N, H, K, V) if h0 else None
+        gc = gate.chunk_cumsum(g, meta)
+        hs = torch.zeros(meta.n_slots, H, K, V)
+        chunk_state.chunk_state_fwd(k, v, gc, state, meta, output_final_state=True)
+        A = chunk_output.chunk_output_fwd(q, k, v, gc, hs, 0.1, meta, store_A=True)[1]
+        chunk_state.chunk_state_bwd(q, gc, do, state, 0.1, meta, need_dh0=h0)
+        dhs = torch.zeros(meta.NC, H, K, V)
+        chunk_bwd.chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, 0.1, meta)
+        decode._launch(q[:, 0], k[:, 0], v[:, 0], g[:, 0].float(), torch.zeros(q.shape[0], H, K, V),
+                       torch.zeros(q.shape[0], H, K, V), 0.1)
+    return rec.launches
+
+
+def _arg_type(x):
+    if isinstance(x, torch.Tensor):
+        return "*" + TYPES[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i32" if -2**31 <= x < 2**31 else "i64"
+    if isinstance(x, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(x).__name__}")
+
+
+def compile_launch(kernel, args, kwargs):
+    """Compile one recorded launch for sm_90; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    options = {name: kwargs[name] for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update({name: x for name, x in kwargs.items() if name not in options})
+    signature, constexprs = {}, {}
+    for i, p in enumerate(kernel.params):
+        x = values[p.name]
+        if p.is_constexpr or x is None:  # None arguments are constexprs to Triton's launcher as well
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = x
+        else:
+            signature[p.name] = _arg_type(x)
+    src = ASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(cubin: bytes) -> str:
+    """Registers, spill stack and shared memory of a cubin, from the cuobjdump shipped with Triton."""
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:", "SHARED:")))
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("run without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    seen = set()
+    for kernel, args, kwargs in record():
+        key = (kernel.__name__, tuple(_arg_type(a) if a is not None and not isinstance(a, bool) else a
+                                      for a in args), tuple(sorted(kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = compile_launch(kernel, args, kwargs)
+        print(f"{kernel.__name__}: {resources(compiled.asm['cubin'])} "
+              f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})")
+    print(f"compiled {len(seen)} launches")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
