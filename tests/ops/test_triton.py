@@ -205,3 +205,31 @@ def test_backward_after_a_forward_that_kept_no_scores():
         grads.append(torch.autograd.grad((o * do).sum() + (ht * dht).sum(), (q, k, v, g, h0)))
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-6
+
+
+def _chunks_by_loop(cu: list[int], T: int, BT: int) -> list[list[int]]:
+    """(sequence, chunk) of each global chunk id, then the spare ids as further chunks of the last sequence."""
+    rows = [[n, c] for n in range(len(cu) - 1) for c in range(-(-(cu[n + 1] - cu[n]) // BT))]
+    last, nt = len(cu) - 2, -(-(cu[-1] - cu[-2]) // BT)
+    while len(rows) < T // BT + len(cu) - 1:
+        rows.append([last, nt])
+        nt += 1
+    return rows
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunk_meta_matches_a_loop(compiled):
+    """Varlen chunk bookkeeping (tensor ops only) against a Python loop: random lengths with empty sequences, also
+    traced by torch.compile (Inductor's CUDA searchsorted shifted the chunks by a sequence: the GPU compile test)."""
+    from gla.ops.triton.utils import BT, chunk_meta
+    meta = torch.compile(chunk_meta, fullgraph=True, dynamic=True) if compiled else chunk_meta
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40 if compiled else 200):
+        N = int(torch.randint(1, 8, (1,), generator=gen))
+        lengths = torch.randint(0, 3 * BT, (N,), generator=gen)
+        if trial % 3 == 0:
+            lengths[torch.randint(0, N, (1,), generator=gen)] = 0
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(DEVICE)
+        T = int(cu[-1])
+        got = meta(1, T, cu).chunk_indices.tolist()
+        assert got == _chunks_by_loop(cu.tolist(), T, BT), (cu.tolist(), got)

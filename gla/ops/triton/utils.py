@@ -116,9 +116,14 @@ def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
     cu = cu_seqlens.to(torch.int64)
     N = cu.numel() - 1
     NC = T // BT + N  # sum_n ceil(L_n / BT) <= sum_n (L_n / BT + 1)
-    offs = torch.cat([cu.new_zeros(1), torch.cumsum((cu[1:] - cu[:-1] + BT - 1) // BT, 0)])
+    ends = torch.cumsum((cu[1:] - cu[:-1] + BT - 1) // BT, 0)  # one past each sequence's last chunk, <= NC
+    offs = torch.cat([cu.new_zeros(1), ends])
+    # sequence of each chunk id = how many sequences end at or before it: a count of ends, spread by a cumsum.
+    # (torch.searchsorted(offs[1:], ids, right=True) is the same in eager mode, but Inductor's CUDA lowering of it
+    # read the boundaries one element early, from offs[0], and shifted every chunk by a sequence: torch 2.11.)
+    marks = torch.zeros(NC + 1, dtype=torch.int64, device=cu.device).index_add_(0, ends, torch.ones_like(ends))
+    seq = torch.cumsum(marks, 0)[:NC].clamp_(max=N - 1)
     ids = torch.arange(NC, device=cu.device)
-    seq = torch.searchsorted(offs[1:], ids, right=True).clamp_(max=N - 1)
     # spare ids (past the last chunk) become chunks NT, NT+1, ... of the last sequence: slots from its final state
     # on (inside the buffers, which hold NC + N slots), every row masked off
     idx = ids - offs[seq]
@@ -158,7 +163,7 @@ def pow2(n: int, lo: int = 16) -> int:
 # Fixed tile configurations, no autotuning (first call = compile only). Chosen from ptxas register reports (no
 # spills on sm_90) and H200 timings, see benchmarks/NOTES.md; `gla bench ops --variants` edits this dict to time others.
 CONFIGS = {
-    # sequential state kernels, largest tile that still gives >= 4 programs per SM (see chunk_state._state_config)
+    # sequential state kernels, largest tile that still gives every SM a program (see chunk_state._state_config)
     "state": dict(BK=64, BV=64, num_warps=4),
     "state_mid": dict(BK=32, BV=64, num_warps=4),
     "state_small": dict(BK=16, BV=64, num_warps=4),
