@@ -233,3 +233,18 @@ def test_chunk_meta_matches_a_loop(compiled):
         T = int(cu[-1])
         got = meta(1, T, cu).chunk_indices.tolist()
         assert got == _chunks_by_loop(cu.tolist(), T, BT), (cu.tolist(), got)
+
+
+def test_backward_with_the_empty_final_state_placeholder():
+    """A forward without output_final_state returns an empty placeholder for ht; autograd callers (torch.library's
+    opcheck among them) may pass an empty gradient for it. It means no gradient: the same as passing none (it once
+    made the state-gradient kernel read [N, H, K, V] values from an empty buffer: an illegal address on the GPU)."""
+    from gla.ops.triton.chunk import chunk_fwd_op
+    q, k, v, g, _ = gla_inputs(2, 70, 2, 16, 24, state=False, device=DEVICE, seed=8)
+    o, ht, _, _ = chunk_fwd_op(q, k, v, g, None, None, 0.25, False, True)
+    assert ht.numel() == 0
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
+    with_empty = torch.autograd.grad((o, ht), (q, k, v, g), (do, torch.zeros_like(ht)), retain_graph=True)
+    without = torch.autograd.grad(o, (q, k, v, g), do)
+    for a, b in zip(with_empty, without):
+        assert torch.equal(a, b)

@@ -48,7 +48,8 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     """Gradients dq, dk, dv, dg (dtypes of q, k, v, g) and dh0 [N, H, K, V] fp32 (empty unless need_dh0).
     A empty (a forward that did not expect a backward, store_A=False): the scores are recomputed here."""
     q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
-    dht = dht.to(torch.float32).contiguous() if dht is not None else None
+    # an empty dht is the gradient of the empty placeholder that a forward without output_final_state returns
+    dht = dht.to(torch.float32).contiguous() if dht is not None and dht.numel() else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
     gc = chunk_cumsum(g, meta)
     if A.numel() == 0:  # a shape, not a value: no host sync
