@@ -38,6 +38,8 @@ def _train_parser(sub):
     a("--beta1", type=float, help="AdamW beta1 (0.9)")
     a("--beta2", type=float, help="AdamW beta2 (0.95)")
     a("--grad-clip", type=float, help="gradient-norm clipping, 0 = off (1.0)")
+    a("--nonfinite-limit", type=int,
+      help="stop (exit 3) after N steps in a row with a non-finite loss or gradient: a diverged run (10)")
     a("--val-fraction", type=float, help="last fraction of the tokens held out for validation (0.1)")
     a("--eval-every", type=int, help="validate every N steps (250)")
     a("--eval-batches", type=int, help="batches of --batch-size windows per validation (20)")
@@ -211,6 +213,12 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"gla {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a diverged run is an outcome to report in one line, not a crash
+        from gla.training.trainer import Diverged
+        if not isinstance(e, Diverged):
+            raise
+        print(f"gla {args.cmd}: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"gla {args.cmd}: interrupted", file=sys.stderr)
         return 130

@@ -58,7 +58,7 @@ def test_eval_ppl_json(run):
     assert 0 < streamed["loss"] < 6
 
 
-def test_clear_errors(run, tmp_path, capsys):
+def test_clear_errors(run, tmp_path, capsys, monkeypatch):
     """Bad input ends with one clear line and exit status 2, never a traceback (in-process: fast)."""
     from gla.cli import main
     data, out = run
@@ -69,6 +69,8 @@ def test_clear_errors(run, tmp_path, capsys):
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 20)
     cases = [
         (["eval", "ppl", "--ckpt", str(tmp_path / "nope"), "--data", data], "no config.json"),
         (["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "data not found"),
@@ -81,6 +83,9 @@ def test_clear_errors(run, tmp_path, capsys):
         (["train", "--mixer", "softmax", "--gate-bias-init", "2", "--out", str(tmp_path / "o")], "has none"),
         (["train", "--out", out, "--resume", "--gate-bias-init", "3"], "this run started from 0.0, got 3.0"),
         (["train", "--data", str(empty), "--preset", "tiny", "--out", str(tmp_path / "o")], "holds no text"),
+        (["train", "--data", str(binary), "--preset", "tiny", "--out", str(tmp_path / "o")], "is not UTF-8 text"),
+        (["train", "--data", data, "--preset", "tiny", "--seq-len", "100000", "--out", str(tmp_path / "o")],
+         "--seq-len 100000: --data"),
         # the preset is checked before the data: a missing data file is not what the user hears about
         (["train", "--preset", "nosuch", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
          "--preset 'nosuch' is not a preset"),
@@ -89,6 +94,14 @@ def test_clear_errors(run, tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, (args, err)
+    import gla.data.corpus
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(gla.data.corpus, "open", unreadable, raising=False)  # found before the builtin
+    assert main(["train", "--data", data, "--preset", "tiny", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read (Permission denied)" in err and "Traceback" not in err, err
     with pytest.raises(SystemExit) as e:
         main(["train", "--dtype", "fp8"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

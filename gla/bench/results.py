@@ -39,7 +39,7 @@ def build(out: str, quick: bool) -> str:
     steps = "40" if quick else "600"
     seeds = "0" if quick else "0,1,2"
     mqar = _mqar("softmax,gla,retnet,linear", "32" if quick else "32,64", steps, "1e-3,3e-3", ["--short-conv"],
-                 seeds, [], res)
+                 seeds, ["--eval-every", "0"], res)
     no_conv = os.path.join(res, "mqar-no-conv")
     nc_d, nc_steps, nc_lr = ("32", "40", "3e-3") if quick else ("64", "3000", "3e-3")
     mqar_no_conv = _mqar("gla,retnet,linear", nc_d, nc_steps, nc_lr, [], seeds,

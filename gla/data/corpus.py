@@ -92,13 +92,15 @@ def _read_jsonl(path: str, field: str) -> list[str]:
 
 
 def _read_file(path: str, field: str) -> list[str]:
-    if path.endswith(".jsonl"):
-        return _read_jsonl(path, field)
     try:
+        if path.endswith(".jsonl"):
+            return _read_jsonl(path, field)
         with open(path, encoding="utf-8") as f:
             return [f.read()]
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as e:  # permissions, a file that vanished or is unreadable on its device
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
 
 
 def _hf_documents(name: str, field: str) -> list[str]:

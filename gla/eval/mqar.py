@@ -219,7 +219,8 @@ def _one_host_thread(on: bool):
         torch.set_num_threads(threads)
 
 
-NOT_IDENTITY = ("specs", "graphs", "log_every", "state_path", "save_every")  # how a group runs, not what it trains
+# how a group runs, not what it trains
+NOT_IDENTITY = ("specs", "graphs", "log_every", "state_path", "save_every", "progress")
 
 
 def _identity(call: dict) -> dict:
@@ -236,7 +237,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 vocab_size: int = 8192, seed: int = 0, device: str = "cpu", short_conv: bool = False,
                 graphs: bool | None = None, log_every: int = 0, precision: str = "fp32", eval_every: int = 0,
                 stop_at: float | None = None, mlp: str = "swiglu", state_path: str | None = None,
-                save_every: int = 0) -> list:
+                save_every: int = 0, progress=None) -> list:
     """Train 2-layer models of one MQAR task in lockstep; returns their MQARResult in the order of ``specs``.
 
     specs: [{"mixer": str, "d_model": int, "lr": float, "gate_bias_init": float (optional, 0: FLA's start of the
@@ -255,7 +256,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     group's progress is saved every save_every steps and its results at the end (``mqar_state``); a group that finds
     its own state there continues from it, or returns its results if it had finished (on the CPU exactly as if
     never stopped; on CUDA its steps before the next capture run eagerly, which agree with replays to 1e-4 of the
-    loss).
+    loss). progress(n), if given, hears of every n steps done (a group that stops early or resumes reports the steps
+    it skips), e.g. to move a progress bar.
     """
     identity = _identity(dict(locals()))  # first: locals() is then exactly the arguments
     dev = torch.device(device)
@@ -272,7 +274,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f"save_every needs a state_path and must be >= 0, got {save_every}")
     bf16 = precision == "bf16"
     state = mqar_state.load(state_path, identity) if state_path else None
+    progress = progress or (lambda n: None)
     if state is not None and "results" in state:
+        progress(steps)
         return [MQARResult(**r) for r in state["results"]]
     with _one_host_thread(dev.type == "cuda"):  # the batches are drawn on the host; see _one_host_thread
         members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
@@ -288,6 +292,8 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                   flush=True)
         t0 = time.perf_counter() - spent
         active = [m for m in members if m.stopped_at is None]
+        progress(start)
+        done = start
         for step in range(start, steps):
             x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
             if graphs and step >= start + EAGER_STEPS:
@@ -334,8 +340,11 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 mqar_state.save_progress(state_path, identity, step + 1, time.perf_counter() - t0, members)
+            progress(1)
+            done = step + 1
             if not active:
                 break
+        progress(steps - done)  # the steps a group that solved the task early does not train
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
@@ -355,7 +364,7 @@ def _train_in_worker(group: dict, threads: int) -> list:
 
 def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, device="cpu", short_conv=False,
           jobs=1, group=1, on_run=None, log_every=0, precision="fp32", eval_every=0, stop_at=None,
-          mlp="swiglu", seeds=(0,), gate_bias_inits=(0.0,), state_dir=None, save_every=0) -> list:
+          mlp="swiglu", seeds=(0,), gate_bias_inits=(0.0,), state_dir=None, save_every=0, progress=None) -> list:
     """Every (task, seed, mixer and gate bias, d_model, lr) trained once: a list of MQARResult in that order (the
     gated mixers once per bias in gate_bias_inits, the others once; gla.eval.variants).
 
@@ -365,6 +374,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
     state_dir: each group keeps its state there (train_group's state_path, one file per group), so running the same
     grid again continues unfinished groups and returns finished ones without training them.
+    progress(n): told of every n group-steps done (steps per group, each group of up to ``group`` models); with
+    jobs > 1 a group's steps are told when it finishes.
     """
     groups = []
     specs = [dict(mixer=m, gate_bias_init=b, d_model=d, lr=lr)
@@ -381,10 +392,11 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         if g["state_path"]:
             mqar_state.load(g["state_path"], _identity(g))
     on_run = on_run or (lambda r: None)
+    progress = progress or (lambda n: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in
     if jobs <= 1:
         for i, g in enumerate(groups):
-            done[i] = train_group(**g)
+            done[i] = train_group(**g, progress=progress)
             for r in done[i]:
                 on_run(r)
     else:
@@ -396,6 +408,7 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
             index = {pool.submit(_train_in_worker, g, threads): i for i, g in enumerate(groups)}
             for fut in as_completed(index):
                 done[index[fut]] = fut.result()
+                progress(steps)
                 for r in done[index[fut]]:
                     on_run(r)
     return [r for rs in done for r in rs]

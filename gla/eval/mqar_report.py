@@ -12,7 +12,7 @@ import os
 import sys
 
 from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
-from gla.eval.variants import mixer_label, parse_gate_biases
+from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases
 
 
 def _record(r: MQARResult) -> str:
@@ -156,21 +156,23 @@ def _csv(s: str, cast=str) -> list:
 
 def add_arguments(p) -> None:
     """Flags of `gla eval mqar` (shared by the CLI and ``python -m gla.eval.mqar_report``)."""
-    p.add_argument("--mixers", default="gla,softmax,retnet,linear",
+    p.add_argument("--mixers", default="softmax,gla,retnet,linear",
                    help="comma-separated token mixers: gla, softmax, retnet, linear, seed")
-    p.add_argument("--d-model", default="64,128", help="comma-separated model widths")
+    p.add_argument("--d-model", default="64", help="comma-separated model widths")
     p.add_argument("--seq-len", default="64", help="comma-separated; paired in order with --kv-pairs")
     p.add_argument("--kv-pairs", default="4", help="comma-separated, one per --seq-len")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", default="0",
                    help="comma-separated seeds: each (mixer, width, rate) trains from each seed's initial weights "
                         "and data order; tables show the mean at the best rate and the range")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2",
+    p.add_argument("--lrs", default="3e-3",
                    help="learning rates swept; the best (by mean over seeds) is reported. Without MLP, vocab 8192, "
                         "the recurrent mixers trained best at 1e-3 to 1e-2 and softmax at d=64 only at 1e-2 "
                         "(docs/results/mqar-gpu)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="Zoology's setting; smaller is faster to learn")
+    p.add_argument("--vocab-size", type=int, default=256,
+                   help="the default learns in minutes on a laptop CPU; Zoology's setting is 8192 (with "
+                        "--d-model 64,128 --lrs 1e-3,3e-3,1e-2 on a GPU: docs/results.md)")
     p.add_argument("--short-conv", action="store_true", help="a short causal convolution before each linear mixer")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model under bf16 autocast (as `gla train` on a GPU); the optimizer stays fp32")
@@ -187,11 +189,11 @@ def add_arguments(p) -> None:
                         "graphs); a group never mixes seeds")
     p.add_argument("--jobs", type=int, default=1, help="groups trained at once, in separate processes")
     p.add_argument("--log-every", type=int, default=0, help="print each group's progress to stderr every N steps")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="print each model's held-out accuracy to stderr every N steps (needed by --stop-at)")
+    p.add_argument("--eval-every", type=int, default=500,
+                   help="print each model's held-out accuracy to stderr every N steps (needed by --stop-at; 0: never)")
     p.add_argument("--stop-at", type=float, default=None,
-                   help="stop training a model once its test accuracy reaches this (Zoology: 0.99); its record "
-                        "keeps the step (stopped_at); the rest of its group trains on")
+                   help="stop training a model once its test accuracy reaches this (default 0.99, Zoology's, when "
+                        "--eval-every > 0); its record keeps the step (stopped_at); the rest of its group trains on")
     p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
     p.add_argument("--save-every", type=int, default=0,
@@ -204,6 +206,16 @@ def add_arguments(p) -> None:
                    help="print only one JSON record per (task, mixer, d_model): its best rate, mean accuracy and runs")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
                    help="train nothing: tabulate and plot mqar-runs.jsonl files (a grid split over several calls)")
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr over the grid's group-steps (its rate gives the ETA), or None without tqdm (an extra:
+    `pip install gla[train]`). Models that reach --stop-at early move it on by the steps they skip."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _train_grid(args) -> tuple:
@@ -222,7 +234,8 @@ def _train_grid(args) -> tuple:
     if min(args.group, args.jobs, args.steps) < 1:
         raise SystemExit(f"gla eval mqar: --group, --jobs and --steps must be >= 1, "
                          f"got {args.group}, {args.jobs} and {args.steps}")
-    check_stopping(args.eval_every, args.stop_at)  # before any training, like the task settings
+    stop_at = args.stop_at if args.stop_at is not None else (0.99 if args.eval_every else None)
+    check_stopping(args.eval_every, stop_at)  # before any training, like the task settings
     lrs = _csv(args.lrs, float)
     seeds = _csv(args.seeds, int)
     check_seeds(seeds)  # before any training, like the stopping settings
@@ -253,17 +266,23 @@ def _train_grid(args) -> tuple:
         if not args.json:
             print(f"  {_record(r)}", flush=True)
 
+    d_models = _csv(args.d_model, int)
+    n_models = len(mixer_variants(mixers, biases)) * len(d_models) * len(lrs)
+    n_groups = -(-n_models // args.group) * len(seq_lens) * len(seeds)
+    bar = _progress_bar(n_groups * args.steps, f"{n_models * len(seq_lens) * len(seeds)} models")
     try:
-        runs = sweep(mixers, _csv(args.d_model, int), list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
+        runs = sweep(mixers, d_models, list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
-                     args.log_every, args.precision, args.eval_every, args.stop_at, args.mlp, seeds, biases,
-                     state_dir, args.save_every)
+                     args.log_every, args.precision, args.eval_every, stop_at, args.mlp, seeds, biases,
+                     state_dir, args.save_every, progress=bar.update if bar else None)
     except ValueError as e:
         if not args.resume or "holds another MQAR group" not in str(e):
             raise
         raise SystemExit(f"gla eval mqar: --resume: {e}; it needs the grid flags of the run that saved {state_dir} "
                          "(--group, --mixers, --lrs, --steps, ...)") from None
     finally:
+        if bar:
+            bar.close()
         if runs_log:
             runs_log.close()
     # the training settings head each table (_label); the title holds what the tables do not

@@ -39,6 +39,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 disables clipping (the norm is still checked for non-finite values)
+    nonfinite_limit: int = 10        # stop after this many steps in a row with a non-finite loss or gradient
     val_fraction: float = 0.1
     eval_every: int = 250
     eval_batches: int = 20
@@ -51,7 +52,8 @@ class TrainConfig:
     parallel: str = "none"
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
+                     "nonfinite_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "sample_tokens"):

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 METRICS, PLOT, SAMPLES = "metrics.jsonl", "loss.png", "samples.txt"
 
 
 def append_metrics(run_dir: str, record: dict) -> None:
+    """One JSON line; a non-finite number (a skipped step's loss or gradient norm) is written as null, since NaN and
+    Infinity are not JSON."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(os.path.join(run_dir, METRICS), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -38,8 +42,8 @@ def plot_loss(run_dir: str) -> str | None:
     except ImportError:
         return None
     recs = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]  # null: a non-finite step
+    val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train")

@@ -1,5 +1,6 @@
 """The training loop behind `gla train`: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast on GPU,
-non-finite steps skipped, periodic validation, atomic checkpoints with exact resume, data parallelism.
+non-finite steps skipped (a run of them stops training: Diverged), periodic validation, atomic checkpoints with exact
+resume, data parallelism.
 
 Every optimizer step draws `batch_size` random windows of seq_len + 1 tokens from one data generator shared by all
 ranks (same seed, same draws); rank r of W takes its slice of each micro-step. The loss is the token-level mean over
@@ -19,6 +20,10 @@ from gla.data import (IGNORE_INDEX, encode_documents, load_documents, load_token
                       split_stream)
 from . import checkpoint, distributed, report
 from .config import TrainConfig, lr_at
+
+
+class Diverged(RuntimeError):
+    """Training stopped: ``TrainConfig.nonfinite_limit`` steps in a row had a non-finite loss or gradient norm."""
 
 
 def resume_config(out: str, overrides: dict) -> TrainConfig:
@@ -85,6 +90,14 @@ class Trainer:
                 encode_documents(load_documents(cfg.data), self.tokenizer), cfg.val_fraction)
         except ValueError as e:  # name the argument to fix
             raise ValueError(f"--data {cfg.data!r}: {e}") from None
+        fits = min(len(self.train_data), len(self.val_data)) - 2  # a window is seq_len + 1 tokens at >= 1 offset
+        if cfg.seq_len > fits:  # before the model is built
+            raise ValueError(f"--seq-len {cfg.seq_len}: --data {cfg.data!r} holds {len(self.train_data):,} training "
+                             f"and {len(self.val_data):,} validation tokens (--val-fraction {cfg.val_fraction:g}), "
+                             f"too few for one window; use --seq-len {fits} or less, or more data"
+                             if fits >= 1 else
+                             f"--data {cfg.data!r}: {len(self.train_data) + len(self.val_data)} tokens are too few "
+                             f"to train on; use more data")
         torch.manual_seed(cfg.seed)            # same initial weights on every rank
         self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
         self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
@@ -97,6 +110,8 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout masks differ per rank
         self.step, self.train_time, self.skipped = 0, 0.0, 0
+        self.bad_run, self.last_finite = 0, None  # non-finite steps in a row; (step, loss) of the last finite one
+        self.saved_step = None  # step of the checkpoint in cfg.out
         os.makedirs(cfg.out, exist_ok=True)
         if resume:
             self._restore()
@@ -118,9 +133,13 @@ class Trainer:
             _say(self.d, f"resuming on {self.d.world} processes from {len(rng['torch'])}: dropout RNG reseeded")
         if self.d.main:
             report.truncate_metrics(self.cfg.out, self.step)
+        self.saved_step = self.step
         _say(self.d, f"resumed {self.cfg.out} at step {self.step}")
 
     def save(self):
+        if self.bad_run:  # the run may be diverging: keep the checkpoint written before it
+            _say(self.d, f"warning: step {self.step}: no checkpoint while steps are non-finite")
+            return
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         mine = {"torch": torch.get_rng_state(), "cuda": cuda}
         ranks = self.d.gather_objects(mine)
@@ -131,6 +150,7 @@ class Trainer:
         plain = None if self.d.parallel == "fsdp" else self.plain
         checkpoint.save(self.cfg.out, self.model, plain, self.opt, state, self.cfg.to_dict(), self.tokenizer,
                         self.d)
+        self.saved_step = self.step
 
     # ---------------------------------------------------------------- steps
     def _nll(self, batch) -> torch.Tensor:
@@ -164,13 +184,25 @@ class Trainer:
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if math.isfinite(loss) and math.isfinite(norm):
             self.opt.step()
+            self.bad_run, self.last_finite = 0, (self.step + 1, loss)
         else:
             self.skipped += 1
+            self.bad_run += 1
             _say(d, f"warning: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); "
                     "update skipped")
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm}
+
+    def _diverged_message(self) -> str:
+        cfg = self.cfg
+        last = (f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                if self.last_finite else "no step had a finite loss")
+        kept = (f"the checkpoint of step {self.saved_step} in {cfg.out} is intact" if self.saved_step is not None
+                else "no checkpoint was written")
+        return (f"training diverged: steps {self.step - self.bad_run + 1}-{self.step} had a non-finite loss or "
+                f"gradient norm ({cfg.nonfinite_limit} in a row, --nonfinite-limit); {last}; {kept}. "
+                f"Lower --lr (now {cfg.lr:g}) or clip gradients (--grad-clip 1.0, now {cfg.grad_clip:g}).")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -226,6 +258,9 @@ class Trainer:
                 if d.main:
                     report.append_metrics(cfg.out, {**last, "tok_per_s": round(rate, 1),
                                                     "time": round(self.train_time, 3)})
+            if self.bad_run >= cfg.nonfinite_limit:
+                bar.close()
+                raise Diverged(self._diverged_message())
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 val_loss = self.evaluate()
                 _say(d, f"step {self.step}: train loss {last['loss']:.4f}, val loss {val_loss:.4f}, "

@@ -141,6 +141,46 @@ def test_non_finite_step_is_skipped(tmp_path, small_text, monkeypatch):
     assert math.isfinite(t.train_step()["loss"])
 
 
+def _strict_json_lines(path) -> list:
+    """Every line parsed by a strict JSON parser (NaN and Infinity, which json.dumps writes by default, refused)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_divergence_stops_training_and_keeps_the_checkpoint(tmp_path, small_text, monkeypatch, grad_clip):
+    """From step 5 on every loss is non-finite: with --nonfinite-limit 3 training stops at step 7 with Diverged
+    (naming the steps, the last finite loss and the remedies), the checkpoint of step 4 is the one on disk
+    (step 6's periodic checkpoint is not written over it), and metrics.jsonl stays strict JSON."""
+    from gla.training.trainer import Diverged
+    real = Trainer._nll
+
+    def poisoned(self, batch):
+        nll = real(self, batch)
+        return nll * float("inf") if self.step >= 4 else nll  # self.step: steps done before this one
+
+    monkeypatch.setattr(Trainer, "_nll", poisoned)
+    out = tmp_path / "run"
+    cfg = _cfg(out, small_text, steps=20, eval_every=2, nonfinite_limit=3, grad_clip=grad_clip)
+    with pytest.raises(Diverged) as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    assert "steps 5-7" in msg and "last finite loss" in msg and "at step 4" in msg, msg
+    assert "checkpoint of step 4" in msg and "--lr" in msg and "--grad-clip" in msg, msg
+    assert checkpoint.read_state(checkpoint.find(str(out)))["step"] == 4
+    recs = _strict_json_lines(out / report.METRICS)
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 8))
+    assert all(r["loss"] is None for r in recs if r.get("step", 0) >= 5 and "loss" in r)
+    assert all(math.isfinite(r["loss"]) for r in recs if r.get("step", 0) <= 4 and "loss" in r)
+
+
+def test_nonfinite_limit_is_checked():
+    with pytest.raises(ValueError, match="--nonfinite-limit must be >= 1"):
+        TrainConfig(nonfinite_limit=0)
+
+
 def test_packed_documents_train(tmp_path, small_docs):
     """Short documents: windows are cut at document starts (cu_seqlens) and training still learns."""
     t = Trainer(_cfg(tmp_path / "run", small_docs, steps=30, lr=1e-2, batch_size=8), progress=False)
