@@ -69,6 +69,8 @@ def test_clear_errors(run, tmp_path, capsys, monkeypatch):
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    from tests.data.test_data import _hf_tokenizer_file
+    tok = _hf_tokenizer_file(tmp_path / "tokenizer.json")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(128, 256)) * 20)
     cases = [
@@ -82,6 +84,7 @@ def test_clear_errors(run, tmp_path, capsys, monkeypatch):
         (["train", "--gate-bias-init", "nan", "--out", str(tmp_path / "o")], "--gate-bias-init must be a finite"),
         (["train", "--mixer", "softmax", "--gate-bias-init", "2", "--out", str(tmp_path / "o")], "has none"),
         (["train", "--out", out, "--resume", "--gate-bias-init", "3"], "this run started from 0.0, got 3.0"),
+        (["train", "--out", out, "--resume", "--tokenizer", str(tok)], "was trained with another tokenizer (bytes)"),
         (["train", "--data", str(empty), "--preset", "tiny", "--out", str(tmp_path / "o")], "holds no text"),
         (["train", "--data", str(binary), "--preset", "tiny", "--out", str(tmp_path / "o")], "is not UTF-8 text"),
         (["train", "--data", data, "--preset", "tiny", "--seq-len", "100000", "--out", str(tmp_path / "o")],

@@ -41,7 +41,22 @@ def resume_config(out: str, overrides: dict) -> TrainConfig:
                              f"(this run started from {before}, got {overrides['gate_bias_init']})")
     if saved.get("tokenizer") not in (None, "bytes"):
         saved["tokenizer"] = os.path.join(ckpt, saved["tokenizer"])
+    if "tokenizer" in overrides and not _same_tokenizer(overrides["tokenizer"], saved.get("tokenizer") or "bytes"):
+        raise ValueError(f"--tokenizer {overrides['tokenizer']!r}: the run in {out!r} was trained with another "
+                         f"tokenizer ({saved.get('tokenizer') or 'bytes'}), which its embeddings are tied to; resume "
+                         "without --tokenizer, or start a new run (another --out)")
     return TrainConfig.from_dict({**saved, **overrides, "out": out})
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    """Whether two --tokenizer values name the same tokenizer: both 'bytes', or files with the same contents."""
+    if "bytes" in (a, b):
+        return a == b
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except OSError as e:
+        raise ValueError(f"--tokenizer {a!r} cannot be read ({e.strerror or e})") from None
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
