@@ -20,6 +20,22 @@ def test_compare_trains_and_evaluates_each_mixer(tmp_path, capsys):
     assert "| softmax |" in (tmp_path / "o" / "compare.md").read_text()
 
 
+def test_an_earlier_comparison_in_out_stops_before_training(tmp_path, capsys, monkeypatch):
+    """A second comparison into the same --out (the README's two commands once shared the default) is refused
+    before the first model trains, naming --out: not after the models before the clash have trained."""
+    import gla.eval.compare as compare
+
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    flags = ["--data", str(data), "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--steps", "1",
+             "--eval-every", "1", "--device", "cpu", "--out", str(tmp_path / "o"), "--json"]
+    main(["--mixers", "linear", *flags])
+    capsys.readouterr()
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a model trained"))
+    with pytest.raises(FileExistsError, match="--out .* holds a model of an earlier comparison"):
+        main(["--mixers", "gla,linear", *flags])
+
+
 def test_gated_mixers_train_once_per_gate_bias(tmp_path, capsys):
     """gla gets a row per bias, its model starting from that bias; linear has no gate and trains once."""
     from gla.models import GLATransformer

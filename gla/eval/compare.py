@@ -18,7 +18,7 @@ import os
 
 from gla.bench import write_report
 from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases, variant_slug
-from gla.training import TrainConfig, train
+from gla.training import TrainConfig, checkpoint, train
 
 RECURRENT = ("gla", "linear", "retnet", "seed")
 
@@ -28,8 +28,14 @@ def compare(mixers, out: str, device: str = "auto", gate_bias_inits=(0.0,), **tr
     trains in OUT/MIXER, or OUT/MIXER-biasB where its gate starts elsewhere than 0 (``variant_slug``)."""
     from gla.eval.ppl import evaluate
 
+    variants = mixer_variants(mixers, gate_bias_inits)
+    for mixer, bias in variants:  # all checked before the first model trains
+        taken = os.path.join(out, variant_slug(mixer, bias))
+        if checkpoint.find(taken) is not None:
+            raise FileExistsError(f"--out {out!r}: {taken} holds a model of an earlier comparison; choose another "
+                                  "--out, or remove it")
     rows = []
-    for mixer, bias in mixer_variants(mixers, gate_bias_inits):
+    for mixer, bias in variants:
         cfg = TrainConfig(out=os.path.join(out, variant_slug(mixer, bias)), mixer=mixer, device=device,
                           sample_tokens=0, gate_bias_init=bias, **train_flags)
         s = train(cfg, progress=False)
