@@ -28,6 +28,9 @@ class GLAConfig:
     "softmax" for an all-attention Transformer).
     attn_layers: indices of layers that use softmax attention instead (hybrids, e.g. every 4th layer).
     layer_mixers: an explicit mixer per layer (any of gla.layers.block.MIXERS); overrides mixer and attn_layers.
+    max_seq_len: the context length the model is meant for (training raises it to its sequence length). No layer
+    limits its input to it (GLA has no positions, RoPE no table); Hugging Face generate() reads it as
+    max_position_embeddings, which caps its default max_length.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
     layers (heads default to n_heads).
     """

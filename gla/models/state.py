@@ -28,10 +28,6 @@ class ModelState:
     seen: torch.Tensor
     key_mask: torch.Tensor | None = None
 
-    def detach(self) -> "ModelState":
-        """A copy cut from the autograd graph (streaming evaluation, truncated backpropagation)."""
-        return _map(torch.Tensor.detach, self)
-
     def select(self, rows: torch.Tensor) -> "ModelState":
         """Keep the given batch rows: rows [B'] long."""
         return _map(lambda t: t[rows], self)

@@ -96,11 +96,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 modules are the model itself)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-
-
 def grad_sync(model: nn.Module, d: Dist, enabled: bool):
     """Context manager: skip the gradient reduction on accumulation micro-steps that are not the last."""
     import contextlib
