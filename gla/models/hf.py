@@ -74,6 +74,7 @@ class GLALMConfig(PreTrainedConfig):
     clamp_min: float | int | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    backend: str = "auto"
     mixer: str = "gla"
     attn_layers: list | tuple = ()
     layer_mixers: list | tuple = ()

@@ -171,6 +171,25 @@ def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):
         gla.from_pretrained(str(tmp_path))
 
 
+def test_config_backend_reaches_the_gla_layers_and_checkpoints(tmp_path, monkeypatch):
+    """backend="recurrent" from the config runs the recurrent operator even for T > 1 (where "auto" would take the
+    chunk path), in every GLA layer, and survives save / load."""
+    m = model("hybrid", backend="recurrent")
+    m.save_pretrained(str(tmp_path))
+    loaded = gla.from_pretrained(str(tmp_path))
+    assert loaded.config.backend == "recurrent"
+    assert [layer.attn.backend for layer in loaded.layers if layer.mixer != "softmax"] == ["recurrent"] * 2
+    calls = []
+    recurrent = gla.ops.recurrent_gla
+    monkeypatch.setattr(gla.ops, "recurrent_gla", lambda *a: calls.append(a[0].shape[1]) or recurrent(*a))
+    x = torch.randint(0, 101, (2, 30))
+    logits = loaded(x)[0]
+    assert calls == [30, 30]
+    assert rel_err(logits, model("hybrid")(x)[0]) < 1e-5  # same weights, the chunk path
+    with pytest.raises(ValueError, match="backend"):
+        GLAConfig(backend="cuda")
+
+
 @pytest.mark.parametrize("mixer", ["linear", "retnet", "seed"])
 def test_baseline_mixers_chunk_equals_recurrent_and_continue(mixer):
     torch.manual_seed(0)
