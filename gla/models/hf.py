@@ -30,7 +30,7 @@ from gla.layers.conv import ShortConv
 from gla.layers.gla_attention import GatedLinearAttention, GateProj, fixed_log_decay
 
 from .config import GLAConfig
-from .state import ModelState
+from .state import ModelState, state_bytes
 from .transformer import MODEL_TYPE, GLATransformer
 
 _GLA_FIELDS = tuple(f.name for f in dataclasses.fields(GLAConfig))
@@ -120,9 +120,7 @@ class GLACache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (constant in the context length for a GLA-only model)."""
-        total = []
-        _walk(self.state, lambda t: total.append(t.numel() * t.element_size()))
-        return sum(total)
+        return state_bytes(self.state)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -181,18 +179,6 @@ class GLACache(Cache):
     def is_linear(self) -> list[bool]:
         # False: generate() then slices already-consumed prompt columns using get_seq_length().
         return [False]
-
-
-def _walk(x, fn):
-    """Call fn on every tensor inside x (tensors, lists, tuples, dataclasses, None)."""
-    if isinstance(x, torch.Tensor):
-        fn(x)
-    elif isinstance(x, (list, tuple)):
-        for t in x:
-            _walk(t, fn)
-    elif dataclasses.is_dataclass(x):
-        for f in dataclasses.fields(x):
-            _walk(getattr(x, f.name), fn)
 
 
 class GLAForCausalLM(PreTrainedModel, GenerationMixin):
