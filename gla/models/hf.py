@@ -26,6 +26,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from gla.data import IGNORE_INDEX
 from gla.layers.conv import ShortConv
 from gla.layers.gla_attention import GatedLinearAttention, GateProj, fixed_log_decay
 
@@ -185,7 +186,8 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
     """transformers causal LM around a GLATransformer.
 
     forward(input_ids [B, T], attention_mask [B, L] (L >= T: the last T columns are this call's), cache GLACache,
-    labels [B, T]) -> CausalLMOutputWithPast(loss, logits [B, T or logits_to_keep, vocab], cache).
+    labels [B, T], IGNORE_INDEX (-100) where no loss is taken) -> CausalLMOutputWithPast(loss, logits [B, T or
+    logits_to_keep, vocab], cache).
     """
 
     config_class = GLALMConfig
@@ -259,7 +261,7 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
             if h.shape[1] != T:
                 raise ValueError("labels need logits at every position: pass logits_to_keep=0")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+                                   ignore_index=IGNORE_INDEX)
         out_cache = None
         if use_cache:
             out_cache = cache if cache is not None else GLACache()
