@@ -75,19 +75,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _cmd_generate(args) -> int:
     import torch
     from gla.data import tokenizer_for
+    from gla.device import resolve_device
     from gla.generation import generate
     from gla.models import from_pretrained
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     model = from_pretrained(args.ckpt).to(dev)
     tok = tokenizer_for(args.ckpt)
     ids = tok.encode(args.prompt)

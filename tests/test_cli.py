@@ -113,3 +113,12 @@ def test_clear_errors(run, tmp_path, capsys, monkeypatch):
 def test_bench_ops_help():
     r = gla("bench", "ops", "--help")
     assert "--json" in r.stdout
+
+
+def test_device_auto_is_the_gpu_when_there_is_one(monkeypatch):
+    import torch
+    from gla.device import resolve_device
+    for available, kind in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert resolve_device("auto") == torch.device(kind)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")

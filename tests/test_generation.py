@@ -5,6 +5,7 @@ import torch
 import gla
 from gla import GLATransformer
 from gla.generation import sample_next
+from gla.models.state import state_bytes
 
 
 def model(**kw):
@@ -62,13 +63,28 @@ def test_sampling_filters():
         sample_next(logits, 1.0, top_p=0.0)
 
 
-def test_gla_state_does_not_grow_with_context():
-    m = model()
+def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
+    """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
+    after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token."""
+    sizes, forward = [], m.forward
 
-    def state_bytes(n):
-        _, s = m(torch.randint(0, 64, (1, n)))
-        return sum(x.numel() * x.element_size() for layer in s.layers for x in (layer.recurrent,))
+    def recording(*args, **kwargs):
+        logits, state = forward(*args, **kwargs)
+        sizes.append(state_bytes(state))
+        return logits, state
 
-    assert state_bytes(10) == state_bytes(500)
-    _, s = m(torch.randint(0, 64, (1, 10)))
-    assert s.key_mask is None
+    monkeypatch.setattr(m, "forward", recording)
+    gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4)
+    assert len(sizes) == 3 + new_tokens
+    return sizes
+
+
+def test_gla_decoding_state_is_constant_in_the_generated_length(monkeypatch):
+    sizes = decoding_state_bytes(model(use_short_conv=True), monkeypatch, 12)
+    # per layer: recurrent [B=2, H=2, K=8, V=16] and conv caches [2, C, W-1=3] for C = 16, 16, 32 (q, k, v), float32;
+    # seen [2] int64; no key mask
+    per_layer = 2 * 2 * 8 * 16 * 4 + 2 * (16 + 16 + 32) * 3 * 4
+    assert set(sizes) == {2 * per_layer + 2 * 8}
+    # measured the same way, a hybrid's KV cache k, v [B=2, H=2, L, D=16] float32 grows by one token per step
+    hybrid = decoding_state_bytes(model(attn_layers=(1,)), monkeypatch, 12)
+    assert {b - a for a, b in zip(hybrid[2:], hybrid[3:])} == {2 * 2 * 2 * 16 * 4}

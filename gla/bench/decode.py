@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -27,20 +26,10 @@ import torch
 
 from gla.bench import write_report
 from gla.models import GLATransformer
+from gla.models.state import state_bytes
 
 CPU_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 MODELS = ("gla", "softmax")
-
-
-def state_bytes(state) -> int:
-    """Bytes of every tensor inside a ModelState (or any nesting of dataclasses, lists, tuples, tensors)."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(s) for s in state)
-    if dataclasses.is_dataclass(state):
-        return sum(state_bytes(getattr(state, f.name)) for f in dataclasses.fields(state))
-    return 0
 
 
 def rss_bytes() -> int | None:

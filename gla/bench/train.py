@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gla import GLAConfig, GLATransformer
+from gla.device import resolve_device
 
 MODES = ("eager", "compiled")
 
@@ -71,7 +72,7 @@ def format_table(rows, title: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gla bench train", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda")
     p.add_argument("--preset", default="gla-340m")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     if not set(modes) <= set(MODES) or a.steps < 1:
         p.error(f"--modes takes {', '.join(MODES)}; --steps must be >= 1")
     cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1))
-    device = torch.device(a.device)
+    device = resolve_device(a.device)
     rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device) for m in modes]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     title = f"{a.preset} training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"

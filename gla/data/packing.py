@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the target of a position no loss is taken at; also Hugging Face's label convention
 
 
 @dataclass

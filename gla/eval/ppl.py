@@ -66,11 +66,11 @@ def evaluate(ckpt: str, data: str, seq_len: int | None = None, split: str = "all
     """Load a checkpoint / run directory and score `data` (any source gla.data.load_documents accepts);
     split "val" / "train" uses the same deterministic split as training."""
     from gla.data import encode_documents, load_documents, split_stream, tokenizer_for
+    from gla.device import resolve_device
     from gla.models import from_pretrained
     if split not in ("all", "train", "val"):
         raise ValueError(f"--split must be all, train or val, got {split!r}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     model = from_pretrained(ckpt).to(dev)
     tokenizer = tokenizer_for(ckpt)
     stream = encode_documents(load_documents(data), tokenizer)

@@ -28,8 +28,12 @@ class GLAConfig:
     "softmax" for an all-attention Transformer).
     attn_layers: indices of layers that use softmax attention instead (hybrids, e.g. every 4th layer).
     layer_mixers: an explicit mixer per layer (any of gla.layers.block.MIXERS); overrides mixer and attn_layers.
+    max_seq_len: the context length the model is meant for (training raises it to its sequence length). No layer
+    limits its input to it (GLA has no positions, RoPE no table); Hugging Face generate() reads it as
+    max_position_embeddings, which caps its default max_length.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
-    layers (heads default to n_heads).
+    layers (heads default to n_heads). backend ("auto" picks the operator by device at each call) is saved with
+    the config, so a checkpoint saved with "triton" needs CUDA wherever it runs.
     """
     vocab_size: int = 256
     d_model: int = 512
@@ -54,6 +58,7 @@ class GLAConfig:
     clamp_min: float | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    backend: str = "auto"
     mixer: str = "gla"
     attn_layers: tuple = field(default_factory=tuple)
     layer_mixers: tuple = field(default_factory=tuple)
@@ -73,9 +78,12 @@ class GLAConfig:
         if self.layer_mixers and len(self.layer_mixers) != self.n_layers:
             raise ValueError(f"layer_mixers needs one entry per layer ({self.n_layers}), got {len(self.layer_mixers)}")
         from gla.layers.block import MIXERS
+        from gla.ops import BACKENDS
         for m in (self.mixer, *self.layer_mixers):
             if m not in MIXERS:
                 raise ValueError(f"unknown mixer {m!r}; choose from {MIXERS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
         if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
             raise ValueError(f"gate_bias_init must be a finite number, got {self.gate_bias_init!r}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):

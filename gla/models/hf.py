@@ -26,11 +26,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from gla.data import IGNORE_INDEX
 from gla.layers.conv import ShortConv
 from gla.layers.gla_attention import GatedLinearAttention, GateProj, fixed_log_decay
 
 from .config import GLAConfig
-from .state import ModelState
+from .state import ModelState, state_bytes
 from .transformer import MODEL_TYPE, GLATransformer
 
 _GLA_FIELDS = tuple(f.name for f in dataclasses.fields(GLAConfig))
@@ -74,6 +75,7 @@ class GLALMConfig(PreTrainedConfig):
     clamp_min: float | int | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    backend: str = "auto"
     mixer: str = "gla"
     attn_layers: list | tuple = ()
     layer_mixers: list | tuple = ()
@@ -119,9 +121,7 @@ class GLACache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (constant in the context length for a GLA-only model)."""
-        total = []
-        _walk(self.state, lambda t: total.append(t.numel() * t.element_size()))
-        return sum(total)
+        return state_bytes(self.state)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -182,23 +182,12 @@ class GLACache(Cache):
         return [False]
 
 
-def _walk(x, fn):
-    """Call fn on every tensor inside x (tensors, lists, tuples, dataclasses, None)."""
-    if isinstance(x, torch.Tensor):
-        fn(x)
-    elif isinstance(x, (list, tuple)):
-        for t in x:
-            _walk(t, fn)
-    elif dataclasses.is_dataclass(x):
-        for f in dataclasses.fields(x):
-            _walk(getattr(x, f.name), fn)
-
-
 class GLAForCausalLM(PreTrainedModel, GenerationMixin):
     """transformers causal LM around a GLATransformer.
 
     forward(input_ids [B, T], attention_mask [B, L] (L >= T: the last T columns are this call's), cache GLACache,
-    labels [B, T]) -> CausalLMOutputWithPast(loss, logits [B, T or logits_to_keep, vocab], cache).
+    labels [B, T], IGNORE_INDEX (-100) where no loss is taken) -> CausalLMOutputWithPast(loss, logits [B, T or
+    logits_to_keep, vocab], cache).
     """
 
     config_class = GLALMConfig
@@ -272,7 +261,7 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
             if h.shape[1] != T:
                 raise ValueError("labels need logits at every position: pass logits_to_keep=0")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+                                   ignore_index=IGNORE_INDEX)
         out_cache = None
         if use_cache:
             out_cache = cache if cache is not None else GLACache()

@@ -1,4 +1,8 @@
-"""The state a model carries between calls: one entry per layer, never shared between layers."""
+"""The state a model carries between calls: one entry per layer, never shared between layers.
+
+One walker, ``map_tensors``, serves everything that goes through a state tree (selecting batch rows, measuring the
+memory it holds): GLAState, KVCache and ModelState nest as dataclasses, lists and tuples.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,15 +11,25 @@ from dataclasses import dataclass
 import torch
 
 
-def _map(fn, x):
-    """Apply fn to every tensor inside x (tensors, tuples, dataclasses, None)."""
-    if x is None:
-        return None
+def map_tensors(fn, x):
+    """x with fn applied to every tensor inside it. Dataclasses, lists, tuples and dicts are rebuilt around the
+    results; anything else (None, numbers) is kept as it is."""
     if isinstance(x, torch.Tensor):
         return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(_map(fn, t) for t in x)
-    return type(x)(**{f.name: _map(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
+        return type(x)(map_tensors(fn, t) for t in x)
+    if isinstance(x, dict):
+        return {k: map_tensors(fn, v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return type(x)(**{f.name: map_tensors(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+def state_bytes(x) -> int:
+    """Bytes held by every tensor inside x (a ModelState, a layer's state, or any nesting map_tensors walks)."""
+    sizes = []
+    map_tensors(lambda t: sizes.append(t.numel() * t.element_size()), x)
+    return sum(sizes)
 
 
 @dataclass
@@ -28,10 +42,6 @@ class ModelState:
     seen: torch.Tensor
     key_mask: torch.Tensor | None = None
 
-    def detach(self) -> "ModelState":
-        """A copy cut from the autograd graph (streaming evaluation, truncated backpropagation)."""
-        return _map(torch.Tensor.detach, self)
-
     def select(self, rows: torch.Tensor) -> "ModelState":
         """Keep the given batch rows: rows [B'] long."""
-        return _map(lambda t: t[rows], self)
+        return map_tensors(lambda t: t[rows], self)

@@ -53,7 +53,7 @@ class GLATransformer(nn.Module):
                         output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
                         gate_logit_normalizer=cfg.gate_logit_normalizer, clamp_min=cfg.clamp_min,
                         gate_bias_init=cfg.gate_bias_init,
-                        use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, **common)
+                        use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, backend=cfg.backend, **common)
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):

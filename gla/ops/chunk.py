@@ -34,11 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from . import no_autocast
+from .constants import BC, BT, SAFE_SPAN  # beside the Triton path's; constants.py says why the thresholds differ
 from .recurrent import state_dtype
-
-BT = 64  # chunk length: the state scan takes ceil(T / BT) sequential steps
-BC = 16  # sub-chunk length: diagonal blocks of BC x BC
-SAFE_SPAN = 30.0  # largest sub-chunk log decay for which the factored diagonal block is used
 
 
 @dataclass

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gla.device import resolve_device
+
 
 @dataclass
 class Dist:
@@ -49,23 +51,17 @@ class Dist:
 def setup(parallel: str, device: str) -> tuple[Dist, torch.device]:
     """Join the process group started by torchrun (if any) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world == 1:
-        if parallel != "none":
-            # one process: nothing to wrap; DDP/FSDP of a single rank is the same computation
-            parallel = "none"
-        return Dist(), torch.device(device)
+    dev = resolve_device(device)
+    if world == 1:  # one process: nothing to wrap; DDP/FSDP of a single rank is the same computation
+        return Dist(), dev
     if parallel == "none":
         raise ValueError(f"running in {world} processes (torchrun): pass --parallel ddp or --parallel fsdp")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
+    if dev.type == "cuda":  # one GPU per process, whichever index was named
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but CUDA is not available")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, parallel, dev), dev
@@ -94,11 +90,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
                 m.set_force_sum_reduction_for_comms(True)
         return model
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 modules are the model itself)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
 def grad_sync(model: nn.Module, d: Dist, enabled: bool):

@@ -1,8 +1,10 @@
-"""Decode benchmark at a tiny size: table shape, constant GLA state, growing KV cache, files written."""
+"""Decode benchmark at a tiny size: table shape, exact GLA state and KV cache bytes, what is timed, files written."""
 import json
 import os
+import types
 
 import pytest
+import torch
 
 from gla.bench import decode
 
@@ -16,9 +18,9 @@ def test_rows_state_bytes_and_table():
     gla_bytes = {r["state_bytes"] for r in rows if r["model"] == "gla"}
     # 2 layers x [B=1, H=2, K=8, V=16] float32 + seen [B] int64, whatever the context
     assert gla_bytes == {2 * 2 * 8 * 16 * 4 + 8}
+    # 2 layers x KV cache k, v [B=1, H=2, L, D=16] float32 + seen, L = the context + 2 warm-up + 2 timed steps
     sm = [r["state_bytes"] for r in rows if r["model"] == "softmax"]
-    assert sm[1] > 3 * sm[0]  # the KV cache grows with the context
-    assert all(r["ms_per_token"] > 0 and r["prefill_s"] > 0 for r in rows)
+    assert sm == [2 * 2 * 2 * (L + 4) * 16 * 4 + 8 for L in (32, 128)]
     lines = decode.format_table(rows, "title").splitlines()
     assert lines[0] == "title" and len(lines) == 2 + 2 + 2
     assert all(line.count("|") == 1 + 1 + 4 * 2 for line in lines[2:])
@@ -39,6 +41,25 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
     except ImportError:
         return
     assert os.path.getsize(tmp_path / "decode.png") > 1000
+
+
+def test_timings_leave_out_the_warm_up_and_take_the_median(monkeypatch):
+    """A clock the model advances: each prefill piece takes 0.5 s, decode step k takes k ms. With 2 warm-up steps
+    and 3 timed ones the row reports the 1 s prefill and the median of steps 3, 4, 5."""
+    now, calls = [0.0], []
+    monkeypatch.setattr(decode, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    m = decode.build("gla", 64, 32, 2, 1, 64, torch.device("cpu"), torch.float32)
+    forward = m.forward
+
+    def clocked(ids, state=None):
+        calls.append(ids.shape[1])
+        now[0] += 0.5 if ids.shape[1] > 1 else 1e-3 * calls.count(1)
+        return forward(ids, state)
+
+    monkeypatch.setattr(m, "forward", clocked)
+    row = decode.measure(m, 16, steps=3, prefill_chunk=8)
+    assert calls == [8, 8, 1, 1, 1, 1, 1]
+    assert row["prefill_s"] == pytest.approx(1.0) and row["ms_per_token"] == pytest.approx(4.0)
 
 
 def test_bad_arguments():

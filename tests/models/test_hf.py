@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import gla
+from gla.data import IGNORE_INDEX
 from gla.models import hf
 from tests.utils import rel_err
 
@@ -121,6 +122,10 @@ def test_loss_and_logits_to_keep(tmp_path):
     out = h(x, labels=x)
     ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 101), x[:, 1:].reshape(-1))
     assert rel_err(out.loss, ref) < 1e-6
+    labels = x.clone()
+    labels[:, 5:] = IGNORE_INDEX  # only the targets x[:, 1:5] count
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :4].reshape(-1, 101), x[:, 1:5].reshape(-1))
+    assert rel_err(h(x, labels=labels).loss, ref) < 1e-6
     assert h(x, logits_to_keep=1).logits.shape == (2, 1, 101)
 
 

@@ -8,6 +8,7 @@ import torch
 import gla
 from gla import GLAConfig, GLATransformer
 from gla.layers.gla_attention import GatedLinearAttention
+from gla.models.state import map_tensors, state_bytes
 from tests.utils import rel_err
 
 KINDS = {"gla": {}, "hybrid": {"attn_layers": (1,)}, "conv": {"use_short_conv": True, "attn_layers": (2,)},
@@ -43,6 +44,26 @@ def test_each_layer_has_its_own_state():
     assert s.layers[0].recurrent.data_ptr() != s.layers[2].recurrent.data_ptr()
     assert not torch.allclose(s.layers[0].recurrent, s.layers[2].recurrent)
     assert s.layers[1].k.shape[2] == 12  # the softmax layer's KV cache
+
+
+def test_state_walker_reaches_every_tensor_of_the_state():
+    """state_bytes and select go through GLA states with conv caches, a KV cache, seen and the key mask."""
+    m = model("conv")  # layers 0, 1: GLA with short-conv caches; layer 2: softmax
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    _, s = m(torch.randint(0, 101, (3, 12)), attention_mask=mask)
+    gla0, gla1, kv = s.layers
+    every = [gla0.recurrent, *gla0.conv, gla1.recurrent, *gla1.conv, kv.k, kv.v, s.seen, s.key_mask]
+    assert state_bytes(s) == sum(t.numel() * t.element_size() for t in every) > 0
+    rows = torch.tensor([2, 0])
+    picked = s.select(rows)
+    got = [picked.layers[0].recurrent, *picked.layers[0].conv, picked.layers[1].recurrent, *picked.layers[1].conv,
+           picked.layers[2].k, picked.layers[2].v, picked.seen, picked.key_mask]
+    assert all(torch.equal(a, b[rows]) for a, b in zip(got, every, strict=True))
+    nested = {"a": (torch.ones(2, 3), None, 7), "b": [torch.zeros(4, dtype=torch.int64)]}
+    assert state_bytes(nested) == 2 * 3 * 4 + 4 * 8
+    doubled = map_tensors(lambda t: t * 2, nested)
+    assert doubled["a"][1:] == (None, 7) and torch.equal(doubled["a"][0], torch.full((2, 3), 2.0))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -169,6 +190,25 @@ def test_loading_bad_checkpoints_gives_clear_errors(tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError):
         gla.from_pretrained(str(tmp_path))
+
+
+def test_config_backend_reaches_the_gla_layers_and_checkpoints(tmp_path, monkeypatch):
+    """backend="recurrent" from the config runs the recurrent operator even for T > 1 (where "auto" would take the
+    chunk path), in every GLA layer, and survives save / load."""
+    m = model("hybrid", backend="recurrent")
+    m.save_pretrained(str(tmp_path))
+    loaded = gla.from_pretrained(str(tmp_path))
+    assert loaded.config.backend == "recurrent"
+    assert [layer.attn.backend for layer in loaded.layers if layer.mixer != "softmax"] == ["recurrent"] * 2
+    calls = []
+    recurrent = gla.ops.recurrent_gla
+    monkeypatch.setattr(gla.ops, "recurrent_gla", lambda *a: calls.append(a[0].shape[1]) or recurrent(*a))
+    x = torch.randint(0, 101, (2, 30))
+    logits = loaded(x)[0]
+    assert calls == [30, 30]
+    assert rel_err(logits, model("hybrid")(x)[0]) < 1e-5  # same weights, the chunk path
+    with pytest.raises(ValueError, match="backend"):
+        GLAConfig(backend="cuda")
 
 
 @pytest.mark.parametrize("mixer", ["linear", "retnet", "seed"])

@@ -19,11 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-BT = 64  # chunk length (tokens): a power of two that fills a 64-row MMA tile
-# Largest total log-decay within a chunk for which the intra-chunk block may be factored as
-# (q * exp(gc)) @ (k * exp(-gc))^T: exp(60) and exp(-60) are far inside the range of fp32 and bf16 (~exp(±88)).
-# Chunks with stronger decay take the log-space path, where every exponent is <= 0.
-SAFE_DECAY = 60.0
+# The chunk length and the strong-gate threshold of the kernels, kept beside the PyTorch path's (gla.ops.constants
+# says why the thresholds differ); imported here for the kernel modules, which take them from this one.
+from ..constants import BT, SAFE_DECAY  # noqa: F401
 
 
 @triton.jit
