@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gla.eval.mqar import IGNORE, make_mqar, train_group
+from gla.data import IGNORE_INDEX as IGNORE
+from gla.eval.mqar import make_mqar, train_group
 from gla.eval.mqar_report import main
 from gla.models import GLATransformer
 

@@ -17,6 +17,7 @@ import json
 import os
 
 from gla.bench import write_report
+from gla.device import resolve_device
 from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases, variant_slug
 from gla.training import TrainConfig, checkpoint, train
 
@@ -39,7 +40,7 @@ def compare(mixers, out: str, device: str = "auto", gate_bias_inits=(0.0,), **tr
         cfg = TrainConfig(out=os.path.join(out, variant_slug(mixer, bias)), mixer=mixer, device=device,
                           sample_tokens=0, gate_bias_init=bias, **train_flags)
         s = train(cfg, progress=False)
-        dev = "cpu" if device == "auto" else device
+        dev = str(resolve_device(device))  # where the model trained
         window = evaluate(cfg.out, cfg.data, cfg.seq_len, "val", cfg.val_fraction, dev)
         row = {"mixer": mixer, "gate_bias_init": bias, "params": s["params"], "train_time_s": s["train_time_s"],
                "val_loss": window["loss"], "val_bpb": window["bpb"], "seq_len": cfg.seq_len}

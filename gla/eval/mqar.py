@@ -24,19 +24,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gla.data import IGNORE_INDEX
 from gla.eval import mqar_state
 from gla.eval.variants import mixer_variants, variant_slug
 from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
 
-IGNORE = -100
 TEST_SEED = 10 ** 6  # one test set for every seed, so seeds differ only in what they train from
 SEED_STRIDE = 10 ** 7  # seed s trains on batches s * SEED_STRIDE + step: streams apart from each other and from the
 # test set for any budget under 10**6 steps, and seed 0's the same as before seeds existed
 
 
 def make_mqar(n: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192, power_a: float = 0.01, seed: int = 0):
-    """n MQAR sequences -> (inputs [n, seq_len] long, labels [n, seq_len] long with IGNORE where unscored)."""
+    """n MQAR sequences -> (inputs [n, seq_len] long, labels [n, seq_len] long with IGNORE_INDEX where unscored)."""
     if 4 * kv_pairs > seq_len:
         raise ValueError(f"seq_len={seq_len} is too short for {kv_pairs} key-value pairs and their queries")
     if vocab_size < 4 * kv_pairs + 2:
@@ -62,7 +62,7 @@ def make_mqar(n: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192, power
     which = torch.rand(n, kv_pairs, generator=g).argsort(1)
     rows = torch.arange(n).unsqueeze(1)
     seq[rows, pos] = keys.gather(1, which)
-    labels = torch.full_like(seq, IGNORE)
+    labels = torch.full_like(seq, IGNORE_INDEX)
     labels[rows, pos + 1] = values.gather(1, which)
     seq[rows, pos + 1] = values.gather(1, which)
     return seq[:, :-1], labels[:, 1:]
@@ -99,7 +99,7 @@ def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
     bf16 autocast, without its cache of cast weights (a captured graph would replay stale casts)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         h, _ = model.features(x)
-        idx = (y != IGNORE).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
+        idx = (y != IGNORE_INDEX).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
         target = y.gather(1, idx)
         logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
