@@ -256,8 +256,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
     group's progress is saved every save_every steps and its results at the end (``mqar_state``); a group that finds
     its own state there continues from it, or returns its results if it had finished (on the CPU exactly as if
     never stopped; on CUDA its steps before the next capture run eagerly, which agree with replays to 1e-4 of the
-    loss). progress(n), if given, hears of every n steps done (a group that stops early or resumes reports the steps
-    it skips), e.g. to move a progress bar.
+    loss). progress(done, skipped=0), if given, hears of every step trained here (done) and of the steps this call
+    will not train (skipped: those before a resumed save, or after every model stopped), e.g. to keep a progress
+    bar's rate and ETA to the steps that take time.
     """
     identity = _identity(dict(locals()))  # first: locals() is then exactly the arguments
     dev = torch.device(device)
@@ -274,9 +275,9 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         raise ValueError(f"save_every needs a state_path and must be >= 0, got {save_every}")
     bf16 = precision == "bf16"
     state = mqar_state.load(state_path, identity) if state_path else None
-    progress = progress or (lambda n: None)
+    progress = progress or (lambda done, skipped=0: None)
     if state is not None and "results" in state:
-        progress(steps)
+        progress(0, steps)
         return [MQARResult(**r) for r in state["results"]]
     with _one_host_thread(dev.type == "cuda"):  # the batches are drawn on the host; see _one_host_thread
         members = [_member(s, seq_len, vocab_size, short_conv, seed, dev, bf16, mlp) for s in specs]
@@ -292,7 +293,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                   flush=True)
         t0 = time.perf_counter() - spent
         active = [m for m in members if m.stopped_at is None]
-        progress(start)
+        progress(0, start)
         done = start
         for step in range(start, steps):
             x, y = make_mqar(batch_size, seq_len, kv_pairs, vocab_size, seed=seed * SEED_STRIDE + step)
@@ -344,7 +345,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
             done = step + 1
             if not active:
                 break
-        progress(steps - done)  # the steps a group that solved the task early does not train
+        progress(0, steps - done)  # the steps of a group whose models all solved the task early
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
@@ -374,8 +375,8 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
     on_run(result) sees every trained model as its group finishes, so a grid stopped midway keeps what it had.
     state_dir: each group keeps its state there (train_group's state_path, one file per group), so running the same
     grid again continues unfinished groups and returns finished ones without training them.
-    progress(n): told of every n group-steps done (steps per group, each group of up to ``group`` models); with
-    jobs > 1 a group's steps are told when it finishes.
+    progress(done, skipped=0): as in ``train_group``, in group-steps (steps per group of up to ``group`` models);
+    with jobs > 1 a group's steps are told when it finishes.
     """
     groups = []
     specs = [dict(mixer=m, gate_bias_init=b, d_model=d, lr=lr)
@@ -392,7 +393,7 @@ def sweep(mixers, d_models, tasks, lrs, steps, batch_size=64, vocab_size=8192, d
         if g["state_path"]:
             mqar_state.load(g["state_path"], _identity(g))
     on_run = on_run or (lambda r: None)
-    progress = progress or (lambda n: None)
+    progress = progress or (lambda done, skipped=0: None)
     done = [None] * len(groups)  # kept in spec order, whatever order the workers finish in
     if jobs <= 1:
         for i, g in enumerate(groups):

@@ -194,8 +194,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-at", type=float, default=None,
                    help="stop training a model once its test accuracy reaches this (default 0.99, Zoology's, when "
                         "--eval-every > 0); its record keeps the step (stopped_at); the rest of its group trains on")
-    p.add_argument("--out", default=None,
-                   help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run)")
+    p.add_argument("--out", default=os.path.join("runs", "mqar"),
+                   help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run); "
+                        "default runs/mqar")
     p.add_argument("--save-every", type=int, default=0,
                    help="save each group's progress in OUT/state every N steps (OUT/state also keeps each finished "
                         "group's results), so --resume can continue a grid cut short")
@@ -209,13 +210,24 @@ def add_arguments(p) -> None:
 
 
 def _progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr over the grid's group-steps (its rate gives the ETA), or None without tqdm (an extra:
-    `pip install gla[train]`). Models that reach --stop-at early move it on by the steps they skip."""
+    """A tqdm bar on stderr over the grid's group-steps, or None without tqdm (an extra: `pip install gla[train]`).
+    Its ``advance(done, skipped)`` is sweep's progress: the steps a group skips (its models all reached --stop-at,
+    or a resumed grid's earlier steps) leave the total rather than count as done, so the rate and ETA are those of
+    the steps that train."""
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def advance(done: int, skipped: int = 0) -> None:
+        if skipped:
+            bar.total -= skipped
+            bar.refresh()
+        if done:
+            bar.update(done)
+    bar.advance = advance
+    return bar
 
 
 def _train_grid(args) -> tuple:
@@ -274,7 +286,7 @@ def _train_grid(args) -> tuple:
         runs = sweep(mixers, d_models, list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
                      args.log_every, args.precision, args.eval_every, stop_at, args.mlp, seeds, biases,
-                     state_dir, args.save_every, progress=bar.update if bar else None)
+                     state_dir, args.save_every, progress=bar.advance if bar else None)
     except ValueError as e:
         if not args.resume or "holds another MQAR group" not in str(e):
             raise
