@@ -122,3 +122,20 @@ def test_device_auto_is_the_gpu_when_there_is_one(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
         assert resolve_device("auto") == torch.device(kind)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_diverged_run_exits_3_with_one_line(run, tmp_path, capsys, monkeypatch):
+    """The issue's case (lr 50, no clipping) as the CLI reports it, with the divergence made immediate: every loss
+    from the third step on is infinite. Exit status 3, one line naming the remedy, no traceback."""
+    from gla.cli import main
+    from gla.training.trainer import Trainer
+    data, _ = run
+    real = Trainer._nll
+    monkeypatch.setattr(Trainer, "_nll", lambda self, b: real(self, b) * (float("inf") if self.step >= 2 else 1.0))
+    rc = main(["train", "--data", data, "--preset", "tiny", "--lr", "50", "--warmup", "1", "--grad-clip", "0",
+               "--steps", "60", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+               "--nonfinite-limit", "4", "--out", str(tmp_path / "div"), "--json"])
+    err = capsys.readouterr().err
+    final = [line for line in err.splitlines() if line.startswith("gla train: training diverged")]
+    assert rc == 3 and len(final) == 1 and "Traceback" not in err, err
+    assert "steps 3-6" in final[0] and "checkpoint of step 2" in final[0] and "Lower --lr (now 50)" in final[0]
