@@ -192,12 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_parser("ops", help="operator benchmark: gla bench ops --help")  # dispatched in main()
     b.add_parser("decode", help="decode latency and memory vs context: gla bench decode --help")
     b.add_parser("train", help="training step, eager vs torch.compile: gla bench train --help")
+    b.add_parser("nanogpt", help="nanoGPT's CPU recipe, nanoGPT vs gla train: gla bench nanogpt --help")
     return p
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] in (["bench", "ops"], ["bench", "decode"], ["bench", "train"]):  # their own parsers, --help included
+    if argv[:1] == ["bench"] and argv[1:2] in (["ops"], ["decode"], ["train"], ["nanogpt"]):  # their own parsers
         import importlib
         importlib.import_module(f"gla.bench.{argv[1]}").main(argv[2:])
         return 0
