@@ -139,12 +139,13 @@ def _scan(local, decay, carry, plan: _Plan, reverse: bool):
 class _Intra:
     """Factored intra-chunk blocks for one chunked input (see the module docstring), one row block at a time.
 
-    qs, k, g: [NC, H, BT, K] (qs = q * scale); b: [NC, H, BT, K] cumulative log decay.
-    Row block i (sub-chunk i) sees keys 0 .. (i+1)*BC - 1; its scores are qa[i] @ kf[i]^T.
+    qs, k, g: [NC, H, BT, K] (qs = q * scale); b: [NC, H, BT, K] cumulative log decay; bc: the sub-chunk length
+    (``sub_chunk``). Row block i (sub-chunk i) sees keys 0 .. (i+1)*bc - 1; its scores are qa[i] @ kf[i]^T.
     """
 
-    def __init__(self, qs, k, g, b):
+    def __init__(self, qs, k, g, b, bc: int = BC):
         NC, H, _, K = k.shape
+        self.bc = BC = bc
         NS = BT // BC
         bs = b.view(NC, H, NS, BC, K)
         r = torch.cat([bs.new_zeros(NC, H, 1, K), bs[:, :, :-1, -1]], 2)  # decay before each sub-chunk
@@ -178,7 +179,8 @@ class _Intra:
         return self.unsafe[0][sel], self.unsafe[1][sel], sel
 
     def scores(self, i):
-        """Causal scores of row block i (scale included): [NC, H, BC, (i+1)*BC]."""
+        """Causal scores of row block i (scale included): [NC, H, bc, (i+1)*bc]."""
+        BC = self.bc
         A = self.qa[:, :, i] @ self.kf[i].transpose(-1, -2)
         diag = A[:, :, :, i * BC:]
         diag.copy_(diag.tril())
@@ -189,6 +191,7 @@ class _Intra:
 
     def output(self, v):
         """Intra-chunk output Σ_{j<=t} A_tj v_j: v [NC, H, BT, V] -> [NC, H, BT, V]."""
+        BC = self.bc
         return torch.cat([self.scores(i) @ v[:, :, :(i + 1) * BC] for i in range(self.shape[2])], 2)
 
     def backward(self, do, v):
@@ -199,6 +202,7 @@ class _Intra:
         cancellation, which would otherwise dominate it when gates are strong.
         """
         NC, H, NS = self.shape
+        BC = self.bc
         dq = torch.empty_like(self.qa)
         dk = torch.zeros(NC, H, BT, self.qa.shape[-1], dtype=v.dtype, device=v.device)
         dv = torch.zeros_like(v)
@@ -222,6 +226,13 @@ class _Intra:
                 dq[c, h, i] += dq_u
                 dk[c, h, i * BC:(i + 1) * BC] += dk_u
         return dq.view(NC, H, BT, -1), dk, dv, w
+
+
+def sub_chunk(b) -> int:
+    """Sub-chunk length for the cumulative decays b [NC, H, BT, K]: the whole chunk (one factored block, a quarter
+    of the products and elementwise passes of 16-token sub-chunks) when no chunk decays by more than SAFE_SPAN, as
+    with ordinary gates; else BC. The same bound holds either way: key factors stay <= e^SAFE_SPAN."""
+    return BT if bool((b[:, :, -1] >= -SAFE_SPAN).all()) else BC
 
 
 def _gates(g):
@@ -249,7 +260,7 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan):
     final = _scan(h, decay, carry, plan, reverse=False)
     qs = qc * scale
     o = (qs * b.exp()) @ h
-    o += _Intra(qs, kc, gc, b).output(vc)
+    o += _Intra(qs, kc, gc, b, sub_chunk(b)).output(vc)
     return _unpack(o, plan, v.dtype), final, h
 
 
@@ -266,7 +277,7 @@ def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
     carry = dfinal.to(acc).clone() if dfinal is not None else vc.new_zeros(plan.N, *h.shape[1:])
     dh0 = _scan(dh, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving chunk c
     k_fac = (b[:, :, -1:] - b).exp_()
-    dqs, dk, dv, w = _Intra(qs, kc, gc, b).backward(doc, vc)
+    dqs, dk, dv, w = _Intra(qs, kc, gc, b, sub_chunk(b)).backward(doc, vc)
     dqs += (doc @ h.transpose(-1, -2)) * b.exp()
     dk_state = (vc @ dh.transpose(-1, -2)) * k_fac
     dv += (kc * k_fac) @ dh

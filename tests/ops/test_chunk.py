@@ -23,6 +23,20 @@ def test_chunk_matches_reference(B, T, H, K, V, normalizer, with_state):
     assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
 
 
+@pytest.mark.parametrize("chunk_decay", [29.5, 30.5])
+def test_whole_chunk_factoring_at_its_bound(chunk_decay):
+    """The strongest chunk decays by just under SAFE_SPAN (= 30: every chunk is one factored block, key factors
+    reach e^29.5) or just over it (16-token sub-chunks for all): both meet the fp32 tolerances."""
+    import torch.nn.functional as F
+    from gla.ops.chunk import sub_chunk
+    q, k, v, _, h0 = gla_inputs(2, 130, 2, 20, 24, state=True, seed=5)
+    g = -torch.rand(2, 130, 2, 20, generator=torch.Generator().manual_seed(6))
+    b = F.pad(g, (0, 0, 0, 0, 0, 62)).view(2, 3, 64, 2, 20).permute(0, 1, 3, 2, 4).reshape(6, 2, 64, 20).cumsum(2)
+    g = (g * (chunk_decay / -b[:, :, -1].min())).requires_grad_()
+    assert sub_chunk(b * (chunk_decay / -b[:, :, -1].min())) == (64 if chunk_decay < 30 else 16)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
+
+
 def test_chunk_custom_scale():
     q, k, v, g, h0 = gla_inputs(1, 70, 2, 12, 7, state=True)
     assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", scale=0.37))
