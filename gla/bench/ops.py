@@ -6,7 +6,10 @@ CUDA (``--device cuda``): ours vs FLA 0.6.0 chunk_gla vs SDPA causal at the mode
     gla bench ops --device cuda [--fla] [--first-call] [--stages] [--shape B,T,H,K,V ...] [--gates bf16,fp32]
         [--variant NAME=JSON ...] [--baseline DIR] [--out DIR]
 
-CPU times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss).
+CPU times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss). The floor
+row is the recurrence's arithmetic at the machine's fp32 matmul rate, measured in the same run on a 1024^3 product:
+4*K*V flops per token and head forward (the state update and the output read, 2*K*V each), three times that for
+forward+backward; each row's time is also given as a multiple of it.
 """
 from __future__ import annotations
 
@@ -65,11 +68,20 @@ def _sdpa_fns(B, T, H, K, V, device):
     return fwd, fwd_bwd
 
 
+def matmul_gflops(device="cpu", n: int = 1024, reps: int = 5) -> float:
+    """The fp32 matmul rate of this machine: median over ``reps`` of one n^3 product, GFLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / median_ms(lambda: a @ b, reps) / 1e6
+
+
 def run(B=1, T=4096, H=4, K=128, V=256, threads=2, reps=5, ref_reps=1, device="cpu"):
-    """Returns rows {name, fwd_ms, fwd_bwd_ms} for recurrent, chunk and SDPA at one shape."""
+    """Returns rows {name, fwd_ms, fwd_bwd_ms} for the matmul floor, recurrent, chunk and SDPA at one shape."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rows = []
+    rate = matmul_gflops(device)
+    floor = 4 * K * V * B * T * H / rate / 1e6  # ms
+    rows = [{"name": f"floor ({rate:.0f} GFLOP/s fp32 matmul)", "fwd_ms": floor, "fwd_bwd_ms": 3 * floor,
+             "gflops": rate}]
     for name, fns, n in (("recurrent (reference)", _gla_fns(B, T, H, K, V, "recurrent", device), ref_reps),
                          ("chunk", _gla_fns(B, T, H, K, V, "chunk", device), reps),
                          ("SDPA causal", _sdpa_fns(B, T, H, K, V, device), reps)):
@@ -78,13 +90,14 @@ def run(B=1, T=4096, H=4, K=128, V=256, threads=2, reps=5, ref_reps=1, device="c
 
 
 def format_table(rows, shape: str) -> str:
-    ref = rows[0]
+    floor, ref = rows[0], rows[1]
     lines = [f"GLA operator, {shape}", "",
-             "| op | fwd ms | fwd+bwd ms | fwd speed-up vs reference | fwd+bwd speed-up vs reference |",
-             "|---|---|---|---|---|"]
+             "| op | fwd ms | fwd+bwd ms | fwd speed-up vs reference | fwd+bwd speed-up vs reference | "
+             "fwd / floor | fwd+bwd / floor |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                     f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x | {ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x |")
+                     f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x | {ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x | "
+                     f"{r['fwd_ms'] / floor['fwd_ms']:.1f}x | {r['fwd_bwd_ms'] / floor['fwd_bwd_ms']:.1f}x |")
     return "\n".join(lines)
 
 
