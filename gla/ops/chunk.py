@@ -192,6 +192,8 @@ class _Intra:
     def output(self, v):
         """Intra-chunk output Σ_{j<=t} A_tj v_j: v [NC, H, BT, V] -> [NC, H, BT, V]."""
         BC = self.bc
+        if self.shape[2] == 1:  # one block: no concatenation (a copy of the whole output)
+            return self.scores(0) @ v
         return torch.cat([self.scores(i) @ v[:, :, :(i + 1) * BC] for i in range(self.shape[2])], 2)
 
     def backward(self, do, v):
