@@ -52,11 +52,12 @@ def recurrent_gla(q, k, v, g, scale: float, initial_state=None, output_final_sta
     B, T, H, K = q.shape
     V = v.shape[-1]
     acc = state_dtype(q.dtype)
-    if cu_seqlens is None:
-        bounds = [(b, 0, T) for b in range(B)]
-    else:
-        offs = cu_seqlens.tolist()
-        bounds = [(0, offs[n], offs[n + 1]) for n in range(len(offs) - 1)]
+    if cu_seqlens is None:  # equal lengths: every row steps at once (one pass per token, whatever B is)
+        h0 = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
+        o, final = _recurrent_one(q, k, v, g, scale, h0)
+        return o.to(v.dtype), (final if output_final_state else None)
+    offs = cu_seqlens.tolist()
+    bounds = [(0, offs[n], offs[n + 1]) for n in range(len(offs) - 1)]
     N = len(bounds)
     if initial_state is None:
         initial_state = q.new_zeros(N, H, K, V, dtype=acc)
@@ -67,6 +68,6 @@ def recurrent_gla(q, k, v, g, scale: float, initial_state=None, output_final_sta
                                   initial_state[n:n + 1].to(acc))
         outs.append(o_n)
         finals.append(s_n)
-    o = torch.cat(outs, 0 if cu_seqlens is None else 1).to(v.dtype)
+    o = torch.cat(outs, 1).to(v.dtype)
     final = torch.cat(finals, 0) if output_final_state else None
     return o, final
