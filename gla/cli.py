@@ -69,7 +69,8 @@ def _cmd_train(args) -> int:
     if summary is None or "plot" not in summary:  # ranks other than 0 print nothing
         return 0
     if as_json:
-        print(json.dumps(summary))
+        from gla.training.report import finite_or_null
+        print(json.dumps(finite_or_null(summary), allow_nan=False))
     else:
         print(f"\n--- sample ---\n{summary.get('sample', '')}\n--------------")
         print(f"step {summary['step']}: train loss {summary['loss']:.4f}, val loss {summary['val_loss']:.4f} "

@@ -8,12 +8,16 @@ import os
 METRICS, PLOT, SAMPLES = "metrics.jsonl", "loss.png", "samples.txt"
 
 
+def finite_or_null(record: dict) -> dict:
+    """The record with non-finite floats (a skipped step's loss or gradient norm) as None: NaN and Infinity are
+    not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 def append_metrics(run_dir: str, record: dict) -> None:
-    """One JSON line; a non-finite number (a skipped step's loss or gradient norm) is written as null, since NaN and
-    Infinity are not JSON."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    """One strict JSON line (``finite_or_null``)."""
     with open(os.path.join(run_dir, METRICS), "a") as f:
-        f.write(json.dumps(clean, allow_nan=False) + "\n")
+        f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
 
 def read_metrics(run_dir: str) -> list[dict]:

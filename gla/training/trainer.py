@@ -41,17 +41,20 @@ def resume_config(out: str, overrides: dict) -> TrainConfig:
                              f"(this run started from {before}, got {overrides['gate_bias_init']})")
     if saved.get("tokenizer") not in (None, "bytes"):
         saved["tokenizer"] = os.path.join(ckpt, saved["tokenizer"])
-    if "tokenizer" in overrides and not _same_tokenizer(overrides["tokenizer"], saved.get("tokenizer") or "bytes"):
+    if "tokenizer" in overrides and not _same_tokenizer(overrides["tokenizer"], saved.get("tokenizer")):
         raise ValueError(f"--tokenizer {overrides['tokenizer']!r}: the run in {out!r} was trained with another "
                          f"tokenizer ({saved.get('tokenizer') or 'bytes'}), which its embeddings are tied to; resume "
                          "without --tokenizer, or start a new run (another --out)")
     return TrainConfig.from_dict({**saved, **overrides, "out": out})
 
 
-def _same_tokenizer(a: str, b: str) -> bool:
-    """Whether two --tokenizer values name the same tokenizer: both 'bytes', or files with the same contents."""
+def _same_tokenizer(a: str | None, b: str | None) -> bool:
+    """Whether two --tokenizer values name the same tokenizer: both 'bytes' (or unset), or tokenizer.json files
+    (given directly or as the folder holding one) with the same contents."""
+    a, b = (x or "bytes" for x in (a, b))
     if "bytes" in (a, b):
         return a == b
+    a, b = (os.path.join(x, "tokenizer.json") if os.path.isdir(x) else x for x in (a, b))
     try:
         with open(a, "rb") as fa, open(b, "rb") as fb:
             return fa.read() == fb.read()
@@ -130,6 +133,7 @@ class Trainer:
         self.step, self.train_time, self.skipped = 0, 0.0, 0
         self.bad_run, self.last_finite = 0, None  # non-finite steps in a row; (step, loss) of the last finite one
         self.saved_step = None  # step of the checkpoint in cfg.out
+        self.first_step = 0  # the step this process started from (a resume's checkpoint)
         os.makedirs(cfg.out, exist_ok=True)
         if resume:
             self._restore()
@@ -151,7 +155,7 @@ class Trainer:
             _say(self.d, f"resuming on {self.d.world} processes from {len(rng['torch'])}: dropout RNG reseeded")
         if self.d.main:
             report.truncate_metrics(self.cfg.out, self.step)
-        self.saved_step = self.step
+        self.saved_step = self.first_step = self.step
         _say(self.d, f"resumed {self.cfg.out} at step {self.step}")
 
     def save(self):
@@ -214,13 +218,18 @@ class Trainer:
 
     def _diverged_message(self) -> str:
         cfg = self.cfg
-        last = (f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
-                if self.last_finite else "no step had a finite loss")
+        if self.last_finite:
+            last = f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+        else:  # not kept in checkpoints: a resumed run knows only its own steps
+            last = f"no finite step since step {self.first_step}"
         kept = (f"the checkpoint of step {self.saved_step} in {cfg.out} is intact" if self.saved_step is not None
                 else "no checkpoint was written")
+        why = (f"{cfg.nonfinite_limit} in a row, --nonfinite-limit" if self.bad_run >= cfg.nonfinite_limit
+               else "the run ended on them")
+        clip = (f" or clip gradients (--grad-clip 1.0, now {cfg.grad_clip:g})"
+                if cfg.grad_clip == 0 or cfg.grad_clip > 1 else "")
         return (f"training diverged: steps {self.step - self.bad_run + 1}-{self.step} had a non-finite loss or "
-                f"gradient norm ({cfg.nonfinite_limit} in a row, --nonfinite-limit); {last}; {kept}. "
-                f"Lower --lr (now {cfg.lr:g}) or clip gradients (--grad-clip 1.0, now {cfg.grad_clip:g}).")
+                f"gradient norm ({why}); {last}; {kept}. Lower --lr (now {cfg.lr:g}){clip}.")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -276,7 +285,8 @@ class Trainer:
                 if d.main:
                     report.append_metrics(cfg.out, {**last, "tok_per_s": round(rate, 1),
                                                     "time": round(self.train_time, 3)})
-            if self.bad_run >= cfg.nonfinite_limit:
+            # the limit reached, or the run's last step non-finite (its checkpoint would not be written)
+            if self.bad_run >= cfg.nonfinite_limit or (self.bad_run and self.step == cfg.steps):
                 bar.close()
                 raise Diverged(self._diverged_message())
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:

@@ -168,12 +168,34 @@ def test_divergence_stops_training_and_keeps_the_checkpoint(tmp_path, small_text
         train(cfg, progress=False)
     msg = str(err.value)
     assert "steps 5-7" in msg and "last finite loss" in msg and "at step 4" in msg, msg
-    assert "checkpoint of step 4" in msg and "--lr" in msg and "--grad-clip" in msg, msg
+    assert "checkpoint of step 4" in msg and "--lr" in msg, msg
+    assert ("--grad-clip 1.0, now 0" in msg) == (grad_clip == 0), msg  # clipping is the remedy only when off
     assert checkpoint.read_state(checkpoint.find(str(out)))["step"] == 4
     recs = _strict_json_lines(out / report.METRICS)
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 8))
     assert all(r["loss"] is None for r in recs if r.get("step", 0) >= 5 and "loss" in r)
     assert all(math.isfinite(r["loss"]) for r in recs if r.get("step", 0) <= 4 and "loss" in r)
+
+
+def test_a_run_ending_on_nonfinite_steps_is_reported(tmp_path, small_text, monkeypatch):
+    """Fewer non-finite steps than the limit, but the last step among them: no checkpoint could be written for the
+    end of the run, so it is reported as diverged too (not a success with an older checkpoint)."""
+    from gla.training.trainer import Diverged
+    real = Trainer._nll
+    monkeypatch.setattr(Trainer, "_nll", lambda self, b: real(self, b) * (float("nan") if self.step >= 2 else 1.0))
+    with pytest.raises(Diverged, match="steps 3-4 .*the run ended on them.*checkpoint of step 2"):
+        train(_cfg(tmp_path / "run", small_text, steps=4, eval_every=2), progress=False)
+
+
+def test_same_tokenizer_rules(tmp_path):
+    from gla.training.trainer import _same_tokenizer
+    from tests.data.test_data import _hf_tokenizer_file
+    (tmp_path / "a").mkdir()
+    tok = _hf_tokenizer_file(tmp_path / "a" / "tokenizer.json")
+    copy = tmp_path / "b.json"
+    copy.write_bytes(tok.read_bytes())
+    assert _same_tokenizer("", "bytes") and _same_tokenizer(None, "bytes") and not _same_tokenizer(str(tok), None)
+    assert _same_tokenizer(str(tmp_path / "a"), str(copy)) and _same_tokenizer(str(tok), str(copy))
 
 
 def test_nonfinite_limit_is_checked():
@@ -185,6 +207,9 @@ def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text, monke
     """--compile on (CPU, fp32): the loss curve of 30 steps equals eager's to 1e-3 relative, and a compiled run
     interrupted after its step-15 checkpoint and resumed (compiled again) continues it."""
     kw = dict(steps=30, eval_every=15, warmup=5)
+    for mode, compiled in (("on", True), ("off", False), ("auto", False)):  # auto: compiled on CUDA only
+        trainer = Trainer(_cfg(tmp_path / f"kind-{mode}", small_text, compile=mode, **kw), progress=False)
+        assert isinstance(trainer.forward, torch._dynamo.eval_frame.OptimizedModule) == compiled, mode
     train(_cfg(tmp_path / "eager", small_text, compile="off", **kw), progress=False)
     train(_cfg(tmp_path / "compiled", small_text, compile="on", **kw), progress=False)
     eager, compiled = (dict(_losses(tmp_path / run)[0]) for run in ("eager", "compiled"))
