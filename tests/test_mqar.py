@@ -120,7 +120,24 @@ def test_defaults_are_the_setting_that_learns_on_a_cpu():
     add_arguments(p)
     a = p.parse_args([])
     assert (a.mixers, a.d_model, a.seq_len, a.kv_pairs) == ("softmax,gla,retnet,linear", "64", "64", "4")
-    assert (a.steps, a.lrs, a.vocab_size, a.mlp, a.eval_every, a.stop_at) == (3000, "3e-3", 256, "none", 500, None)
+    assert (a.steps, a.lrs, a.vocab_size, a.mlp, a.eval_every, a.stop_at) == (3000, "3e-3", 256, "none", 500, "auto")
+
+
+def test_stop_at_values_and_the_default_out(monkeypatch, tmp_path, capsys):
+    """--stop-at auto is 0.99 only with evaluations; off trains every model to the end. Without --out a grid writes
+    to runs/mqar, once: an earlier grid's results there are not overwritten."""
+    import gla.eval.mqar_report as report
+    assert (report._stop_at("auto", 500), report._stop_at("auto", 0), report._stop_at("off", 500)) == (0.99, None, None)
+    assert report._stop_at("0.5", 10) == 0.5
+    with pytest.raises(SystemExit, match="--stop-at takes a number, auto or off"):
+        report._stop_at("most", 10)
+    flags = ["--mixers", "gla", "--d-model", "16", "--seq-len", "32", "--kv-pairs", "2", "--steps", "2",
+             "--vocab-size", "64", "--lrs", "1e-3", "--json"]
+    main(flags)
+    assert (tmp_path / "runs" / "mqar" / "mqar-runs.jsonl").is_file()  # cwd is tmp_path (_in_tmp)
+    monkeypatch.setattr(report, "sweep", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit, match="holds an earlier grid's results"):
+        main(flags)
 
 
 def test_one_host_thread_restores_the_pool():

@@ -103,8 +103,8 @@ def test_resume_a_grid_cut_short_from_its_out_directory(tmp_path, monkeypatch, c
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("flags, message", [(["--out", "", "--resume"], "keep their state in --out"),
-                                            (["--out", "", "--save-every", "2"], "keep their state in --out"),
+@pytest.mark.parametrize("flags, message", [(["--resume"], "keep their state in --out"),
+                                            (["--save-every", "2"], "keep their state in --out"),
                                             (["--save-every", "-1", "--out", "X"], "--save-every must be >= 0"),
                                             (["--resume", "--out", "X"], "> 0 with --resume")])
 def test_bad_resume_flags(flags, message, tmp_path, monkeypatch):

@@ -184,6 +184,17 @@ def _accuracy(model, x_te, y_te, kv_pairs: int, device, bf16: bool) -> float:
     return correct / len(x_te)
 
 
+def say(msg: str, file=None) -> None:
+    """A progress line (stderr by default) that does not break a tqdm bar drawn there (`gla eval mqar`'s)."""
+    file = file or sys.stderr
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(msg, file=file, flush=True)
+        return
+    tqdm.write(msg, file=file)
+
+
 def check_stopping(eval_every: int, stop_at: float | None) -> None:
     """Early stopping needs periodic evaluation and a target accuracy in [0, 1]."""
     if eval_every < 0 or (stop_at is not None and not (eval_every > 0 and 0.0 <= stop_at <= 1.0)):
@@ -289,8 +300,7 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
         task = f"mqar T={seq_len}, {kv_pairs} pairs" + (f", seed {seed}" if seed else "")  # heads the progress lines
         start, spent = mqar_state.restore(state, members, dev) if state is not None else (0, 0.0)
         if start:
-            print(f"{task}: resumed at step {start} from {state_path} ({spent:.1f} s before)", file=sys.stderr,
-                  flush=True)
+            say(f"{task}: resumed at step {start} from {state_path} ({spent:.1f} s before)")
         t0 = time.perf_counter() - spent
         active = [m for m in members if m.stopped_at is None]
         progress(0, start)
@@ -324,14 +334,13 @@ def train_group(specs, seq_len: int, kv_pairs: int, steps: int = 400, batch_size
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)  # the host may be steps ahead of the device
                 losses = " ".join(f"{m.loss.item():.3f}" + ("(stopped)" if m.stopped_at else "") for m in members)
-                print(f"{task}, {len(members)} models: step {step + 1}/{steps}, "
-                      f"{time.perf_counter() - t0:.1f} s, losses {losses}", file=sys.stderr, flush=True)
+                say(f"{task}, {len(members)} models: step {step + 1}/{steps}, "
+                    f"{time.perf_counter() - t0:.1f} s, losses {losses}")
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 accs = [_accuracy(m.model, x_te, y_te, kv_pairs, dev, bf16) for m in active]  # on main: after the steps
-                print(f"{task}: step {step + 1}, accuracy "
-                      + " ".join(f"{variant_slug(m.spec['mixer'], m.gate_bias_init)}/{m.spec['d_model']}/"
-                                 f"{m.spec['lr']:g}={a:.3f}" for m, a in zip(active, accs)),
-                      file=sys.stderr, flush=True)
+                say(f"{task}: step {step + 1}, accuracy "
+                    + " ".join(f"{variant_slug(m.spec['mixer'], m.gate_bias_init)}/{m.spec['d_model']}/"
+                               f"{m.spec['lr']:g}={a:.3f}" for m, a in zip(active, accs)))
                 if stop_at is not None:
                     for m, a in zip(active, accs):
                         if a >= stop_at:

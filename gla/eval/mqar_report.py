@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
+from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, say, sweep
+
+DEFAULT_OUT = os.path.join("runs", "mqar")
 from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases
 
 
@@ -191,12 +193,14 @@ def add_arguments(p) -> None:
     p.add_argument("--log-every", type=int, default=0, help="print each group's progress to stderr every N steps")
     p.add_argument("--eval-every", type=int, default=500,
                    help="print each model's held-out accuracy to stderr every N steps (needed by --stop-at; 0: never)")
-    p.add_argument("--stop-at", type=float, default=None,
-                   help="stop training a model once its test accuracy reaches this (default 0.99, Zoology's, when "
-                        "--eval-every > 0); its record keeps the step (stopped_at); the rest of its group trains on")
-    p.add_argument("--out", default=os.path.join("runs", "mqar"),
+    p.add_argument("--stop-at", default="auto",
+                   help="stop training a model once its test accuracy reaches this; its record keeps the step "
+                        "(stopped_at); the rest of its group trains on. auto: 0.99 (Zoology's) when --eval-every > 0; "
+                        "off: every model trains all --steps")
+    p.add_argument("--out", default=None,
                    help="directory for mqar.md, mqar.png, mqar.jsonl (best per cell) and mqar-runs.jsonl (every run); "
-                        "default runs/mqar")
+                        f"a grid trained without --out writes to {DEFAULT_OUT}, unless an earlier grid's results are "
+                        "there")
     p.add_argument("--save-every", type=int, default=0,
                    help="save each group's progress in OUT/state every N steps (OUT/state also keeps each finished "
                         "group's results), so --resume can continue a grid cut short")
@@ -207,6 +211,18 @@ def add_arguments(p) -> None:
                    help="print only one JSON record per (task, mixer, d_model): its best rate, mean accuracy and runs")
     p.add_argument("--from-runs", nargs="+", metavar="JSONL",
                    help="train nothing: tabulate and plot mqar-runs.jsonl files (a grid split over several calls)")
+
+
+def _stop_at(value: str, eval_every: int) -> float | None:
+    """--stop-at: a number, "off", or "auto" (0.99 when evaluations run)."""
+    if value == "auto":
+        return 0.99 if eval_every else None
+    if value == "off":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"gla eval mqar: --stop-at takes a number, auto or off, got {value!r}") from None
 
 
 def _progress_bar(total: int, desc: str):
@@ -246,7 +262,7 @@ def _train_grid(args) -> tuple:
     if min(args.group, args.jobs, args.steps) < 1:
         raise SystemExit(f"gla eval mqar: --group, --jobs and --steps must be >= 1, "
                          f"got {args.group}, {args.jobs} and {args.steps}")
-    stop_at = args.stop_at if args.stop_at is not None else (0.99 if args.eval_every else None)
+    stop_at = _stop_at(args.stop_at, args.eval_every)
     check_stopping(args.eval_every, stop_at)  # before any training, like the task settings
     lrs = _csv(args.lrs, float)
     seeds = _csv(args.seeds, int)
@@ -254,6 +270,11 @@ def _train_grid(args) -> tuple:
     biases = parse_gate_biases(args.gate_bias_init, "gla eval mqar")
     if (args.resume or args.save_every) and not args.out:
         raise SystemExit("gla eval mqar: --resume and --save-every keep their state in --out; give one")
+    if args.out is None:
+        if os.path.isfile(os.path.join(DEFAULT_OUT, "mqar-runs.jsonl")):
+            raise SystemExit(f"gla eval mqar: {DEFAULT_OUT} holds an earlier grid's results: give --out (--out "
+                             f"{DEFAULT_OUT} replaces them)")
+        args.out = DEFAULT_OUT
     if args.save_every < 0 or (args.resume and not args.save_every):
         raise SystemExit(f"gla eval mqar: --save-every must be >= 0, and > 0 with --resume (the saves go on), "
                          f"got {args.save_every}")
@@ -276,7 +297,7 @@ def _train_grid(args) -> tuple:
             runs_log.write(_record(r) + "\n")
             runs_log.flush()
         if not args.json:
-            print(f"  {_record(r)}", flush=True)
+            say(f"  {_record(r)}", sys.stdout)
 
     d_models = _csv(args.d_model, int)
     n_models = len(mixer_variants(mixers, biases)) * len(d_models) * len(lrs)

@@ -3,7 +3,9 @@
 The CPU interpreter runs kernels as NumPy code and skips the compiler's checks (types of loop-carried values,
 constexpr rules, layouts), so a kernel can pass the interpreter suite and still fail to compile on the GPU. Here each
 launcher is run on CPU tensors with ``wrap_triton`` replaced by a recorder, and every launch it would make (the same
-arguments, constexprs and launch options) is compiled down to a cubin with the ptxas shipped in the Triton wheel.
+arguments, constexprs and launch options, over CASES) is compiled down to a cubin with the ptxas shipped in the
+Triton wheel. Triton's launch-time specialisation of integer arguments (== 1, divisible by 16) is not applied, so
+the code compiled is that of the general case.
 Must run without TRITON_INTERPRET (then ``triton.jit`` gives interpreter functions). Prints one line per kernel.
 """
 from __future__ import annotations
@@ -13,11 +15,14 @@ import sys
 
 import torch
 
-CASES = [  # (dtype of q/k/v, dtype of g, varlen, initial state, K, V)
-    (torch.bfloat16, torch.float32, False, True, 128, 256),
-    (torch.bfloat16, torch.bfloat16, True, False, 64, 128),
-    (torch.float32, torch.float32, False, False, 60, 100),
-    (torch.float16, torch.float32, True, True, 256, 512),
+CASES = [  # (dtype of q/k/v, dtype of g, varlen, initial state, B, H, K, V): B, H and the head dims pick the state
+    # kernels' tiles (chunk_state._state_config), 16 x 64 (few programs) to 64 x 64 (many)
+    (torch.bfloat16, torch.float32, False, True, 2, 2, 128, 256),
+    (torch.bfloat16, torch.float32, False, False, 8, 4, 128, 128),
+    (torch.bfloat16, torch.float32, False, False, 8, 8, 128, 128),
+    (torch.bfloat16, torch.bfloat16, True, False, 2, 2, 64, 128),
+    (torch.float32, torch.float32, False, False, 2, 2, 60, 100),
+    (torch.float16, torch.float32, True, True, 2, 2, 256, 512),
 ]
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64"}
@@ -48,8 +53,8 @@ def record() -> list:
     rec = Recorder()
     for mod in (chunk_bwd, chunk_output, chunk_state, decode, gate):
         mod.wrap_triton = rec
-    B, T, H = 2, 150, 2
-    for dtype, g_dtype, varlen, h0, K, V in CASES:
+    T = 150
+    for dtype, g_dtype, varlen, h0, B, H, K, V in CASES:
         q, k = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(2))
         v, do = (torch.randn(B, T, H, V, dtype=dtype) for _ in range(2))
         g = torch.randn(B, T, H, K).to(g_dtype)
