@@ -5,8 +5,9 @@ nanoGPT's README trains a character-level GPT on tiny-shakespeare on a CPU with
     --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000
     --dropout=0.0
 (AdamW, lr 1e-3 with 100 warmup steps and cosine decay to 1e-4, beta2 0.99, the last 10% of the text as
-validation, evaluations every 250 steps). `gla train` runs the same sizes and schedule with a GLA model (d_ff 384:
-the SwiGLU MLP with nanoGPT's MLP parameter count). Both are separate processes started the same way; each row is
+validation, evaluations every 250 steps: with --steps not a multiple of 250 nanoGPT's last one comes before the
+end, gla's at it). `gla train` runs the same sizes and schedule with a GLA model (d_ff 384: a SwiGLU MLP with
+nanoGPT's MLP parameter count). Both are separate processes started the same way; each row is
 the wall time of the whole process (data preparation excluded) and its last validation loss in nats per character
 (nanoGPT: the mean of 20 random batches; gla: of 20 batches of fixed windows). nanoGPT is not a dependency: pass a
 checkout (git clone https://github.com/karpathy/nanoGPT); it is copied to a temporary directory and run there with
@@ -24,9 +25,10 @@ import sys
 import tempfile
 import time
 
-SIZES = dict(n_layers=4, n_heads=4, d_model=128, seq_len=64, batch_size=12)
-NANOGPT_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
-                 "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
+LAYERS, HEADS, WIDTH, CONTEXT, BATCH = 4, 4, 128, 64, 12  # the recipe's sizes, given to both runs
+NANOGPT_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", f"--block_size={CONTEXT}",
+                 f"--batch_size={BATCH}", f"--n_layer={LAYERS}", f"--n_head={HEADS}", f"--n_embd={WIDTH}",
+                 "--dropout=0.0"]
 VAL_LINE = re.compile(r"step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)")
 
 
@@ -60,10 +62,12 @@ def run_nanogpt(checkout: str, data: str, steps: int, work: str) -> dict:
 
 def run_gla(data: str, steps: int, work: str) -> dict:
     """`gla train` at the same sizes and schedule: {wall_s, val_loss, step}."""
-    flags = ["--data", data, "--n-layers", "4", "--n-heads", "4", "--d-model", "128", "--d-ff", "384", "--seq-len",
-             "64", "--batch-size", "12", "--steps", str(steps), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100",
-             "--dropout", "0", "--beta2", "0.99", "--eval-every", "250", "--eval-batches", "20", "--sample-tokens", "0",
-             "--device", "cpu", "--out", os.path.join(work, "gla"), "--json"]
+    # d_ff 3 * width: the SwiGLU MLP (three matrices) with the parameters of nanoGPT's 4 * width MLP (two)
+    flags = ["--data", data, "--n-layers", str(LAYERS), "--n-heads", str(HEADS), "--d-model", str(WIDTH),
+             "--d-ff", str(3 * WIDTH), "--seq-len", str(CONTEXT), "--batch-size", str(BATCH), "--steps", str(steps),
+             "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100", "--dropout", "0", "--beta2", "0.99",
+             "--eval-every", "250", "--eval-batches", "20", "--sample-tokens", "0", "--device", "cpu",
+             "--out", os.path.join(work, "gla"), "--json"]
     wall, out = _run([sys.executable, "-m", "gla.cli", "train", *flags], os.getcwd())
     summary = json.loads(out.strip().splitlines()[-1])
     return dict(run="gla train (GLA)", wall_s=wall, val_loss=summary["val_loss"], step=summary["step"])
@@ -89,7 +93,10 @@ def main(argv=None) -> int:
         p.error(f"need --steps >= 1 and an existing --data file, got {args.steps} and {args.data!r}")
     import torch
     with tempfile.TemporaryDirectory() as work:
-        rows = [run_nanogpt(args.nanogpt, args.data, args.steps, work), run_gla(args.data, args.steps, work)]
+        try:
+            rows = [run_nanogpt(args.nanogpt, args.data, args.steps, work), run_gla(args.data, args.steps, work)]
+        except (FileNotFoundError, RuntimeError) as e:  # a foreign checkout, a run that failed: its own message
+            p.exit(2, f"gla bench nanogpt: error: {e}\n")
     title = (f"nanoGPT's CPU recipe, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.json:

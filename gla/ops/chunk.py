@@ -7,10 +7,12 @@ cumulative log decay (b_t = sum of g_j for j <= t in the chunk), B = b_BT, and S
     S'  = diag(e^B) S + Σ_j (k_j ⊙ e^{B - b_j})^T v_j
 
 Numerical safety: every exponent stays <= 0 except in one guarded place. The intra-chunk matrix is built from
-sub-chunks of BC tokens (the paper's secondary-level chunking): the block of rows in sub-chunk i is a matmul of
+sub-chunks (the paper's secondary-level chunking): the block of rows in sub-chunk i is a matmul of
 q ⊙ e^{b - r_i} and k ⊙ e^{r_i - b}, with r_i the decay at the end of sub-chunk i-1, so off-diagonal factors are
 <= 1. On the diagonal block the key factor is e^{r_i - b_j} >= 1; it is used only when the sub-chunk's total decay
-is at most SAFE_SPAN (e^30 cannot overflow float32 even times |q||k|). Sub-chunks with stronger decay (gates like
+is at most SAFE_SPAN (e^30 cannot overflow float32 even times |q||k|). When no chunk of the call decays by more
+than SAFE_SPAN (ordinary gates), the sub-chunk is the whole chunk: one block, the fewest operations (``sub_chunk``);
+otherwise all chunks use sub-chunks of BC tokens. Sub-chunks with stronger decay (gates like
 logsigmoid(x)/0.1 reach hundreds) get their diagonal block in log space: e^{b_t - b_j} for j <= t, computed from
 float64 cumulative sums so that large b values do not cost precision in their differences.
 

@@ -14,9 +14,10 @@ BT = 64
 Triton kernels it is also a power of two that fills a 64-row tensor-core (MMA) tile."""
 
 BC = 16
-"""PyTorch path: sub-chunk length. Its chunk is factored in BT / BC row blocks of BC tokens (the GLA paper's
-secondary-level chunking, Yang et al. 2024, §4.3): r is the decay at the start of each sub-chunk, so only the
-BC x BC diagonal block has key factors above 1."""
+"""PyTorch path: sub-chunk length where some chunk decays by more than SAFE_SPAN. Its chunk is then factored in
+BT / BC row blocks of BC tokens (the GLA paper's secondary-level chunking, Yang et al. 2024, §4.3): r is the decay at
+the start of each sub-chunk, so only the BC x BC diagonal block has key factors above 1. When no chunk of a call
+decays by more than SAFE_SPAN, each whole chunk is one block (chunk.sub_chunk): the same bound, fewer operations."""
 
 SAFE_SPAN = 30.0
 """PyTorch path: the largest log decay over one 16-token sub-chunk (per chunk, head and sub-chunk, the largest over
@@ -26,6 +27,6 @@ even times |q||k|, and gates up to about 30 / 16 ≈ 1.9 nats of decay per token
 SAFE_DECAY = 60.0
 """Triton path: the largest log decay over a whole 64-token chunk (per chunk, head and K tile: min(gc) >= -60) for
 which its [BT, BT] block is one tensor-core product of (q * exp(gc)) and (k * exp(-gc)), gc counted from the chunk's
-start. The kernels factor whole chunks, not 16-token sub-chunks, so their bound covers four times as many tokens and
-is set higher than SAFE_SPAN: key factors up to exp(60) are still far inside the range of the operand dtypes, fp32
+start. The kernels decide per chunk and K tile and never fall back to sub-chunks (a chunk over the bound is computed
+in log space), so their bound is set higher than SAFE_SPAN: key factors up to exp(60) are still far inside the range of the operand dtypes, fp32
 and bf16 (~exp(88)), and gates up to about 60 / 64 ≈ 0.94 nats of decay per token take the tensor-core path."""

@@ -53,7 +53,8 @@ def recurrent_gla(q, k, v, g, scale: float, initial_state=None, output_final_sta
     V = v.shape[-1]
     acc = state_dtype(q.dtype)
     if cu_seqlens is None:  # equal lengths: every row steps at once (one pass per token, whatever B is)
-        h0 = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
+        # a copy: with T = 0 the final state is h0 itself, and the caller's initial state must not be returned
+        h0 = initial_state.to(acc, copy=True) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
         o, final = _recurrent_one(q, k, v, g, scale, h0)
         return o.to(v.dtype), (final if output_final_state else None)
     offs = cu_seqlens.tolist()

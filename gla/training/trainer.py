@@ -1,6 +1,6 @@
 """The training loop behind `gla train`: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast on GPU,
 non-finite steps skipped (a run of them stops training: Diverged), periodic validation, atomic checkpoints with exact
-resume, data parallelism.
+resume (bit-exact in eager mode; compiled kernels do not sum in a fixed order), data parallelism, torch.compile.
 
 Every optimizer step draws `batch_size` random windows of seq_len + 1 tokens from one data generator shared by all
 ranks (same seed, same draws); rank r of W takes its slice of each micro-step. The loss is the token-level mean over

@@ -46,9 +46,13 @@ def test_nanogpt_side_runs_the_recipe_in_a_copy(checkout, tmp_path):
     assert not (checkout / "argv.json").exists() and not (checkout / "data" / "shakespeare_char" / "input.txt").exists()
 
 
-def test_a_foreign_directory_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no train.py there"):
-        nanogpt.run_nanogpt(str(tmp_path), str(tmp_path / "x.txt"), 1, str(tmp_path))
+def test_a_foreign_directory_is_refused(tmp_path, capsys):
+    data = tmp_path / "x.txt"
+    data.write_text("abc")
+    with pytest.raises(SystemExit) as e:
+        nanogpt.main(["--nanogpt", str(tmp_path), "--data", str(data), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no train.py there" in err and "Traceback" not in err
 
 
 def test_whole_bench_prints_both_rows(checkout, tmp_path, capsys, monkeypatch):

@@ -105,6 +105,7 @@ def test_empty_time_axis():
     for backend in ("chunk", "recurrent"):
         o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
         assert o.shape == (1, 0, 2, 6) and torch.equal(s, h0)
+        assert s.data_ptr() != h0.data_ptr(), backend  # a new tensor: changing it must not change the caller's
 
 
 def test_recurrent_step_matches_sequence():
