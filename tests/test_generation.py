@@ -66,14 +66,14 @@ def test_sampling_filters():
 def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
     """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
     after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token."""
-    sizes, forward = [], m.forward
+    sizes, features = [], m.features
 
-    def recording(*args, **kwargs):
-        logits, state = forward(*args, **kwargs)
+    def recording(*args, **kwargs):  # every call: prefill calls features, a decode step forward (which calls it)
+        hidden, state = features(*args, **kwargs)
         sizes.append(state_bytes(state))
-        return logits, state
+        return hidden, state
 
-    monkeypatch.setattr(m, "forward", recording)
+    monkeypatch.setattr(m, "features", recording)
     gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4)
     assert len(sizes) == 3 + new_tokens
     return sizes
