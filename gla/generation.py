@@ -69,11 +69,11 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     was_training = model.training
     model.eval()
     try:
-        state, h = None, None
-        for s in range(0, ids.shape[1], prefill_chunk):
+        state, logits = None, None
+        for s in range(0, ids.shape[1], prefill_chunk):  # through forward (wrappers such as FSDP hook it)
             piece = slice(s, s + prefill_chunk)
-            h, state = model.features(ids[:, piece], state, attention_mask=None if mask is None else mask[:, piece])
-        logits = model.lm_head(h[:, -1:])  # the prompt's last position only: [B, T, vocab] logits were not needed
+            logits, state = model(ids[:, piece], state, attention_mask=None if mask is None else mask[:, piece],
+                                  logits_to_keep=1)  # only the prompt's last position is sampled from
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

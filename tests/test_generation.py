@@ -66,14 +66,14 @@ def test_sampling_filters():
 def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
     """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
     after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token."""
-    sizes, features = [], m.features
+    sizes, forward = [], m.forward
 
-    def recording(*args, **kwargs):  # every call: prefill calls features, a decode step forward (which calls it)
-        hidden, state = features(*args, **kwargs)
+    def recording(*args, **kwargs):
+        logits, state = forward(*args, **kwargs)
         sizes.append(state_bytes(state))
-        return hidden, state
+        return logits, state
 
-    monkeypatch.setattr(m, "features", recording)
+    monkeypatch.setattr(m, "forward", recording)
     gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4)
     assert len(sizes) == 3 + new_tokens
     return sizes
@@ -88,3 +88,16 @@ def test_gla_decoding_state_is_constant_in_the_generated_length(monkeypatch):
     # measured the same way, a hybrid's KV cache k, v [B=2, H=2, L, D=16] float32 grows by one token per step
     hybrid = decoding_state_bytes(model(attn_layers=(1,)), monkeypatch, 12)
     assert {b - a for a, b in zip(hybrid[2:], hybrid[3:])} == {2 * 2 * 2 * 16 * 4}
+
+
+def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
+    m = model(attn_layers=(1,)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full, s_full = m(ids)
+        last, s_last = m(ids, logits_to_keep=1)
+        three, _ = m(ids, logits_to_keep=3)
+    # the same rows up to the matmul's blocking (a 1-row product sums in another order than a 9-row one)
+    assert last.shape == (2, 1, full.shape[-1]) and torch.allclose(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    assert three.shape == (2, 3, full.shape[-1]) and torch.allclose(three, full[:, -3:], rtol=1e-5, atol=1e-6)
+    assert state_bytes(s_full) == state_bytes(s_last)

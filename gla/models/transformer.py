@@ -97,11 +97,13 @@ class GLATransformer(nn.Module):
             model.lm_head.weight = model.embeddings.weight
         return model
 
-    def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
-        """Logits and the new state; arguments as in ``features``. Returns (logits [B, T, vocab_size], ModelState).
-        """
+    def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None,
+                logits_to_keep: int = 0):
+        """Logits and the new state; arguments as in ``features``. logits_to_keep > 0: logits of the last that many
+        positions only (a prompt's prefill needs one; the head is the costliest matmul of a small model with a large
+        vocabulary). Returns (logits [B, T or logits_to_keep, vocab_size], ModelState)."""
         h, state = self.features(input_ids, state, cu_seqlens, attention_mask)
-        return self.lm_head(h), state
+        return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h), state
 
     def features(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
         """Final hidden states (after the last norm), for losses that need the LM head at a few positions only.
