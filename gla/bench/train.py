@@ -3,7 +3,7 @@ fused AdamW; bf16 autocast over fp32 weights on CUDA, as ``gla train`` does).
 
     gla bench train [--device cuda] [--preset gla-340m] [--batch 8] [--seq-len 2048] [--steps 10] [--out DIR]
 
-Per mode: the first step (compilation included), the median of the timed steps after two warm-up steps, tokens/s
+Per mode: the first step (compilation included), the median of the timed steps after three untimed ones, tokens/s
 and peak memory. The two modes start from the same weights and batches, and their losses are printed side by side.
 """
 from __future__ import annotations

@@ -17,7 +17,6 @@ import contextlib
 import inspect
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from gla.data import IGNORE_INDEX
 from gla.eval import mqar_state
+from gla.training.report import say
 from gla.eval.variants import mixer_variants, variant_slug
 from gla.layers.block import GATED_MIXERS
 from gla.models import GLATransformer
@@ -182,17 +182,6 @@ def _accuracy(model, x_te, y_te, kv_pairs: int, device, bf16: bool) -> float:
             correct += _loss_and_acc(model, x, y, kv_pairs, bf16)[1].item() * len(x)  # every row has kv_pairs queries
     model.train(training)
     return correct / len(x_te)
-
-
-def say(msg: str, file=None) -> None:
-    """A progress line (stderr by default) that does not break a tqdm bar drawn there (`gla eval mqar`'s)."""
-    file = file or sys.stderr
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        print(msg, file=file, flush=True)
-        return
-    tqdm.write(msg, file=file)
 
 
 def check_stopping(eval_every: int, stop_at: float | None) -> None:

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, say, sweep
+from gla.eval.mqar import MQARResult, check_seeds, check_stopping, make_mqar, sweep
+from gla.training.report import say
 
 DEFAULT_OUT = os.path.join("runs", "mqar")
 from gla.eval.variants import mixer_label, mixer_variants, parse_gate_biases
@@ -226,14 +227,14 @@ def _stop_at(value: str, eval_every: int) -> float | None:
 
 
 def _progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr over the grid's group-steps, or None without tqdm (an extra: `pip install gla[train]`).
-    Its ``advance(done, skipped)`` is sweep's progress: the steps a group skips (its models all reached --stop-at,
+    """(bar, advance): a tqdm bar on stderr over the grid's group-steps and sweep's progress callback for it, or
+    (None, None) without tqdm (an extra: `pip install gla[train]`). advance(done, skipped): the steps a group skips (its models all reached --stop-at,
     or a resumed grid's earlier steps) leave the total rather than count as done, so the rate and ETA are those of
     the steps that train."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return None
+        return None, None
     bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def advance(done: int, skipped: int = 0) -> None:
@@ -242,8 +243,7 @@ def _progress_bar(total: int, desc: str):
             bar.refresh()
         if done:
             bar.update(done)
-    bar.advance = advance
-    return bar
+    return bar, advance
 
 
 def _train_grid(args) -> tuple:
@@ -302,12 +302,12 @@ def _train_grid(args) -> tuple:
     d_models = _csv(args.d_model, int)
     n_models = len(mixer_variants(mixers, biases)) * len(d_models) * len(lrs)
     n_groups = -(-n_models // args.group) * len(seq_lens) * len(seeds)
-    bar = _progress_bar(n_groups * args.steps, f"{n_models * len(seq_lens) * len(seeds)} models")
+    bar, advance = _progress_bar(n_groups * args.steps, f"{n_models * len(seq_lens) * len(seeds)} models")
     try:
         runs = sweep(mixers, d_models, list(zip(seq_lens, kv_pairs)), lrs, args.steps, args.batch_size,
                      args.vocab_size, args.device, args.short_conv, args.jobs, args.group, on_run,
                      args.log_every, args.precision, args.eval_every, stop_at, args.mlp, seeds, biases,
-                     state_dir, args.save_every, progress=bar.advance if bar else None)
+                     state_dir, args.save_every, progress=advance)
     except ValueError as e:
         if not args.resume or "holds another MQAR group" not in str(e):
             raise

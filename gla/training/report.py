@@ -1,11 +1,24 @@
-"""Run outputs: metrics.jsonl (one JSON record per line), the loss-curve PNG, samples.txt."""
+"""Run outputs: metrics.jsonl (one JSON record per line), the loss-curve PNG, samples.txt; progress lines."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 
 METRICS, PLOT, SAMPLES = "metrics.jsonl", "loss.png", "samples.txt"
+
+
+def say(msg: str, file=None) -> None:
+    """A progress line (stderr by default) that does not break a tqdm bar drawn there (gla train's, gla eval
+    mqar's); a plain print where tqdm is not installed."""
+    file = file or sys.stderr
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(msg, file=file, flush=True)
+        return
+    tqdm.write(msg, file=file)
 
 
 def finite_or_null(record: dict) -> dict:

@@ -83,8 +83,7 @@ def _param_groups(model, weight_decay: float):
 
 def _say(d, msg: str):
     if d.main:
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stderr)
+        report.say(msg)
 
 
 class Trainer:
