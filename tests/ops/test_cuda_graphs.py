@@ -11,7 +11,7 @@ if os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available():  # be
     pytest.skip("CUDA graphs: GLA_TEST_GPU=1 on a CUDA machine", allow_module_level=True)
 
 from gla import GLATransformer  # noqa: E402
-from gla.models.state import _map  # noqa: E402
+from gla.models.state import map_tensors  # noqa: E402
 from gla.ops import gated_linear_attention  # noqa: E402
 from gla.ops.triton import triton_recurrent_step  # noqa: E402
 from tests.utils import gla_inputs, rel_err  # noqa: E402
@@ -95,7 +95,7 @@ def test_model_decode_step():
     model = GLATransformer(101, 64, 2, 128, 2, dropout=0.0).cuda().eval()
     with torch.no_grad():
         _, state = model(torch.randint(0, 101, (3, 20), device="cuda"))
-        ref_state = _map(torch.clone, state)
+        ref_state = map_tensors(torch.clone, state)
         tok = torch.randint(0, 101, (3, 1), device="cuda")
         graph, (logits, new_state) = _capture(lambda: model(tok, state))
         for _ in range(3):
@@ -109,5 +109,5 @@ def test_model_decode_step():
 
 def _tensors(state):
     out = []
-    _map(lambda t: out.append(t), state)
+    map_tensors(lambda t: out.append(t), state)
     return out

@@ -55,8 +55,8 @@ def test_triton_ops(case, dtype):
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     x = [t.detach() for t in (q, k, v, g, A, hs)]
     opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True))
-    s = torch.randn(3, 2, 16, 24, device="cuda")
-    step = [t[:3, 0].detach().contiguous() for t in (q, k, v, g)]
+    step = [t[:, 0].detach().contiguous() for t in (q, k, v, g)]  # one token per row: [B, H, *]
+    s = torch.randn(*step[0].shape[:2], 16, 24, device="cuda")
     opcheck(recurrent_step_op, (*step, s, 0.25))
     opcheck(recurrent_step_inplace_op, (*step, s.clone(), 0.25))
 

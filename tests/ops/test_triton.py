@@ -25,9 +25,12 @@ if not GPU:
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from gla.ops import gated_linear_attention, recurrent_step  # noqa: E402
 from gla.ops.triton import triton_recurrent_step  # noqa: E402
+from gla.ops.triton.utils import dot16, to_dot  # noqa: E402
 from tests.utils import assert_autocast_exact, compare_to_reference, gla_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if GPU else "cpu"
@@ -248,3 +251,24 @@ def test_backward_with_the_empty_final_state_placeholder():
     without = torch.autograd.grad(o, (q, k, v, g), do)
     for a, b in zip(with_empty, without):
         assert torch.equal(a, b)
+
+
+
+@triton.jit
+def _round_kernel(x, y, N: tl.constexpr, DOT16: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y + o, to_dot(tl.load(x + o), DOT16))
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's emulation of bf16 operands; the GPU rounds in hardware")
+def test_interpreter_rounds_operands_as_the_gpu_does():
+    """Under the interpreter, 16-bit inputs multiply fp32 operands holding their bf16 rounding (DOT16 = 2), so the
+    suite sees the GPU's precision (the interpreter's own fp32 -> bf16 cast truncates instead of rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-30, 30, (4000,), generator=gen),
+                   torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.0e38]),
+                   torch.randn(90, generator=gen)])
+    y = torch.empty_like(x)
+    assert dot16(torch.bfloat16) == 2 and dot16(torch.float16) == 2 and dot16(torch.float32) == 0
+    _round_kernel[(1,)](x, y, N=4096, DOT16=dot16(torch.bfloat16))
+    assert torch.equal(y, x.bfloat16().float())

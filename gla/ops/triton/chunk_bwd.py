@@ -7,11 +7,17 @@ S / S' the states entering / leaving it, dS' the gradient of S', dA = scale * do
     dq = scale * (do @ S^T) * exp(gc)        + sum_{j<=i} dA_ij k_j exp(gc_i - gc_j)
     dk = (v @ dS'^T) * exp(gl - gc)          + sum_{i>=j} dA_ij q_i exp(gc_i - gc_j)
     dg = reverse cumsum over the chunk of (q * dq - k * dk) + sum_v S' * dS'
+       = reverse cumsum over the chunk of (q * dq - k * dk) + exp(gl) * sum_v S * dS' + sum_t k * dk_inter
 
-The last term is the gate gradient contributed by all later tokens: perturbing g at the first token of the next
-chunk by eps scales S' by exp(eps), so the suffix sum of (q dq - k dk) beyond this chunk equals sum_v S' * dS' (for
-the last chunk S' is the final state and dS' its incoming gradient: the final-state term of DESIGN.md). So dg needs
-no pass over the whole sequence. The intra-chunk sums use the same safe / log-space split as the forward.
+sum_v S' * dS' is the gate gradient contributed by all later tokens: perturbing g at the first token of the next
+chunk by eps scales S' by exp(eps), so the suffix sum of (q dq - k dk) beyond this chunk equals it (for the last
+chunk S' is the final state and dS' its incoming gradient: the final-state term of DESIGN.md). So dg needs no pass
+over the whole sequence. The second line splits S' = exp(gl) S + sum_t (k_t exp(gl - gc_t))^T v_t: the chunk's own
+part, summed against dS', is sum_t k_t * dk_inter_t, which the reverse cumsum subtracts again. Under strong gates
+that part is nearly all of both terms, so it must cancel exactly: computed from dk_inter itself (the same rounded
+dS' as the product) it does, where sum_v S' * dS' from a separately rounded S' left errors of 4e-2 in dg. It also
+means S' is never read here (one state read fewer) and states can be kept in bf16. The intra-chunk sums use the
+same safe / log-space split as the forward.
 """
 from __future__ import annotations
 
@@ -105,13 +111,12 @@ def chunk_dqkg_bwd_kernel(q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, cu_seqlen
         o_ht, m_ht = tile(0, i_v * BV, V_ok, i_k * BK, K, 1, V, BV, BK)
         b_v = to_dot(tl.load(p_v, mask=m_v, other=0.), DOT16)
         b_do = to_dot(tl.load(p_do, mask=m_v, other=0.), DOT16)
-        b_ht = tl.load(p_h + o_ht, mask=m_ht, other=0.)
-        b_hnt = tl.load(p_h + H * K * V + o_ht, mask=m_ht, other=0.)
-        b_dht = tl.load(p_dh + o_ht, mask=m_ht, other=0.)
+        b_ht = to_dot(tl.load(p_h + o_ht, mask=m_ht, other=0.), DOT16)
+        b_dht = to_dot(tl.load(p_dh + o_ht, mask=m_ht, other=0.), DOT16)
         b_dA += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
-        b_dq += tl.dot(b_do, to_dot(b_ht, DOT16), input_precision="ieee")
-        b_dk += tl.dot(b_v, to_dot(b_dht, DOT16), input_precision="ieee")
-        b_dgl += tl.sum(b_hnt * b_dht, 0)
+        b_dq += tl.dot(b_do, b_ht, input_precision="ieee")
+        b_dk += tl.dot(b_v, b_dht, input_precision="ieee")
+        b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
     # q, k, gc are loaded only now: keeping them live through the V loop costs registers
     o_k = (bos * H + i_h) * K
     p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
@@ -124,6 +129,7 @@ def chunk_dqkg_bwd_kernel(q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, cu_seqlen
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], (b_dA * scale).to(tl.float32), 0.)
     b_dq = (b_dq * scale).to(tl.float32) * tl.exp(b_gc)
     b_dk = b_dk * tl.exp(b_gl[None, :] - b_gc)
+    b_dgl = b_dgl * tl.exp(b_gl) + tl.sum(b_k * b_dk, 0)  # exp(gl) sum_v S * dS' + sum_t k * dk_inter
     if tl.min(b_gc) >= -SAFE:
         b_eg = tl.exp(b_gc)
         b_qg = to_dot(b_q * b_eg, DOT16)

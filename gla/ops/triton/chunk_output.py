@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, score_dtype, tile, to_dot
+from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, kept_dtype, tile, to_dot
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def chunk_output_fwd_kernel(q, k, v, gc, hs, o, A, scale, cu_seqlens, chunk_indi
     if STORE_A:
         if i_v == 0:
             p_A, m_A = tile(A + (bos * H + i_h) * BT, t0, L, 0, BT, H * BT, 1, BT, BT)
-            tl.store(p_A, b_A.to(A.dtype.element_ty), mask=m_A)
+            tl.store(p_A, to_dot(b_A, DOT16).to(A.dtype.element_ty), mask=m_A)
 
 
 def chunk_output_fwd(q, k, v, gc, hs, scale: float, meta: ChunkMeta, store_A: bool):
@@ -89,7 +89,7 @@ def chunk_output_fwd(q, k, v, gc, hs, scale: float, meta: ChunkMeta, store_A: bo
     B, T, H, K = q.shape
     V = v.shape[3]
     o = v.new_empty(B, T, H, V)
-    A = q.new_empty(B, T, H, BT, dtype=score_dtype(q.dtype)) if store_A else None
+    A = q.new_empty(B, T, H, BT, dtype=kept_dtype(q.dtype)) if store_A else None
     c = config("output", K, V)
     grid = (meta.NC * cdiv(V, c["BV"]), H)
     wrap_triton(chunk_output_fwd_kernel)[grid](

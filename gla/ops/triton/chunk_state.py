@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .utils import BT, ChunkMeta, cdiv, config, dot16, last_row, seq_bounds, tile, to_dot
+from .utils import BT, ChunkMeta, cdiv, config, dot16, kept_dtype, last_row, seq_bounds, tile, to_dot
 
 
 @triton.jit
@@ -54,14 +54,14 @@ def chunk_state_fwd_kernel(k, v, gc, h0, hs, ht, cu_seqlens, chunk_offsets, T,
     # this chunk's math: their memory latency overlaps it (past the end they are masked to zeros, unused).
     b_kn, b_gn, b_vn = load_chunk(k, gc, v, o_k, o_v, 0, L, i_k, i_v, H, K, V, BT, BK, BV)
     for i_t in range(0, NT):
-        tl.store(hs + (boh + i_t) * H * K * V + p_s, b_h.to(hs.dtype.element_ty), mask=m_s)
+        tl.store(hs + (boh + i_t) * H * K * V + p_s, to_dot(b_h, DOT16).to(hs.dtype.element_ty), mask=m_s)
         b_k, b_gc, b_v = b_kn, b_gn, b_vn
         t1 = (i_t + 1) * BT
         b_kn, b_gn, b_vn = load_chunk(k, gc, v, o_k, o_v, t1, L, i_k, i_v, H, K, V, BT, BK, BV)
         b_gl = last_row(gc + o_k, tl.minimum(t1, L), i_k * BK, K, H * K, BK)
         b_kd = to_dot(b_k * tl.exp(b_gl[None, :] - b_gc), DOT16)
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), to_dot(b_v, DOT16), input_precision="ieee")
-    tl.store(hs + (boh + NT) * H * K * V + p_s, b_h.to(hs.dtype.element_ty), mask=m_s)
+    tl.store(hs + (boh + NT) * H * K * V + p_s, to_dot(b_h, DOT16).to(hs.dtype.element_ty), mask=m_s)
     if STORE_HT:
         tl.store(ht + i_n.to(tl.int64) * H * K * V + p_s, b_h, mask=m_s)
 
@@ -90,7 +90,7 @@ def chunk_state_bwd_kernel(q, gc, do, dht, dh0, dhs, scale, cu_seqlens, chunk_of
     b_qn, b_gn, b_don = load_chunk(q, gc, do, o_k, o_v, t_last, L, i_k, i_v, H, K, V, BT, BK, BV)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
-        tl.store(dhs + (boc + i_t) * H * K * V + p_s, b_dh.to(dhs.dtype.element_ty), mask=m_s)
+        tl.store(dhs + (boc + i_t) * H * K * V + p_s, to_dot(b_dh, DOT16).to(dhs.dtype.element_ty), mask=m_s)
         b_q, b_gc, b_do = b_qn, b_gn, b_don
         b_gl = last_row(gc + o_k, tl.minimum((i_t + 1) * BT, L), i_k * BK, K, H * K, BK)
         t0 = tl.maximum(i_t - 1, 0) * BT
@@ -118,7 +118,10 @@ def chunk_state_fwd(k, v, gc, h0, meta: ChunkMeta, output_final_state: bool):
     """k: [B, T, H, K]; gc: [B, T, H, K] fp32 (gate.chunk_cumsum); v: [B, T, H, V]; h0: [N, H, K, V] fp32 or None.
     Returns hs [slots, H, K, V] (state entering each chunk, then each final state) and ht [N, H, K, V] or None."""
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    hs = k.new_empty(meta.n_slots, H, K, V, dtype=torch.float32)
+    # packed batches have spare slots (the chunk count is a bound), never written: zeros, so that this output of the
+    # operator is deterministic (opcheck compares it across runs)
+    alloc = k.new_zeros if meta.varlen else k.new_empty
+    hs = alloc(meta.n_slots, H, K, V, dtype=kept_dtype(k.dtype))
     ht = k.new_empty(meta.N, H, K, V, dtype=torch.float32) if output_final_state else None
     c = _state_config(meta.N, H, K, V)
     grid = (meta.N * H, cdiv(K, c["BK"]), cdiv(V, c["BV"]))
@@ -132,7 +135,7 @@ def chunk_state_fwd(k, v, gc, h0, meta: ChunkMeta, output_final_state: bool):
 def chunk_state_bwd(q, gc, do, dht, scale: float, meta: ChunkMeta, need_dh0: bool):
     """Returns dhs [NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V] fp32 or None."""
     H, K, V = q.shape[2], q.shape[3], do.shape[3]
-    dhs = q.new_empty(meta.NC, H, K, V, dtype=torch.float32)
+    dhs = q.new_empty(meta.NC, H, K, V, dtype=kept_dtype(q.dtype))
     dh0 = q.new_empty(meta.N, H, K, V, dtype=torch.float32) if need_dh0 else None
     c = _state_config(meta.N, H, K, V)
     grid = (meta.N * H, cdiv(K, c["BK"]), cdiv(V, c["BV"]))

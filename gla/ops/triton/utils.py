@@ -38,9 +38,14 @@ def tile(base, r0, n_r, c0, n_c, s_r, s_c, BR: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def to_dot(x, DOT16: tl.constexpr):
-    """Operand of a tensor-core product: bf16 when DOT16 (16-bit inputs), else fp32 (see ``dot16``)."""
-    if DOT16:
+    """Operand of a tensor-core product (see ``dot16``): DOT16 = 1: bf16; 0: fp32; 2: fp32 holding the bf16 value
+    (round to nearest even on the bits: the interpreter's own cast truncates), so that the interpreter's fp32
+    products see the GPU's operand rounding."""
+    if DOT16 == 1:
         y = x.to(tl.bfloat16)
+    elif DOT16 == 2:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        y = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
         y = x.to(tl.float32)
     return y
@@ -129,19 +134,22 @@ def chunk_meta(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkMeta:
     return ChunkMeta(N, 0, NC, cu.to(torch.int32), chunk_indices, offs.to(torch.int32))
 
 
-def dot16(dtype: torch.dtype) -> bool:
-    """Whether the tensor-core products take bf16 operands: yes for 16-bit inputs (fp16's range cannot hold the
-    rescaled operands exp(±60)); fp32 inputs multiply in full fp32 (input_precision="ieee"). The CPU interpreter
-    cannot multiply bf16 blocks (it stores them as raw uint16), so there every product runs in fp32."""
-    return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
+def dot16(dtype: torch.dtype) -> int:
+    """How the tensor-core products take their operands (``to_dot``'s DOT16): 1, bf16, for 16-bit inputs (fp16's
+    range cannot hold the rescaled operands exp(±60)); 0, full fp32 (input_precision="ieee"), for fp32 inputs. The CPU
+    interpreter cannot multiply bf16 blocks (it stores them as raw uint16): there 16-bit inputs get 2, fp32 products
+    of operands rounded to bf16 as the GPU rounds them, so the interpreter suite sees the GPU's precision."""
+    if dtype == torch.float32:
+        return 0
+    return 2 if os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the intra-chunk scores A kept from the forward for dv: bf16 for bf16 inputs (dv = A^T do is a bf16
-    product anyway), fp32 otherwise. The per-chunk states are always fp32: with bf16 states the gate gradient, a sum of
-    nearly cancelling terms under strong gates, lost an order of magnitude (rel. error 4e-2 vs 4e-3); measured cost of
-    fp32 states on the H200: 2-4% of fwd+bwd (benchmarks/NOTES.md)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+def kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of what one stage writes for the products of later ones (the intra-chunk scores A, the per-chunk states
+    hs and their gradients dhs) for inputs of ``dtype``: bf16 for 16-bit inputs, whose products round every operand
+    to bf16 anyway (stored rounded = read and rounded: the same values, half the bytes), fp32 otherwise. The gate
+    gradient reads the states outside products too; chunk_bwd.py says why bf16 states keep it accurate."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 def cdiv(a: int, b: int) -> int:
