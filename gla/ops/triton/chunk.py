@@ -5,8 +5,8 @@ forward  ``gla::chunk_fwd_triton``: chunk_cumsum (gc) -> chunk_state_fwd (states
 backward ``gla::chunk_bwd_triton``: chunk_cumsum -> chunk_state_bwd (gradients of the states leaving each chunk, dh0)
          -> chunk_bwd (dv; dq, dk, dg)
 Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
-a value back to the host, so they can be captured in CUDA graphs. The per-chunk states (fp32) and intra-chunk scores
-(bf16 for bf16 inputs) are kept from the forward; gc is recomputed in the backward (one cheap pass, where keeping it
+a value back to the host, so they can be captured in CUDA graphs. The per-chunk states and intra-chunk scores are kept
+from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype); gc is recomputed in the backward (one cheap pass, where keeping it
 would hold 4 bytes per gate value for the whole step).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  store_A: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None. Operators cannot return None, so an absent
     output is an empty tensor. Returns o [B, T, H, V], ht [N, H, K, V] fp32 (empty unless output_final_state),
-    A [B, T, H, BT] (empty unless store_A) and hs [slots, H, K, V] fp32 (the per-chunk states, for the backward)."""
+    A [B, T, H, BT] (empty unless store_A) and hs [slots, H, K, V] (the per-chunk states, for the backward)."""
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
