@@ -39,7 +39,7 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
 
     def step(ids):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits, _ = forward(ids[:, :-1])
+            logits, _ = forward(ids[:, :-1], use_cache=False)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         opt.step()

@@ -98,7 +98,7 @@ def _loss_and_acc(model, x, y, kv_pairs: int, bf16: bool = False):
     would make the host wait for the GPU (and could not be captured in a CUDA graph). bf16: the model runs under
     bf16 autocast, without its cache of cast weights (a captured graph would replay stale casts)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-        h, _ = model.features(x)
+        h, _ = model.features(x, use_cache=False)
         idx = (y != IGNORE_INDEX).to(torch.float32).topk(kv_pairs, dim=1).indices  # [B, kv_pairs]
         target = y.gather(1, idx)
         logits = model.lm_head(h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))  # [B, kv_pairs, vocab]

@@ -111,11 +111,12 @@ class GatedLinearAttention(nn.Module):
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, state: GLAState | None = None, cu_seqlens=None, attention_mask=None, seq_info=None):
+    def forward(self, x, state: GLAState | None = None, cu_seqlens=None, attention_mask=None, seq_info=None,
+                use_cache: bool = True):
         """x: [B, T, d_model]; state: GLAState or None; cu_seqlens: [N+1] packed documents (B == 1);
         attention_mask: [B, T] 1 for tokens, 0 for padding (padding neither decays nor writes the state);
         seq_info: (seq_start [T], seq_last [N]) for packed input, computed once per model call.
-        Returns (y [B, T, d_model], GLAState).
+        Returns (y [B, T, d_model], GLAState, or None when use_cache is False).
         """
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.num_kv_heads
@@ -128,6 +129,7 @@ class GatedLinearAttention(nn.Module):
         conv_state = None
         if self.convs is not None:
             start, last = seq_info if seq_info is not None else (None, None)
+            last = last if use_cache else None  # per-document caches are gathered only when asked for
             caches = state.conv if state is not None and state.conv is not None else (None,) * 3
             outs = [conv(t, c, start, last) for conv, t, c in zip(self.convs, (q, k, v), caches)]
             (q, cq), (k, ck), (v, cv) = outs
@@ -151,10 +153,10 @@ class GatedLinearAttention(nn.Module):
         # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
         # construction, so the operator skips its value checks (each would stall the GPU once per layer, and a NaN
         # from upstream should reach the trainer's non-finite-loss guard, not raise here).
-        o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=True,
+        o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=use_cache,
                                       cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
         o = self.g_norm(o)
         if self.output_gate is not None:
             o = o * OUTPUT_GATES[self.output_gate](self.g_proj(x)).view(B, T, H, self.head_v)
         y = self.dropout(self.o_proj(o.reshape(B, T, H * self.head_v)))
-        return y, GLAState(s, conv_state)
+        return y, (GLAState(s, conv_state) if use_cache else None)

@@ -250,7 +250,7 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
             if bool(mask.all()):
                 mask = None  # no padding here: take the unmasked (faster) path
         state = cache.state if cache is not None else None
-        h, new_state = self.model.features(input_ids, state, attention_mask=mask)
+        h, new_state = self.model.features(input_ids, state, attention_mask=mask, use_cache=use_cache)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:

@@ -98,20 +98,22 @@ class GLATransformer(nn.Module):
         return model
 
     def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, use_cache: bool = True):
         """Logits and the new state; arguments as in ``features``. logits_to_keep > 0: logits of the last that many
         positions only (a prompt's prefill needs one; the head is the costliest matmul of a small model with a large
-        vocabulary). Returns (logits [B, T or logits_to_keep, vocab_size], ModelState)."""
-        h, state = self.features(input_ids, state, cu_seqlens, attention_mask)
+        vocabulary). Returns (logits [B, T or logits_to_keep, vocab_size], ModelState or None)."""
+        h, state = self.features(input_ids, state, cu_seqlens, attention_mask, use_cache)
         return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h), state
 
-    def features(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None):
+    def features(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None,
+                 use_cache: bool = True):
         """Final hidden states (after the last norm), for losses that need the LM head at a few positions only.
 
         input_ids: [B, T] long; state: ModelState from an earlier call (continues those sequences);
         cu_seqlens: [N+1] offsets of packed documents (B == 1; states reset at each boundary, the returned GLA
         states are per document [N, ...]); attention_mask: [B, T] 1 for tokens, 0 for padding (e.g. left-padded
-        prompts). Returns (hidden [B, T, d_model], ModelState).
+        prompts); use_cache=False: no new state is built (training and scoring: the GLA layers then skip their final
+        states and per-document convolution caches). Returns (hidden [B, T, d_model], ModelState or None).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -129,7 +131,7 @@ class GLATransformer(nn.Module):
             if state is not None and has_softmax:
                 raise ValueError("a hybrid model cannot continue a state with packed documents (cu_seqlens)")
             start, last, positions = packed_info(cu_seqlens, T, dev)
-            gla_kw = dict(cu_seqlens=cu_seqlens, seq_info=(start, last))
+            gla_kw = dict(cu_seqlens=cu_seqlens, seq_info=(start, last), use_cache=use_cache)
             if has_softmax:  # [T, T]: 1 GiB at T = 32768, so only for models that have a softmax layer
                 pos = torch.arange(T, device=dev)
                 block = (start.unsqueeze(1) == start.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
@@ -150,7 +152,7 @@ class GLATransformer(nn.Module):
             else:
                 positions = seen.unsqueeze(1) + torch.arange(T, device=dev)
                 n_real = torch.full((B,), T, device=dev)
-            gla_kw = dict(attention_mask=attention_mask)
+            gla_kw = dict(attention_mask=attention_mask, use_cache=use_cache)
             sm_kw = dict(positions=positions, key_mask=key_mask)
         x = self.embeddings(input_ids)
         new_layers = []
@@ -159,6 +161,8 @@ class GLATransformer(nn.Module):
             x, s = layer(x, s, **(sm_kw if layer.mixer == "softmax" else gla_kw))
             new_layers.append(None if (cu_seqlens is not None and layer.mixer == "softmax") else s)
         h = self.norm(x)
+        if not use_cache:
+            return h, None
         if n_real is None:
             new_state = ModelState(new_layers, (cu_seqlens[1:] - cu_seqlens[:-1]).to(dev, torch.long))
         else:

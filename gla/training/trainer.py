@@ -180,7 +180,7 @@ class Trainer:
         y = batch["targets"].to(self.device, non_blocking=True)
         cu = batch["cu_seqlens"]
         with self.autocast:
-            logits, _ = self.forward(x, cu_seqlens=None if cu is None else cu.to(self.device))
+            logits, _ = self.forward(x, cu_seqlens=None if cu is None else cu.to(self.device), use_cache=False)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 

@@ -306,3 +306,30 @@ def test_bf16_autocast_training_step_matches_fp32(device, mixer):
     assert torch.isfinite(loss16) and abs(loss16 - loss32) < 1e-3 * loss32  # measured on CPU: <= 1e-5
     for g16, g32 in zip(grads16, grads32):
         assert torch.isfinite(g16).all() and rel_err(g16, g32) < 5e-2  # measured on CPU: <= 1.4e-2
+
+
+@pytest.mark.parametrize("kind", ["gla", "hybrid", "conv"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_without_cache_no_state_is_built_and_outputs_are_unchanged(kind, packed, monkeypatch):
+    """use_cache=False (training, scoring): the same logits and gradients, no state returned, and the GLA layers ask
+    the operator for no final state."""
+    import gla.layers.gla_attention as layer_mod
+
+    m = model(kind).train()
+    ids = torch.randint(0, 101, (1, 40) if packed else (2, 20))
+    kw = dict(cu_seqlens=torch.tensor([0, 13, 13, 40])) if packed else {}
+    asked = []
+    real = layer_mod.gated_linear_attention
+    monkeypatch.setattr(layer_mod, "gated_linear_attention",
+                        lambda *a, **k: (asked.append(k["output_final_state"]), real(*a, **k))[1])
+    outs = []
+    for use_cache in (True, False):
+        logits, state = m(ids, use_cache=use_cache, **kw)
+        assert (state is None) == (not use_cache)
+        grads = torch.autograd.grad(logits.square().mean(), list(m.parameters()))
+        outs.append((logits, grads))
+    n_gla = sum(layer.mixer != "softmax" for layer in m.layers)
+    assert asked == [True] * n_gla + [False] * n_gla
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(a, b)
