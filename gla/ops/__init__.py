@@ -16,7 +16,7 @@ from .recurrent import recurrent_gla, recurrent_step
 
 __all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
-BACKENDS = ("auto", "recurrent", "chunk", "triton")
+BACKENDS = ("auto", "recurrent", "chunk", "triton", "pairwise")
 TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
 
 
@@ -134,7 +134,8 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
     cu_seqlens: [N+1] int offsets of packed sequences (B must be 1); no state crosses a boundary.
     backend: "auto" (triton on CUDA when installed, else the recurrent step for T == 1 and chunk otherwise),
         "recurrent"
-        (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels).
+        (fp32 reference), "chunk" (chunkwise PyTorch, any device), "triton" (GPU kernels), "pairwise" (one block
+        in plain tensor ops, exported by ``gla export``; short inputs only, no cu_seqlens).
     check_values: False skips the two checks that read tensor values (g finite and <= 0; cu_seqlens well formed),
         each of which makes the host wait for the GPU (they are skipped anyway inside torch.compile and CUDA-graph
         capture, which cannot read values). For callers that build g themselves (logsigmoid is <= 0) and
@@ -170,6 +171,8 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
         from .triton import triton_gla as impl
     elif backend == "chunk":
         from .chunk import chunk_gla as impl
+    elif backend == "pairwise":
+        from .pairwise import pairwise_gla as impl
     else:
         impl = recurrent_gla
     return impl(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)

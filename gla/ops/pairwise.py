@@ -1,0 +1,45 @@
+"""GLA over one short block of tokens in plain tensor ops: the form that exports.
+
+Per head, with in-block cumulative log-decay G_t = g_1 + ... + g_t (Yang et al., "Gated Linear Attention
+Transformers with Hardware-Efficient Training", ICML 2024, §4.1, the parallel form within a chunk):
+
+    o_i  = scale * ( sum_{j <= i} (q_i * exp(G_i - G_j)) . k_j  v_j  +  (q_i * exp(G_i)) S_0 )
+    S_T  = diag(exp(G_T)) S_0 + sum_j (k_j * exp(G_T - G_j))^T v_j
+
+Each pair's decay exp(G_i - G_j) is formed from the difference of the sums, so every exponent is <= 0 (g <= 0):
+exact for any gate strength, with no rescaling, no data-dependent branch and no custom operator, which is what
+``torch.export`` / ONNX need. The cost is a [T, T, K] tensor per head, so it serves short blocks (decoding, prefill
+in chunks of tens of tokens), not training.
+"""
+from __future__ import annotations
+
+import torch
+
+from .recurrent import recurrent_step, state_dtype
+
+
+def pairwise_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None (arguments validated by
+    ``gla.ops.gated_linear_attention``). Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or
+    None)."""
+    if cu_seqlens is not None:
+        raise ValueError('backend="pairwise" takes equal-length rows, not packed sequences (cu_seqlens)')
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    s0 = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
+    q, k, v, g = (x.to(acc) for x in (q, k, v, g))
+    if T == 1:  # the decode step: a static shape where this is exported, so the branch is fixed in the graph
+        o, s = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0, scale)
+        return o.unsqueeze(1).to(v.dtype), (s if output_final_state else None)
+    G = g.cumsum(1)  # [B, T, H, K]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    diff = (G.unsqueeze(2) - G.unsqueeze(1)).masked_fill(~causal[None, :, :, None, None], float("-inf"))
+    A = torch.einsum("bihk,bjhk,bijhk->bhij", q, k, diff.exp())  # [B, H, T, T]
+    o = torch.einsum("bhij,bjhv->bihv", A, v) + torch.einsum("bihk,bhkv->bihv", q * G.exp(), s0)
+    o = (o * scale).to(v.dtype)
+    if not output_final_state:
+        return o, None
+    last = G[:, -1]  # [B, H, K]
+    s = s0 * last.exp().unsqueeze(-1) + torch.einsum("bjhk,bjhv->bhkv", k * (last.unsqueeze(1) - G).exp(), v)
+    return o, s
