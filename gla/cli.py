@@ -1,7 +1,8 @@
 """The `gla` command: train, generate, eval (ppl, mqar), bench (ops).
 
     gla train --data PATH --out DIR [--preset demo --steps N ...]     (torchrun ... gla train --parallel ddp|fsdp)
-    gla generate --ckpt DIR --prompt TEXT
+    gla generate --ckpt DIR --prompt TEXT                              (DIR: a checkpoint or a `gla export` directory)
+    gla export --ckpt DIR --out DIR [--quantize int8]
     gla eval ppl --ckpt DIR --data PATH [--seq-len N] [--split val] --json
     gla bench ops [--T 4096 ... --json]
 """
@@ -79,7 +80,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_generate(args) -> int:
+def _sampler(args):
+    """(tokenizer, run(ids, callback) -> new token ids) for a checkpoint or an export directory."""
+    import os
+    if os.path.isfile(os.path.join(args.ckpt, "export.json")):
+        from gla.export import load_exported
+        m = load_exported(args.ckpt)
+        return m.codec, lambda ids, cb: m.generate(ids, args.max_new_tokens, args.temperature, args.top_k,
+                                                   args.top_p, args.seed, callback=cb)
     import torch
     from gla.data import tokenizer_for
     from gla.device import resolve_device
@@ -87,15 +95,25 @@ def _cmd_generate(args) -> int:
     from gla.models import from_pretrained
     dev = resolve_device(args.device)
     model = from_pretrained(args.ckpt).to(dev)
-    tok = tokenizer_for(args.ckpt)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+
+    def run(ids, cb):
+        out = generate(model, torch.tensor([ids], device=dev), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, callback=None if cb is None else lambda t: cb(int(t[0])),
+                       generator=gen)
+        return out[0, len(ids):].tolist()
+    return tokenizer_for(args.ckpt), run
+
+
+def _cmd_generate(args) -> int:
+    tok, run = _sampler(args)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
     new, shown = [], [0]
 
-    def emit(token):  # stream: print the decoded suffix, holding back an incomplete multi-byte character
-        new.append(int(token[0]))
+    def emit(token: int):  # stream: print the decoded suffix, holding back an incomplete multi-byte character
+        new.append(token)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[shown[0]:])
@@ -104,13 +122,20 @@ def _cmd_generate(args) -> int:
 
     if not args.json:
         sys.stdout.write(args.prompt)
-    out = generate(model, torch.tensor([ids], device=dev), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, callback=None if args.json else emit, generator=gen)
-    text = tok.decode(out[0, len(ids):].tolist())
+    out = run(ids, None if args.json else emit)
+    text = tok.decode(out)
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "completion": text, "new_tokens": out.shape[1] - len(ids)}))
+        print(json.dumps({"prompt": args.prompt, "completion": text, "new_tokens": len(out)}))
     else:
         sys.stdout.write(text[shown[0]:] + "\n")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from gla.export import export
+    meta = export(args.ckpt, args.out, args.quantize, args.max_block)
+    print(f"exported {args.ckpt} -> {args.out} ({meta['graph']}, weights {meta['quantize'] or 'fp32'}); "
+          f"run: python {args.out}/run.py --prompt TEXT, or gla generate --ckpt {args.out}")
     return 0
 
 
@@ -153,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["train"].set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint, streamed to stdout")
-    g.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    g.add_argument("--ckpt", required=True, help="run, checkpoint or `gla export` directory")
     g.add_argument("--prompt", default="\n")
     g.add_argument("--max-new-tokens", type=int, default=300)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -163,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
     g.set_defaults(func=_cmd_generate)
+
+    x = sub.add_parser("export", help="export a checkpoint to a standalone ONNX directory (ONNX Runtime)")
+    x.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    x.add_argument("--out", required=True, help="new directory to write")
+    x.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights (fp32 recurrent state)")
+    x.add_argument("--max-block", type=int, default=64, help="tokens per graph call when prefilling")
+    x.set_defaults(func=_cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
     pp = ev.add_parser("ppl", help="loss / bits per byte / perplexity on text")

@@ -25,6 +25,15 @@ OUTPUT_GATES = {
 }
 
 
+def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(x)). While exporting, as min(x, 0) - log1p(exp(-|x|)): the ONNX translation of F.logsigmoid is
+    log(sigmoid(x)), which is -inf below x ~ -88 in fp32 (trained gates reach that), and -inf - -inf = NaN in the
+    gate's cumulative sums."""
+    if torch.compiler.is_exporting():
+        return x.clamp(max=0) - torch.log1p(torch.exp(-x.abs()))
+    return F.logsigmoid(x)
+
+
 def fixed_log_decay(num_kv_heads: int, head_k: int) -> torch.Tensor:
     """RetNet's per-head decay as a log gate [num_kv_heads * head_k]: gamma_h = 1 - 2^(-5-h) (Sun et al. 2023)."""
     gamma = 1 - 2.0 ** (-5.0 - torch.arange(num_kv_heads, dtype=torch.float64))
@@ -135,7 +144,7 @@ class GatedLinearAttention(nn.Module):
             (q, cq), (k, ck), (v, cv) = outs
             conv_state = (cq, ck, cv)
         if self.decay == "data":
-            gk = F.logsigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
+            gk = log_sigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
         elif self.decay == "fixed":
             gk = self.log_gamma.expand(B, T, -1)
         else:

@@ -1,0 +1,147 @@
+"""``gla export``: a checkpoint to a standalone ONNX directory (graph, tokenizer, config, runner, README).
+
+One graph serves prefill and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the logits at
+the last position and the new state out. The GLA layers are traced with the "pairwise" backend (plain tensor ops,
+exact for any gate: gla/ops/pairwise.py), so the graph has no custom operator and no branch on data. The state is
+fp32 whatever the weights: int8 quantisation (ONNX Runtime's dynamic quantiser) touches only the matmuls whose
+weights are constants, never the recurrence.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+from gla.layers.gla_attention import GLAState
+from gla.models.state import ModelState
+
+from .runner import FORMAT
+
+GRAPH = "model.onnx"
+QUANTIZE = (None, "int8")
+
+
+def state_layout(model) -> dict:
+    """{graph input name: shape without the batch dim} of every state tensor, in the graph's order."""
+    names = {}
+    for i, layer in enumerate(model.layers):
+        attn = layer.attn
+        names[f"l{i}.state"] = [attn.n_heads, attn.head_k, attn.head_v]
+        if attn.convs is not None:
+            for part, conv in zip("qkv", attn.convs):
+                names[f"l{i}.conv_{part}"] = [conv.weight.shape[0], conv.kernel_size - 1]
+    return names
+
+
+class _Step(torch.nn.Module):
+    """The graph's function: (ids [B, T], seen [B], *state) -> (logits [B, vocab], seen, *new state)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.convs = [layer.attn.convs is not None for layer in model.layers]
+
+    def forward(self, ids, seen, *flat):
+        layers, it = [], iter(flat)
+        for has_conv in self.convs:
+            s = next(it)
+            layers.append(GLAState(s, (next(it), next(it), next(it)) if has_conv else None))
+        logits, new = self.model(ids, ModelState(layers, seen), logits_to_keep=1)
+        out = [logits[:, -1], new.seen]
+        for s in new.layers:
+            out.append(s.recurrent)
+            out.extend(s.conv or ())
+        return tuple(out)
+
+
+def _check_exportable(model) -> None:
+    kinds = {layer.mixer for layer in model.layers}
+    if "softmax" in kinds:
+        raise ValueError("gla export handles GLA-family models; this one has softmax layers (a hybrid), whose "
+                         "growing KV cache the exported graph does not carry yet")
+
+
+def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64) -> dict:
+    """Write the export directory ``out`` (must not exist) from the checkpoint or run directory ``ckpt``.
+    Returns export.json's contents."""
+    from gla.data import tokenizer_for
+    from gla.models import from_pretrained
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if max_block < 2:
+        raise ValueError(f"max_block must be >= 2, got {max_block}")
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; choose a new --out")
+    model = from_pretrained(ckpt).float().eval()
+    _check_exportable(model)
+    for layer in model.layers:
+        layer.attn.backend = "pairwise"
+    tok = tokenizer_for(ckpt)
+    layout = state_layout(model)
+    B, T = 2, min(4, max_block)  # sizes 0 and 1 would be fixed by the tracer: trace at 2 and 4
+    flat = [torch.zeros(B, *shape) for shape in layout.values()]
+    args = (torch.zeros(B, T, dtype=torch.long), torch.zeros(B, dtype=torch.long), *flat)
+    batch, block = torch.export.Dim("batch", max=4096), torch.export.Dim("block", max=max_block)
+    dynamic = ({0: batch, 1: block}, {0: batch}, tuple({0: batch} for _ in flat))
+    names_in = ["ids", "seen", *layout]
+    names_out = ["logits", "seen_out", *(f"{n}_out" for n in layout)]
+    tmp = tempfile.mkdtemp(prefix=".gla-export-", dir=os.path.dirname(os.path.abspath(out)) or ".")
+    try:
+        graph = os.path.join(tmp, GRAPH)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Step(model), args, graph, dynamo=True, dynamic_shapes=dynamic, input_names=names_in,
+                              output_names=names_out, external_data=False, verbose=False)
+        if quantize == "int8":
+            _quantize_int8(graph)
+        meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
+                "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt)}
+        with open(os.path.join(tmp, "export.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_dict(), f, indent=1)
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), "runner.py"), os.path.join(tmp, "run.py"))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_readme(meta))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _quantize_int8(graph: str) -> None:
+    """Weights of the constant-weight matmuls to int8 in place (activations quantised per call)."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ImportError("--quantize int8 needs onnxruntime: pip install 'gla[export]'") from e
+    fp32 = graph + ".fp32"
+    os.replace(graph, fp32)
+    quantize_dynamic(fp32, graph, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    os.remove(fp32)
+
+
+def _readme(meta: dict) -> str:
+    q = meta["quantize"] or "none (fp32)"
+    return f"""# gla export
+
+A GLA language model exported by `gla export` (format {meta['format']}); source: {meta['source']}.
+Weights: {q}; recurrent state: fp32.
+
+Run with ONNX Runtime and numpy only (add `tokenizers` if the tokenizer below is a tokenizer.json):
+
+    pip install onnxruntime numpy
+    python run.py --prompt "Hello" --max-new-tokens 100 --temperature 0.8
+
+or from Python with gla installed: `gla.load_exported(DIR).generate(...)`, or `gla generate --ckpt DIR`.
+
+Files: `{meta['graph']}` (the graph: token ids [B, T <= {meta['max_block']}] and the state in, logits at the last
+position and the new state out), `export.json` (state tensor names and shapes, vocabulary, tokenizer), tokenizer:
+`{meta['tokenizer']}`, `run.py` (the runner).
+"""

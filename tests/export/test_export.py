@@ -1,0 +1,126 @@
+"""gla export: an ONNX directory that ONNX Runtime runs without torch, giving the checkpoint's greedy tokens."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from gla import GLATransformer  # noqa: E402
+from gla.export import export, load_exported  # noqa: E402
+from gla.generation import generate  # noqa: E402
+
+KINDS = {"gla": {}, "conv": {"use_short_conv": True, "feature_map": "elu1"}}
+
+
+def _ckpt(tmp_path, kind="gla", **kw):
+    torch.manual_seed(0)
+    m = GLATransformer(256, 48, 4, 96, 2, dropout=0.0, **{**KINDS[kind], **kw}).eval()
+    with torch.no_grad():  # gates from strong to weak, some far below the range where log(sigmoid(x)) underflows
+        for layer in m.layers:
+            layer.attn.gk_proj[1].bias.copy_(torch.linspace(-120.0, 6.0, layer.attn.gk_proj[1].bias.numel()))
+    path = str(tmp_path / f"ckpt-{kind}")
+    m.save_pretrained(path)
+    return m, path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for kind in KINDS:
+        m, path = _ckpt(tmp, kind)
+        export(path, str(tmp / f"onnx-{kind}"), max_block=8)
+        out[kind] = (m, str(tmp / f"onnx-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_greedy_tokens_equal_the_checkpoint(exported, kind):
+    """A prompt longer than one block (8): several prefill calls, then one-token steps; 60 greedy tokens."""
+    m, path = exported[kind]
+    prompt = list(b"To be, or not to be, that is")
+    want = generate(m, torch.tensor([prompt]), 60, temperature=0)[0, len(prompt):].tolist()
+    assert load_exported(path).generate(prompt, 60, temperature=0) == want
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_logits_and_state_equal_the_model_for_a_batch(exported, kind):
+    m, path = exported[kind]
+    ids = torch.randint(0, 256, (3, 21), generator=torch.Generator().manual_seed(1))
+    e = load_exported(path)
+    logits, state = e.forward(ids.numpy(), e.new_state(3))
+    with torch.no_grad():
+        ref, ref_state = m(ids)
+    assert np.allclose(logits, ref[:, -1].numpy(), rtol=1e-4, atol=1e-4)
+    assert np.allclose(state["l1.state"], ref_state.layers[1].recurrent.numpy(), rtol=1e-4, atol=1e-5)
+    assert (state["seen"] == 21).all()
+
+
+def test_runs_without_torch(exported):
+    """run.py, copied into the directory, imports no torch and no gla."""
+    _, path = exported["gla"]
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['gla'] = None; "
+            f"sys.argv = ['run.py', '--prompt', 'abc', '--max-new-tokens', '5', '--temperature', '0']; "
+            f"runpy.run_path({os.path.join(path, 'run.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("abc") and len(r.stdout) > 4
+
+
+def test_int8_export_keeps_a_float_state(tmp_path):
+    import onnx
+    m, path = _ckpt(tmp_path)
+    meta = export(path, str(tmp_path / "int8"), quantize="int8")
+    assert meta["quantize"] == "int8"
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
+    floats = {i.name: i.type.tensor_type.elem_type for i in list(graph.graph.input) + list(graph.graph.output)}
+    assert all(floats[n] == onnx.TensorProto.FLOAT for n in ("l0.state", "l0.state_out", "logits"))
+    e = load_exported(str(tmp_path / "int8"))
+    prompt = list(b"hello")
+    logits, _ = e.forward([prompt], e.new_state(1))
+    with torch.no_grad():
+        ref = m(torch.tensor([prompt]))[0][0, -1].numpy()
+    assert np.isfinite(logits).all() and np.corrcoef(logits[0], ref)[0, 1] > 0.99
+
+
+def test_bad_requests_get_clear_errors(tmp_path, exported):
+    _, path = _ckpt(tmp_path)
+    with pytest.raises(FileExistsError):
+        export(path, path)
+    with pytest.raises(ValueError, match="quantize"):
+        export(path, str(tmp_path / "x"), quantize="int4")
+    hybrid = GLATransformer(256, 48, 4, 96, 2, attn_layers=(1,))
+    hybrid.save_pretrained(str(tmp_path / "hybrid"))
+    with pytest.raises(ValueError, match="softmax"):
+        export(str(tmp_path / "hybrid"), str(tmp_path / "y"))
+    assert not os.path.exists(tmp_path / "y")
+    with pytest.raises(FileNotFoundError, match="export.json"):
+        load_exported(path)
+    e = load_exported(exported["gla"][1])
+    with pytest.raises(ValueError, match="token ids"):
+        e.forward([[0, 300]], e.new_state(1))
+    bad = tmp_path / "bad"
+    os.makedirs(bad)
+    (bad / "export.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="format"):
+        load_exported(str(bad))
+
+
+def test_cli_export_and_generate_json(tmp_path, capsys):
+    from gla.cli import main
+    _, path = _ckpt(tmp_path)
+    assert main(["export", "--ckpt", path, "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    for ckpt in (path, str(tmp_path / "e")):
+        assert main(["generate", "--ckpt", ckpt, "--prompt", "ab", "--max-new-tokens", "7", "--temperature", "0",
+                     "--json"]) == 0
+    a, b = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert a == b and a["new_tokens"] == 7
