@@ -29,6 +29,8 @@ SMALL = {  # per (sub)command: what shrinks it
     ("bench", "ops"): ["--T", "64", "--reps", "1", "--json"],
     ("bench", "decode"): ["--contexts", "16", "--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--steps", "2",
                           "--json"],
+    ("export",): [],
+    ("bench", "cpu-generate"): ["--prompt-len", "4", "--new", "2", "--variants", "eager,onnx", "--json"],
 }
 
 
@@ -50,8 +52,7 @@ def readme_commands() -> list[list[str]]:
 
 def _small(args: list[str], tmp) -> list[str]:
     """args with the run directory and input files moved under tmp, and the shrinking flags appended."""
-    args = [str(tmp / "runs" / "demo") if a == "runs/demo" else str(tmp / a) if a == "corpus.txt" else a
-            for a in args]
+    args = [str(tmp / a) if a.startswith("runs/") or a == "corpus.txt" else a for a in args]
     key = tuple(args[:2]) if args[0] in ("eval", "bench") else (args[0],)
     extra = SMALL[key]
     if key == ("train",) and "--resume" in args:  # the saved run fixes the rest

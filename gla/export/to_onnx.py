@@ -8,7 +8,9 @@ weights are constants, never the recurrence.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -93,12 +95,12 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     tmp = tempfile.mkdtemp(prefix=".gla-export-", dir=os.path.dirname(os.path.abspath(out)) or ".")
     try:
         graph = os.path.join(tmp, GRAPH)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             torch.onnx.export(_Step(model), args, graph, dynamo=True, dynamic_shapes=dynamic, input_names=names_in,
                               output_names=names_out, external_data=False, verbose=False)
         if quantize == "int8":
-            _quantize_int8(graph)
+            with _quiet():
+                _quantize_int8(graph)
         meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
                 "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt)}
         with open(os.path.join(tmp, "export.json"), "w") as f:
@@ -113,6 +115,22 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's and quantiser's advice (torchvision operators, pre-processing) for one call."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _quantize_int8(graph: str) -> None:

@@ -1,0 +1,116 @@
+"""CPU generation benchmark: eager PyTorch vs the exported ONNX graph (fp32 and int8 weights), one process.
+
+    gla bench cpu-generate [--preset demo --preset gla-340m | --ckpt DIR ...] [--prompt-len 256] [--new 64]
+                           [--threads 2] [--variants eager,onnx,onnx-int8] [--out DIR] [--json]
+
+For each model (a preset with random weights, or a checkpoint) and each variant, one greedy generation of --new
+tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: eager = gla.generate (fp32),
+onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX Runtime). Time to first token = the
+prompt's prefill and the first token; decode = the median gap between later tokens. File = the weights on disk
+(model.safetensors for eager, model.onnx for the exports). Memory against context is `gla bench decode`'s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from gla.bench import write_report
+
+VARIANTS = ("eager", "onnx", "onnx-int8")
+
+
+def _timed(run) -> tuple[float, float]:
+    """run(callback) generates, calling callback per token -> (time to first token s, median decode gap s)."""
+    stamps = []
+    start = time.perf_counter()
+    run(lambda _tok: stamps.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - start, statistics.median(gaps)
+
+
+def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdir: str) -> list[dict]:
+    from gla.export import export, load_exported
+    from gla.generation import generate
+    from gla.models import from_pretrained
+    model = from_pretrained(ckpt).eval()
+    name = os.path.basename(os.path.normpath(ckpt))
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for variant in variants:
+        if variant == "eager":
+            size = os.path.getsize(os.path.join(ckpt, "model.safetensors"))
+            ttft, gap = _timed(lambda cb: generate(model, prompt[None], new, temperature=0,
+                                                   callback=lambda t: cb(int(t[0]))))
+        else:
+            out = os.path.join(workdir, f"{name}-{variant}")
+            export(ckpt, out, quantize="int8" if variant == "onnx-int8" else None)
+            size = os.path.getsize(os.path.join(out, "model.onnx"))
+            m = load_exported(out, threads)
+            ttft, gap = _timed(lambda cb: m.generate(prompt.tolist(), new, temperature=0, callback=cb))
+        rows.append(dict(model=name, params=model.num_parameters(), variant=variant, ttft_ms=ttft * 1e3,
+                         decode_ms=gap * 1e3, tok_s=1.0 / gap, file_mb=size / 2 ** 20))
+    return rows
+
+
+def table(rows) -> str:
+    base = {r["model"]: r["decode_ms"] for r in rows if r["variant"] == "eager"}
+    lines = ["| model | params | variant | time to first token ms | decode ms/token | tok/s | x eager | file MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = f"{base[r['model']] / r['decode_ms']:.2f}" if r["model"] in base else "–"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['variant']} | {r['ttft_ms']:.1f} | "
+                     f"{r['decode_ms']:.2f} | {r['tok_s']:.1f} | {x} | {r['file_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gla bench cpu-generate", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", action="append", default=[], help="a model preset with random weights (repeatable)")
+    p.add_argument("--ckpt", action="append", default=[], help="a checkpoint or run directory (repeatable)")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new", type=int, default=64, help="tokens to generate")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and ONNX Runtime (0: theirs)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--out", default=None, help="write DIR/cpu-generate.md and .json")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        p.error(f"--variants: choose from {VARIANTS}")
+    if a.prompt_len < 1 or a.new < 2:
+        p.error("--prompt-len must be >= 1 and --new >= 2")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    presets = a.preset or ([] if a.ckpt else ["demo"])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gla-bench-") as work:
+        ckpts = list(a.ckpt)
+        for name in presets:
+            from gla.models import GLAConfig, GLATransformer
+            torch.manual_seed(0)
+            path = os.path.join(work, name)
+            GLATransformer.from_config(GLAConfig.preset(name)).save_pretrained(path)
+            ckpts.append(path)
+        for ckpt in ckpts:
+            if not a.json:
+                print(f"measuring {ckpt}: {', '.join(variants)}", flush=True)
+            rows += measure(ckpt, variants, a.prompt_len, a.new, a.threads or None, work)
+    md = (f"CPU generation, {torch.get_num_threads()} thread(s), torch {torch.__version__}, batch 1, prompt "
+          f"{a.prompt_len} tokens, {a.new} new, greedy\n\n{table(rows)}")
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        print("\n" + md)
+    if a.out:
+        write_report(a.out, "cpu-generate", md, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
