@@ -61,17 +61,45 @@ def perplexity(model, stream: TokenStream, tokenizer, seq_len: int | None = None
             "tokens": n_tok, "bytes": n_bytes}
 
 
+class _Exported:
+    """An export directory scored like a model: (x [B, T], state) -> (logits [B, T, vocab] tensor, state)."""
+
+    def __init__(self, path: str):
+        from gla.export import load_exported
+        self.m = load_exported(path)
+
+    def eval(self):
+        return self
+
+    def __call__(self, x, state=None):
+        logits, state = self.m.forward(x.numpy(), state if state is not None else self.m.new_state(x.shape[0]),
+                                       all_logits=True)
+        return torch.from_numpy(logits), state
+
+
+def load_scorer(ckpt: str, device: str):
+    """(model, torch device): a checkpoint's model on ``device`` ("auto": the GPU if there is one), or an export
+    directory's graph, which runs on the CPU (ONNX Runtime)."""
+    import os
+
+    from gla.device import resolve_device
+    if os.path.isfile(os.path.join(ckpt, "export.json")):
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"{ckpt} is an export directory: it runs on the CPU (ONNX Runtime), not {device}")
+        return _Exported(ckpt), torch.device("cpu")
+    from gla.models import from_pretrained
+    dev = resolve_device(device)
+    return from_pretrained(ckpt).to(dev), dev
+
+
 def evaluate(ckpt: str, data: str, seq_len: int | None = None, split: str = "all", val_fraction: float = 0.1,
              device: str = "auto") -> dict:
-    """Load a checkpoint / run directory and score `data` (any source gla.data.load_documents accepts);
-    split "val" / "train" uses the same deterministic split as training."""
+    """Load a checkpoint / run directory (or a `gla export` directory) and score `data` (any source
+    gla.data.load_documents accepts); split "val" / "train" uses the same deterministic split as training."""
     from gla.data import encode_documents, load_documents, split_stream, tokenizer_for
-    from gla.device import resolve_device
-    from gla.models import from_pretrained
     if split not in ("all", "train", "val"):
         raise ValueError(f"--split must be all, train or val, got {split!r}")
-    dev = resolve_device(device)
-    model = from_pretrained(ckpt).to(dev)
+    model, dev = load_scorer(ckpt, device)
     tokenizer = tokenizer_for(ckpt)
     stream = encode_documents(load_documents(data), tokenizer)
     if split != "all":

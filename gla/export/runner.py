@@ -6,7 +6,7 @@ This file is copied into every export directory as ``run.py``, so the directory 
     python run.py --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8
 
 The graph (model.onnx) takes token ids [B, T] (1 <= T <= max_block) with the model's state and returns the logits
-at the last position and the new state; the state is explicit: one tensor per input named in export.json, fp32
+at every position and the new state; the state is explicit: one tensor per input named in export.json, fp32
 (GLA's recurrent states and short-convolution caches), zeros at the start of a sequence. Longer inputs run in
 blocks of max_block tokens, so memory does not grow with the prompt.
 """
@@ -77,20 +77,20 @@ class ExportedModel:
         state["seen"] = np.zeros(batch, dtype=np.int64)
         return state
 
-    def forward(self, ids, state: dict) -> tuple[np.ndarray, dict]:
-        """ids: [B, T] int (T >= 1) continuing ``state`` -> (logits at the last position [B, vocab], new state)."""
+    def forward(self, ids, state: dict, all_logits: bool = False) -> tuple[np.ndarray, dict]:
+        """ids: [B, T] int (T >= 1) continuing ``state`` -> (logits at the last position [B, vocab], or at every
+        position [B, T, vocab] with all_logits, and the new state)."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"ids must be [B, T] with T >= 1, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
-        logits = None
+        blocks = []
         for s in range(0, ids.shape[1], self.max_block):
-            feed = {"ids": ids[:, s:s + self.max_block], **state}
-            out = self.session.run(None, feed)
-            logits = out[0]
+            out = self.session.run(None, {"ids": ids[:, s:s + self.max_block], **state})
+            blocks.append(out[0] if all_logits else out[0][:, -1])
             state = dict(zip(["seen", *self.states], out[1:]))
-        return logits, state
+        return (np.concatenate(blocks, 1) if all_logits else blocks[-1]), state
 
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_token_id: int | None = None, callback=None):

@@ -1,7 +1,7 @@
 """``gla export``: a checkpoint to a standalone ONNX directory (graph, tokenizer, config, runner, README).
 
-One graph serves prefill and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the logits at
-the last position and the new state out. The GLA layers are traced with the "pairwise" backend (plain tensor ops,
+One graph serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
+logits at every position and the new state out (the head over a block's positions costs a few percent of the block). The GLA layers are traced with the "pairwise" backend (plain tensor ops,
 exact for any gate: gla/ops/pairwise.py), so the graph has no custom operator and no branch on data. The state is
 fp32 whatever the weights: int8 quantisation (ONNX Runtime's dynamic quantiser) touches only the matmuls whose
 weights are constants, never the recurrence.
@@ -40,7 +40,7 @@ def state_layout(model) -> dict:
 
 
 class _Step(torch.nn.Module):
-    """The graph's function: (ids [B, T], seen [B], *state) -> (logits [B, vocab], seen, *new state)."""
+    """The graph's function: (ids [B, T], seen [B], *state) -> (logits [B, T, vocab], seen, *new state)."""
 
     def __init__(self, model):
         super().__init__()
@@ -52,8 +52,8 @@ class _Step(torch.nn.Module):
         for has_conv in self.convs:
             s = next(it)
             layers.append(GLAState(s, (next(it), next(it), next(it)) if has_conv else None))
-        logits, new = self.model(ids, ModelState(layers, seen), logits_to_keep=1)
-        out = [logits[:, -1], new.seen]
+        logits, new = self.model(ids, ModelState(layers, seen))
+        out = [logits, new.seen]
         for s in new.layers:
             out.append(s.recurrent)
             out.extend(s.conv or ())
@@ -159,7 +159,7 @@ Run with ONNX Runtime and numpy only (add `tokenizers` if the tokenizer below is
 
 or from Python with gla installed: `gla.load_exported(DIR).generate(...)`, or `gla generate --ckpt DIR`.
 
-Files: `{meta['graph']}` (the graph: token ids [B, T <= {meta['max_block']}] and the state in, logits at the last
-position and the new state out), `export.json` (state tensor names and shapes, vocabulary, tokenizer), tokenizer:
+Files: `{meta['graph']}` (the graph: token ids [B, T <= {meta['max_block']}] and the state in, logits [B, T, vocab]
+and the new state out), `export.json` (state tensor names and shapes, vocabulary, tokenizer), tokenizer:
 `{meta['tokenizer']}`, `run.py` (the runner).
 """

@@ -124,3 +124,19 @@ def test_cli_export_and_generate_json(tmp_path, capsys):
                      "--json"]) == 0
     a, b = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert a == b and a["new_tokens"] == 7
+
+
+def test_eval_ppl_scores_an_export_as_its_checkpoint(tmp_path):
+    """All-position logits through blocks and across windows: the same loss as the checkpoint, with and without
+    --seq-len (the state carried between windows)."""
+    from gla.eval.ppl import evaluate
+    _, path = _ckpt(tmp_path, "conv")
+    export(path, str(tmp_path / "e"), max_block=8)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 4)
+    for seq_len in (None, 50):
+        a = evaluate(path, str(text), seq_len, device="cpu")
+        b = evaluate(str(tmp_path / "e"), str(text), seq_len, device="auto")
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"], (a, b)
+    with pytest.raises(ValueError, match="CPU"):
+        evaluate(str(tmp_path / "e"), str(text), device="cuda")
