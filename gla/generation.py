@@ -8,6 +8,10 @@ from typing import Iterator
 
 import torch
 
+from gla.decoding import StaticDecoder, graphable
+
+EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
+
 
 def _left_pad(prompts, pad_id: int, device):
     """A list of token lists of different lengths -> (ids [B, T], attention_mask [B, T]), padded on the left."""
@@ -59,11 +63,14 @@ def _prepare(model, input_ids, attention_mask):
 @torch.inference_mode()
 def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None,
-           prefill_chunk: int = 2048, generator=None) -> Iterator[torch.Tensor]:
+           prefill_chunk: int = 2048, generator=None, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B] long, one step at a time.
 
     input_ids: [B, T] (with attention_mask [B, T] for left-padded rows) or a list of token lists of different
-    lengths. Rows that produced eos_token_id keep yielding it; the stream ends early once every row has.
+    lengths. Rows that produced eos_token_id keep yielding it; the stream ends once every row has (checked every
+    step on the CPU, every EOS_CHECK steps on a GPU, where each check waits for the GPU).
+    cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
+    uncaptured, on a CPU); None = where the model allows a graph (CUDA, no softmax layers).
     """
     ids, mask = _prepare(model, input_ids, attention_mask)
     was_training = model.training
@@ -75,28 +82,39 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
             logits, state = model(ids[:, piece], state, attention_mask=None if mask is None else mask[:, piece],
                                   logits_to_keep=1)  # only the prompt's last position is sampled from
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        if cuda_graph is None:
+            cuda_graph = graphable(model, ids.device)
+        decoder = StaticDecoder(model, state, capture=ids.device.type == "cuda") if cuda_graph else None
+        check = EOS_CHECK if ids.device.type == "cuda" else 1
+        logits = logits[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, eos_token_id, nxt)
                 done |= nxt == eos_token_id
             yield nxt
-            if eos_token_id is not None and bool(done.all()):
+            if eos_token_id is not None and (i + 1) % check == 0 and bool(done.all()):
                 return
-            logits, state = model(nxt.unsqueeze(1), state)
+            if i + 1 == max_new_tokens:
+                return
+            if decoder is not None:
+                logits = decoder.step(nxt)
+            else:
+                logits, state = model(nxt.unsqueeze(1), state)
+                logits = logits[:, -1]
     finally:
         model.train(was_training)
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None, callback=None,
-             prefill_chunk: int = 2048, generator=None) -> torch.Tensor:
+             prefill_chunk: int = 2048, generator=None, cuda_graph: bool | None = None) -> torch.Tensor:
     """Generate up to max_new_tokens tokens; returns ids [B, T + new] (prompts left-padded with 0 when given as
     lists of different lengths). callback(tokens [B]) is called on every new token (streaming output)."""
     ids, mask = _prepare(model, input_ids, attention_mask)
     out = [ids]
     for tok in stream(model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, mask, prefill_chunk,
-                      generator):
+                      generator, cuda_graph):
         out.append(tok.unsqueeze(1))
         if callback is not None:
             callback(tok)

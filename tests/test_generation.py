@@ -1,4 +1,6 @@
 """Generation: greedy == argmax of full forwards, ragged batches, eos, streaming, constant GLA state."""
+import os
+
 import pytest
 import torch
 
@@ -65,7 +67,8 @@ def test_sampling_filters():
 
 def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
     """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
-    after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token."""
+    after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token but the
+    last (nothing reads the state after it)."""
     sizes, forward = [], m.forward
 
     def recording(*args, **kwargs):
@@ -75,7 +78,7 @@ def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
 
     monkeypatch.setattr(m, "forward", recording)
     gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4)
-    assert len(sizes) == 3 + new_tokens
+    assert len(sizes) == 3 + new_tokens - 1
     return sizes
 
 
@@ -87,7 +90,7 @@ def test_gla_decoding_state_is_constant_in_the_generated_length(monkeypatch):
     assert set(sizes) == {2 * per_layer + 2 * 8}
     # measured the same way, a hybrid's KV cache k, v [B=2, H=2, L, D=16] float32 grows by one token per step
     hybrid = decoding_state_bytes(model(attn_layers=(1,)), monkeypatch, 12)
-    assert {b - a for a, b in zip(hybrid[2:], hybrid[3:])} == {2 * 2 * 2 * 16 * 4}
+    assert {b - a for a, b in zip(hybrid[2:], hybrid[3:])} == {2 * 2 * 2 * 16 * 4} and len(hybrid) == 14
 
 
 def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
@@ -101,3 +104,39 @@ def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
     assert last.shape == (2, 1, full.shape[-1]) and torch.allclose(last, full[:, -1:], rtol=1e-5, atol=1e-6)
     assert three.shape == (2, 3, full.shape[-1]) and torch.allclose(three, full[:, -3:], rtol=1e-5, atol=1e-6)
     assert state_bytes(s_full) == state_bytes(s_last)
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}], ids=["gla", "conv"])
+def test_static_decoder_steps_equal_the_model_steps(kw):
+    """The in-place step on static buffers (what a CUDA graph replays) gives the eager step's logits and state,
+    token after token, and generate() through it gives the same tokens."""
+    from gla.decoding import StaticDecoder
+    m = model(**kw).eval()
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, state = m(ids)
+    dec = StaticDecoder(m, state, capture=False)
+    buffers = [t.data_ptr() for t in dec.buffers]
+    for _ in range(5):
+        nxt = logits[:, -1].argmax(-1)
+        with torch.no_grad():
+            logits, state = m(nxt.unsqueeze(1), state)
+        assert torch.equal(dec.step(nxt), logits[:, -1])
+        assert torch.equal(dec.state.layers[0].recurrent, state.layers[0].recurrent)
+        assert torch.equal(dec.state.seen, state.seen)
+    assert [t.data_ptr() for t in dec.buffers] == buffers  # in place: the same storage every step
+    a = gla.generate(m, ids, 9, temperature=0, cuda_graph=False)
+    assert torch.equal(a, gla.generate(m, ids, 9, temperature=0, cuda_graph=True))
+
+
+@pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                    reason="CUDA-graph decoding: GLA_TEST_GPU=1 on a CUDA machine")
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}], ids=["gla", "conv"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(kw):
+    """Greedy and sampled (same generator seed) tokens through the captured step equal the eager loop's."""
+    m = model(**kw).cuda().eval()
+    ids = torch.randint(0, 64, (4, 11), device="cuda")
+    for temperature in (0.0, 0.8):
+        out = [gla.generate(m, ids, 40, temperature=temperature, cuda_graph=g,
+                            generator=torch.Generator(device="cuda").manual_seed(0)) for g in (False, True)]
+        assert torch.equal(*out)

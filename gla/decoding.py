@@ -1,0 +1,76 @@
+"""Decoding with a static state: one step per token on fixed buffers, captured once as a CUDA graph and replayed.
+
+A decode step of a small model is bound by kernel launches (about a thousand per token at GLA-340M), not by the GPU:
+replaying a captured graph launches them all at once. Capture needs every tensor the step reads or writes to keep its
+address, so the model state lives in buffers allocated once per request (recurrent state [B, H, K, V] fp32 and
+short-convolution caches per GLA layer) that each step overwrites in place, and the token goes in through a fixed
+[B, 1] buffer. Hybrid models (softmax layers, whose KV cache grows) take the eager step.
+"""
+from __future__ import annotations
+
+import torch
+
+from gla.models.state import ModelState, map_tensors
+
+
+def _tensors(x) -> list:
+    out = []
+    map_tensors(out.append, x)
+    return out
+
+
+def graphable(model, device) -> bool:
+    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and GLA-family layers only."""
+    return torch.device(device).type == "cuda" and all(layer.mixer != "softmax" for layer in model.layers)
+
+
+class StaticDecoder:
+    """One token per row per ``step``, the state in place.
+
+    model: a GLATransformer in eval mode; state: the ModelState after the prompt (copied into the static buffers).
+    capture: record the step as a CUDA graph on its first call and replay it after (CUDA only); False runs the same
+    in-place step eagerly (CPU, hybrids, debugging)."""
+
+    def __init__(self, model, state: ModelState, capture: bool):
+        self.model = model
+        self.state = map_tensors(torch.clone, state)
+        self.buffers = _tensors(self.state)
+        B = self.state.seen.shape[0]
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
+        self.capture = capture
+        self.graph = None
+        self.logits = None
+
+    def _step(self) -> torch.Tensor:
+        logits, new = self.model(self.tokens, self.state)
+        for buf, t in zip(self.buffers, _tensors(new), strict=True):
+            buf.copy_(t)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B] long (on the model's device) -> logits [B, vocab] of the next position. With capture, the
+        returned tensor is a static buffer that the next step overwrites."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        if not self.capture:
+            return self._step()
+        if self.graph is None:
+            self._record()
+        self.graph.replay()
+        return self.logits
+
+    def _record(self) -> None:
+        """Warm up on a side stream (first calls compile kernels and allocate), restore the state the warm-up
+        advanced, then capture one step."""
+        saved = [b.clone() for b in self.buffers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for buf, s in zip(self.buffers, saved):
+            buf.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
