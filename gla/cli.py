@@ -230,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_parser("train", help="training step, eager vs torch.compile: gla bench train --help")
     b.add_parser("nanogpt", help="nanoGPT's CPU recipe, nanoGPT vs gla train: gla bench nanogpt --help")
     b.add_parser("cpu-generate", help="CPU generation, eager vs exported ONNX: gla bench cpu-generate --help")
+    b.add_parser("generate", help="generation, ours vs a static-cache HF Llama: gla bench generate --help")
     return p
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"] and argv[1:2] in (["ops"], ["decode"], ["train"], ["nanogpt"], ["cpu-generate"]):
+    if argv[:1] == ["bench"] and argv[1:2] in (["ops"], ["decode"], ["train"], ["nanogpt"], ["cpu-generate"],
+                                                 ["generate"]):
         import importlib  # these have their own parsers
         importlib.import_module(f"gla.bench.{argv[1].replace('-', '_')}").main(argv[2:])
         return 0

@@ -1,0 +1,119 @@
+"""Generation benchmark: gla.generate (eager steps and CUDA-graph steps) vs a same-size HF Llama with a static
+KV cache and a compiled forward, one process, greedy.
+
+    gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512]
+                       [--new 256] [--no-llama] [--out DIR] [--json]
+
+Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU). The Llama has the same width, depth, vocabulary
+and MLP size with softmax attention (Llama-341M beside gla-340m: hidden 1024, 24 layers, 8 heads of 128, MLP 2816),
+generating through transformers' `generate` with `cache_implementation="static"` and its forward under
+`torch.compile` on CUDA (as transformers documents for fast decoding). Per row: tokens/s over the new tokens, the
+time of the first call (prefill + compile / capture), and the median ms per token of a second call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from gla.bench import write_report
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def ours(cfg, B: int, prompt_len: int, new: int, device, dtype, cuda_graph: bool) -> dict:
+    from gla.generation import generate
+    from gla.models import GLATransformer
+    torch.manual_seed(0)
+    model = GLATransformer.from_config(cfg).to(device, dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
+    run = lambda: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph)  # noqa: E731
+    first = _time(run, device)
+    total = _time(run, device)
+    return dict(model="gla (ours)", mode="CUDA graph" if cuda_graph else "eager", first_s=first, total_s=total)
+
+
+def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    lc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=max(1, cfg.d_model // 128),
+                     max_position_embeddings=prompt_len + new + 8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(lc).to(device, dtype).eval()
+    model.generation_config.cache_implementation = "static"
+    if device.type == "cuda":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # noqa: E731
+    with torch.inference_mode():
+        first = _time(run, device)
+        total = _time(run, device)
+    return dict(model="HF Llama, static cache", mode="compiled" if device.type == "cuda" else "eager",
+                first_s=first, total_s=total)
+
+
+def table(rows) -> str:
+    lines = ["| model | mode | B | tok/s | ms/token | first call s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['B']} | {r['tok_s']:,.1f} | {r['ms_token']:.2f} | "
+                     f"{r['first_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from gla.device import resolve_device
+    from gla.models import GLAConfig
+    p = argparse.ArgumentParser(prog="gla bench generate", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default="gla-340m")
+    p.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 16)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--no-llama", action="store_true", help="leave out the HF Llama rows")
+    p.add_argument("--out", default=None, help="write DIR/generate.md and .json")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.prompt_len < 1 or a.new < 1:
+        p.error("--prompt-len and --new must be >= 1")
+    device = resolve_device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = GLAConfig.preset(a.preset)
+    rows = []
+    for B in a.batch or [1, 16]:
+        runs = [lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, False)]
+        if device.type == "cuda":
+            runs.append(lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, True))
+        if not a.no_llama:
+            runs.append(lambda: llama(cfg, B, a.prompt_len, a.new, device, dtype))
+        for run in runs:
+            r = run()
+            r.update(B=B, tok_s=B * a.new / r["total_s"], ms_token=r["total_s"] / a.new * 1e3)
+            rows.append(r)
+            if not a.json:
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    md = (f"Generation on {where}, torch {torch.__version__}, {a.preset} and its Llama twin, {dtype}, prompt "
+          f"{a.prompt_len}, {a.new} new tokens, greedy (ms/token: the whole second call over the new tokens)\n\n"
+          f"{table(rows)}")
+    print(json.dumps(rows) if a.json else "\n" + md)
+    if a.out:
+        write_report(a.out, "generate", md, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
