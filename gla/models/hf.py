@@ -75,12 +75,14 @@ class GLALMConfig(PreTrainedConfig):
     clamp_min: float | int | None = None
     use_short_conv: bool = False
     conv_size: int = 4
+    qkv_bias: bool = False
     backend: str = "auto"
     mixer: str = "gla"
     attn_layers: list | tuple = ()
     layer_mixers: list | tuple = ()
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
+    attn_head_dim: int | None = None
     attn_qkv_bias: bool = False
     rope_theta: float | int = 10000.0
     bos_token_id: int | None = None
