@@ -16,9 +16,9 @@ import sys
 S = argparse.SUPPRESS  # train flags not given keep the TrainConfig default, or the saved value on --resume
 
 
-def _train_parser(sub):
-    p = sub.add_parser("train", help="train a GLA language model", argument_default=S,
-                       description="Train a GLA language model on a corpus (default: Shakespeare's plays).")
+def _train_parser(sub, name="train", short="train a GLA language model",
+                  description="Train a GLA language model on a corpus (default: Shakespeare's plays)."):
+    p = sub.add_parser(name, help=short, argument_default=S, description=description)
     a = p.add_argument
     a("--data", help="'shakespeare' (default corpus), a .txt/.md/.jsonl file, a folder, or hf:NAME[:CONFIG]")
     a("--tokenizer", help="'bytes' (default) or a tokenizer.json file")
@@ -58,6 +58,31 @@ def _train_parser(sub):
     a("--out", help="run directory (runs/gla)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--json", action="store_true", help="print a JSON summary instead of a progress bar")
+    return p
+
+
+def _distill_parser(sub):
+    p = _train_parser(sub, "distill", "distil a softmax teacher into a converted GLA / hybrid model",
+                      "Distil a softmax teacher into a converted GLA / hybrid student (gla convert): "
+                                      "attention transfer, then training with KL to the teacher's logits. Takes "
+                                      "gla train's data, schedule and device flags; the reported loss includes "
+                                      "the KL term, the validation loss is next-token loss alone.")
+    a = p.add_argument
+    a("--teacher", help="a gla checkpoint or a Hugging Face Llama / Qwen2 directory")
+    a("--student", dest="init_from", help="the converted model directory (gla convert --out)")
+    a("--kl-weight", type=float, help="weight of KL(teacher || student) per token beside the next-token loss (1.0)")
+    a("--transfer-steps", type=int, help="stage 1: attention-transfer steps before training (0)")
+
+
+def _cmd_distill(args) -> int:
+    import os
+    if not getattr(args, "resume", False):
+        if not getattr(args, "teacher", None) or not getattr(args, "init_from", None):
+            raise ValueError("gla distill needs --teacher and --student (or --resume)")
+        tok = os.path.join(args.init_from, "tokenizer.json")
+        if not hasattr(args, "tokenizer") and os.path.isfile(tok):
+            args.tokenizer = tok
+    return _cmd_train(args)
 
 
 def _cmd_train(args) -> int:
@@ -186,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
     sub.choices["train"].set_defaults(func=_cmd_train)
+    _distill_parser(sub)
+    sub.choices["distill"].set_defaults(func=_cmd_distill)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint, streamed to stdout")
     g.add_argument("--ckpt", required=True, help="run, checkpoint or `gla export` directory")

@@ -31,6 +31,8 @@ SMALL = {  # per (sub)command: what shrinks it
                           "--json"],
     ("export",): [],
     ("convert",): [],
+    ("distill",): ["--steps", "2", "--transfer-steps", "2", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+                   "--eval-batches", "1", "--sample-tokens", "8", "--json"],
     ("bench", "cpu-generate"): ["--prompt-len", "4", "--new", "2", "--variants", "eager,onnx", "--json"],
 }
 

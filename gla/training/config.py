@@ -52,6 +52,10 @@ class TrainConfig:
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: str = "auto"            # torch.compile the model's forward (and so its backward); auto: on for CUDA
     parallel: str = "none"
+    init_from: str | None = None     # a model directory whose architecture and weights start the run (gla distill)
+    teacher: str | None = None       # distil: add kl_weight * KL(teacher || model) per token to the loss
+    kl_weight: float = 1.0
+    transfer_steps: int = 0          # distil stage 1: attention-transfer steps before training (needs teacher)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
@@ -84,6 +88,13 @@ class TrainConfig:
         from gla.models.config import PRESETS
         if self.preset not in PRESETS:  # checked here, before any data or model is loaded
             raise ValueError(f"--preset {self.preset!r} is not a preset; choose from {', '.join(sorted(PRESETS))}")
+        if self.init_from is not None and self.model_overrides():
+            raise ValueError(f"--init-from takes its architecture from {self.init_from}: leave out "
+                             f"{', '.join('--' + k.replace('_', '-') for k in self.model_overrides())}")
+        if self.kl_weight < 0 or self.transfer_steps < 0:
+            raise ValueError("--kl-weight and --transfer-steps must be >= 0")
+        if self.transfer_steps and self.teacher is None:
+            raise ValueError("--transfer-steps needs a --teacher")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
 

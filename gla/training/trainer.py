@@ -116,8 +116,14 @@ class Trainer:
                              f"--data {cfg.data!r}: {len(self.train_data) + len(self.val_data)} tokens are too few "
                              f"to train on; use more data")
         torch.manual_seed(cfg.seed)            # same initial weights on every rank
-        self.model_cfg = model_config(cfg, self.tokenizer.vocab_size)
+        init = self._init_model(resume) if cfg.init_from else None
+        self.model_cfg = init.config if init is not None else model_config(cfg, self.tokenizer.vocab_size)
         self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
+        if init is not None and not resume:
+            self.plain.load_state_dict(init.state_dict())
+        self.teacher = self._teacher() if cfg.teacher else None
+        if self.teacher is not None and cfg.transfer_steps and not resume:
+            self._transfer()
         self.model = distributed.wrap(self.plain, d, self.device)
         # The compiled module shares the model's parameters: checkpoints, evaluation and sampling are unchanged.
         on = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
@@ -138,6 +144,45 @@ class Trainer:
             self._restore()
         elif d.main:
             open(os.path.join(cfg.out, report.METRICS), "w").close()
+
+    # ---------------------------------------------------------------- distillation
+    def _init_model(self, resume: bool):
+        """The model that --init-from names (on resume, the checkpoint's own architecture)."""
+        import dataclasses
+
+        from gla.models import from_pretrained
+        src = checkpoint.find(self.cfg.out) if resume else self.cfg.init_from
+        model = from_pretrained(src)
+        if model.config.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"--init-from {self.cfg.init_from}: vocabulary {model.config.vocab_size}, but the "
+                             f"tokenizer has {self.tokenizer.vocab_size}; pass the model's --tokenizer")
+        model.config = dataclasses.replace(model.config, max_seq_len=max(model.config.max_seq_len,
+                                                                         self.cfg.seq_len))
+        return model
+
+    def _teacher(self):
+        from gla.distill.transfer import load_teacher
+        teacher = load_teacher(self.cfg.teacher).to(self.device)
+        if teacher.config.vocab_size != self.model_cfg.vocab_size:
+            raise ValueError(f"--teacher {self.cfg.teacher}: vocabulary {teacher.config.vocab_size}, the model's "
+                             f"is {self.model_cfg.vocab_size}")
+        return teacher
+
+    def _transfer(self):
+        """Stage 1 on training windows drawn from their own generator (the training stream is unchanged)."""
+        from gla.distill.transfer import attention_transfer
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+
+        def batches():
+            for _ in range(cfg.transfer_steps):
+                b = make_batch(self.train_data, sample_offsets(self.train_data, cfg.seq_len, self.micro, gen),
+                               cfg.seq_len)
+                yield {"input_ids": b["input_ids"].to(self.device),
+                       "cu_seqlens": None if b["cu_seqlens"] is None else b["cu_seqlens"].to(self.device)}
+        first, last = attention_transfer(self.plain, self.teacher, batches(), cfg.lr,
+                                         log=(lambda m: _say(self.d, m)) if self.progress else None)
+        _say(self.d, f"attention transfer: output error {first:.4f} -> {last:.4f} in {cfg.transfer_steps} steps")
 
     # ---------------------------------------------------------------- checkpoints
     def _restore(self):
@@ -174,15 +219,33 @@ class Trainer:
         self.saved_step = self.step
 
     # ---------------------------------------------------------------- steps
-    def _nll(self, batch) -> torch.Tensor:
-        """Summed next-token negative log-likelihood (nats) of one micro-batch."""
+    def _logits(self, batch):
+        """(logits [B, T, vocab], targets [B, T], input_ids, cu_seqlens) of one micro-batch, on the device."""
         x = batch["input_ids"].to(self.device, non_blocking=True)
         y = batch["targets"].to(self.device, non_blocking=True)
         cu = batch["cu_seqlens"]
+        cu = None if cu is None else cu.to(self.device)
         with self.autocast:
-            logits, _ = self.forward(x, cu_seqlens=None if cu is None else cu.to(self.device), use_cache=False)
+            logits, _ = self.forward(x, cu_seqlens=cu, use_cache=False)
+        return logits, y, x, cu
+
+    def _nll(self, batch) -> torch.Tensor:
+        """Summed next-token negative log-likelihood (nats) of one micro-batch."""
+        logits, y, _, _ = self._logits(batch)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
+
+    def _loss(self, batch) -> torch.Tensor:
+        """The training objective of one micro-batch: the summed next-token loss, plus kl_weight times the summed
+        KL(teacher || model) when distilling."""
+        if self.teacher is None or not self.cfg.kl_weight:
+            return self._nll(batch)
+        from gla.distill.transfer import kl_sum
+        logits, y, x, cu = self._logits(batch)
+        with torch.no_grad(), self.autocast:
+            teacher_logits, _ = self.teacher(x, cu_seqlens=cu, use_cache=False)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll + self.cfg.kl_weight * kl_sum(logits, teacher_logits, y, IGNORE_INDEX)
 
     def train_step(self) -> dict:
         cfg, d = self.cfg, self.d
@@ -197,7 +260,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, b in enumerate(batches):
             with distributed.grad_sync(self.model, d, i == len(batches) - 1):
-                nll = self._nll(b)
+                nll = self._loss(b)
                 (nll * scale).backward()
             total += nll.detach()
         loss = float(d.sum(total.cpu())) / max(float(count), 1.0)
