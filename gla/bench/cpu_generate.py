@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from gla.bench import write_report
+from gla.bench import md_table, write_report
 
 VARIANTS = ("eager", "onnx", "onnx-int8")
 
@@ -60,13 +60,11 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
 
 def table(rows) -> str:
     base = {r["model"]: r["decode_ms"] for r in rows if r["variant"] == "eager"}
-    lines = ["| model | params | variant | time to first token ms | decode ms/token | tok/s | x eager | file MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        x = f"{base[r['model']] / r['decode_ms']:.2f}" if r["model"] in base else "–"
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['variant']} | {r['ttft_ms']:.1f} | "
-                     f"{r['decode_ms']:.2f} | {r['tok_s']:.1f} | {x} | {r['file_mb']:.1f} |")
-    return "\n".join(lines)
+    cells = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["variant"], f"{r['ttft_ms']:.1f}", f"{r['decode_ms']:.2f}",
+              f"{r['tok_s']:.1f}", f"{base[r['model']] / r['decode_ms']:.2f}" if r["model"] in base else "–",
+              f"{r['file_mb']:.1f}"] for r in rows]
+    return md_table(["model", "params", "variant", "time to first token ms", "decode ms/token", "tok/s", "x eager",
+                     "file MB"], cells)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gla.bench import write_report
+from gla.bench import md_table, write_report
 
 
 def _sync(device):
@@ -67,11 +67,9 @@ def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
 
 
 def table(rows) -> str:
-    lines = ["| model | mode | B | tok/s | ms/token | first call s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['B']} | {r['tok_s']:,.1f} | {r['ms_token']:.2f} | "
-                     f"{r['first_s']:.1f} |")
-    return "\n".join(lines)
+    return md_table(["model", "mode", "B", "tok/s", "ms/token", "first call s"],
+                    [[r["model"], r["mode"], str(r["B"]), f"{r['tok_s']:,.1f}", f"{r['ms_token']:.2f}",
+                      f"{r['first_s']:.1f}"] for r in rows])
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gla import GLAConfig, GLATransformer
+from gla.bench import md_table
 from gla.device import resolve_device
 
 MODES = ("eager", "compiled")
@@ -62,12 +63,10 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
 
 
 def format_table(rows, title: str) -> str:
-    lines = [title, "", "| mode | ms/step | tok/s | peak GiB | first step s | loss (first, last) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['tok_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} | "
-                     f"{r['first_step_s']:.1f} | {r['losses'][0]:.4f}, {r['losses'][-1]:.4f} |")
-    return "\n".join(lines)
+    cells = [[r["mode"], f"{r['ms_per_step']:.1f}", f"{r['tok_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
+              f"{r['first_step_s']:.1f}", f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f}"] for r in rows]
+    return f"{title}\n\n" + md_table(["mode", "ms/step", "tok/s", "peak GiB", "first step s", "loss (first, last)"],
+                                     cells)
 
 
 def main(argv=None) -> int:
