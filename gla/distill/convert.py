@@ -1,6 +1,6 @@
 """``gla convert``: a pretrained softmax transformer as a GLA or hybrid GLA/softmax model.
 
-Sources: a local Hugging Face directory of a Llama-family model (LlamaForCausalLM, Qwen2ForCausalLM: config.json and
+Sources: a local Hugging Face directory of a Llama-family model (Llama, Qwen2, Qwen3 ForCausalLM: config.json and
 safetensors weights; pickled .bin weights are refused, since loading them runs code), or a gla checkpoint of a
 softmax model (`gla train --mixer softmax`). Layers chosen by the pattern become GLA layers built from the teacher's
 projections, as in LoLCATs (Zhang et al., 2024) and Liger (Lan et al., 2025): q, k, v and o are copied (grouped-
@@ -19,7 +19,7 @@ import torch
 
 from gla.models import GLAConfig, GLATransformer
 
-HF_TYPES = ("llama", "qwen2")
+HF_TYPES = ("llama", "qwen2", "qwen3")
 
 
 def layer_pattern(pattern: str, n_layers: int) -> tuple:
@@ -90,6 +90,7 @@ def _hf_teacher(src: str) -> tuple[GLAConfig, dict]:
                    tie_embeddings=tie, attn_layers=tuple(range(n)), attn_heads=H,
                    attn_kv_heads=cfg.get("num_key_value_heads", H), attn_head_dim=cfg.get("head_dim") or d // H,
                    attn_qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+                   attn_qk_norm=kind == "qwen3",
                    rope_theta=_rope_theta(cfg), bos_token_id=cfg.get("bos_token_id"),
                    eos_token_id=cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), int) else None)
     ours = {"embeddings.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
@@ -119,7 +120,7 @@ def student_config(teacher: GLAConfig, gla_layers: tuple, gate_bias_init: float)
     fields = {**teacher.to_dict(), "attn_layers": tuple(i for i in range(teacher.n_layers) if i not in gla_layers),
               "layer_mixers": (), "mixer": "gla", "n_heads": H, "num_kv_heads": teacher.attn_kv_heads,
               "expand_k": H * D / d, "expand_v": H * D / d, "output_gate": None, "feature_map": None,
-              "qkv_bias": teacher.attn_qkv_bias, "gate_bias_init": gate_bias_init}
+              "qkv_bias": teacher.attn_qkv_bias, "qk_norm": teacher.attn_qk_norm, "gate_bias_init": gate_bias_init}
     return GLAConfig(**fields)
 
 

@@ -41,7 +41,7 @@ class GLALayer(nn.Module):
             self.attn = GatedLinearAttention(d_model, n_heads, dropout, norm=norm, norm_eps=norm_eps,
                                              **{**mixer_options, **LINEAR_MIXERS[mixer]})
         elif mixer == "softmax":
-            self.attn = SoftmaxAttention(d_model, n_heads, dropout, **mixer_options)
+            self.attn = SoftmaxAttention(d_model, n_heads, dropout, norm_eps=norm_eps, **mixer_options)
         else:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
         if mlp != "none":

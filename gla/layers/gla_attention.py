@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gla.ops import gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
-from .norm import make_norm
+from .norm import RMSNorm, make_norm
 from .packing import packed_info
 
 FEATURE_MAPS = {
@@ -74,7 +74,7 @@ class GatedLinearAttention(nn.Module):
     Options: num_kv_heads (GQA: k, v and the gate are shared by groups of heads), feature_map (None | "elu1" |
     "relu" | "silu" applied to q and k), output_gate ("swish" | "sigmoid" | None), norm ("rms" | "layer"),
     use_short_conv (causal depthwise conv of width conv_size on q, k, v), qkv_bias (biases on q, k, v: models
-    converted from Qwen2), backend (operator backend),
+    converted from Qwen2), qk_norm (per-head RMSNorm of q and k after the feature map: from Qwen3), backend,
     decay: "data" (GLA's gate), "fixed" (RetNet's per-head constant decay gamma_h = 1 - 2^(-5-h), Sun et al. 2023)
     or "none" (plain linear attention, Katharopoulos et al. 2020) — the baselines GLA is compared with.
     """
@@ -84,8 +84,8 @@ class GatedLinearAttention(nn.Module):
                  output_gate: str | None = "swish", norm: str = "rms", norm_eps: float = 1e-6,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
                  gate_bias_init: float = 0.0,
-                 use_short_conv: bool = False, conv_size: int = 4, qkv_bias: bool = False, decay: str = "data",
-                 backend: str = "auto"):
+                 use_short_conv: bool = False, conv_size: int = 4, qkv_bias: bool = False, qk_norm: bool = False,
+                 decay: str = "data", backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_kv_heads or n_heads
         key_dim, value_dim = int(d_model * expand_k), int(d_model * expand_v)
@@ -119,6 +119,8 @@ class GatedLinearAttention(nn.Module):
         self.convs = nn.ModuleList([ShortConv(c, conv_size) for c in (key_dim, kv_k, kv_v)]) \
             if use_short_conv else None
         self.g_norm = make_norm(norm, self.head_v, norm_eps)
+        self.q_norm = RMSNorm(self.head_k, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_k, norm_eps) if qk_norm else None
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
@@ -158,6 +160,8 @@ class GatedLinearAttention(nn.Module):
         q, k = FEATURE_MAPS[self.feature_map](q), FEATURE_MAPS[self.feature_map](k)
         q = q.view(B, T, H, self.head_k)
         k, v, gk = (t.view(B, T, Hkv, -1) for t in (k, v, gk))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if Hkv != H:
             k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
         h0 = state.recurrent if state is not None else None

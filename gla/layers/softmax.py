@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norm import RMSNorm
+
 
 @dataclass
 class KVCache:
@@ -35,7 +37,8 @@ class SoftmaxAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, qkv_bias: bool = False, rope_theta: float = 10000.0):
+                 head_dim: int | None = None, qkv_bias: bool = False, rope_theta: float = 10000.0,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.n_heads, self.num_kv_heads = n_heads, num_kv_heads or n_heads
         if n_heads % self.num_kv_heads:
@@ -46,6 +49,9 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        # per-head RMSNorm of q and k before RoPE (Qwen3's attention)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, state: KVCache | None = None, positions=None, key_mask=None, block_mask=None):
@@ -57,6 +63,8 @@ class SoftmaxAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)

@@ -76,6 +76,7 @@ class GLALMConfig(PreTrainedConfig):
     use_short_conv: bool = False
     conv_size: int = 4
     qkv_bias: bool = False
+    qk_norm: bool = False
     backend: str = "auto"
     mixer: str = "gla"
     attn_layers: list | tuple = ()
@@ -84,6 +85,7 @@ class GLALMConfig(PreTrainedConfig):
     attn_kv_heads: int | None = None
     attn_head_dim: int | None = None
     attn_qkv_bias: bool = False
+    attn_qk_norm: bool = False
     rope_theta: float | int = 10000.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -47,14 +47,14 @@ class GLATransformer(nn.Module):
         if mixer == "softmax":
             return GLALayer(cfg.d_model, cfg.attn_heads or cfg.n_heads, cfg.d_ff, mixer="softmax",
                             num_kv_heads=cfg.attn_kv_heads, head_dim=cfg.attn_head_dim, qkv_bias=cfg.attn_qkv_bias,
-                            rope_theta=cfg.rope_theta, **common)
+                            rope_theta=cfg.rope_theta, qk_norm=cfg.attn_qk_norm, **common)
         return GLALayer(cfg.d_model, cfg.n_heads, cfg.d_ff, mixer=mixer, expand_k=cfg.expand_k,
                         expand_v=cfg.expand_v, num_kv_heads=cfg.num_kv_heads, feature_map=cfg.feature_map,
                         output_gate=cfg.output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
                         gate_logit_normalizer=cfg.gate_logit_normalizer, clamp_min=cfg.clamp_min,
                         gate_bias_init=cfg.gate_bias_init,
                         use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, qkv_bias=cfg.qkv_bias,
-                        backend=cfg.backend, **common)
+                        qk_norm=cfg.qk_norm, backend=cfg.backend, **common)
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):

@@ -15,14 +15,16 @@ IDS = torch.randint(0, 120, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
 def _hf(tmp_path, kind):
-    """A random tiny model with grouped-query heads (Qwen2: q/k/v biases and tied embeddings), weights perturbed
+    """A random tiny model with grouped-query heads (Qwen2: q/k/v biases and tied embeddings; Qwen3: per-head q/k
+    norms and a head size other than hidden / heads), weights perturbed
     so that biases and norms are not at their initial values."""
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[kind]
     torch.manual_seed(0)
     cfg = cls[0](vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=5000.0,
-                 tie_word_embeddings=kind == "qwen2")
+                 tie_word_embeddings=kind == "qwen2", **({"head_dim": 24} if kind == "qwen3" else {}))
     teacher = cls[1](cfg).eval()
     with torch.no_grad():
         for p in teacher.parameters():
@@ -32,7 +34,7 @@ def _hf(tmp_path, kind):
     return teacher, path
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_all_softmax_pattern_reproduces_the_teachers_logits(tmp_path, kind):
     teacher, src = _hf(tmp_path, kind)
     convert(src, str(tmp_path / "out"), "none")
@@ -41,7 +43,7 @@ def test_all_softmax_pattern_reproduces_the_teachers_logits(tmp_path, kind):
         assert torch.allclose(student(IDS)[0], teacher(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_gla_layers_start_from_the_teachers_projections(tmp_path, kind):
     teacher, src = _hf(tmp_path, kind)
     student = convert(src, str(tmp_path / "out"), "3:1", gate_bias_init=4.0)
@@ -53,6 +55,8 @@ def test_gla_layers_start_from_the_teachers_projections(tmp_path, kind):
             assert torch.equal(getattr(attn, p).weight, t[f"model.layers.{i}.self_attn.{p}.weight"])
         if kind == "qwen2":
             assert torch.equal(attn.k_proj.bias, t[f"model.layers.{i}.self_attn.k_proj.bias"])
+        if kind == "qwen3":
+            assert torch.equal(attn.k_norm.weight, t[f"model.layers.{i}.self_attn.k_norm.weight"])
         assert attn.num_kv_heads == 2 and attn.output_gate is None
         assert torch.equal(student.layers[i].mlp.down_proj.weight, t[f"model.layers.{i}.mlp.down_proj.weight"])
         assert not attn.gk_proj[1].weight.any() and torch.all(attn.gk_proj[1].bias == 4.0)
