@@ -110,6 +110,9 @@ def _sampler(args):
     """(tokenizer, run(ids, callback) -> new token ids) for a checkpoint or an export directory."""
     import os
     if os.path.isfile(os.path.join(args.ckpt, "export.json")):
+        if args.device not in ("auto", "cpu"):
+            raise ValueError(f"{args.ckpt} is an export directory: it runs on the CPU (ONNX Runtime), not "
+                             f"{args.device}")
         from gla.export import load_exported
         m = load_exported(args.ckpt)
         return m.codec, lambda ids, cb: m.generate(ids, args.max_new_tokens, args.temperature, args.top_k,

@@ -4,13 +4,19 @@ A decode step of a small model is bound by kernel launches (about a thousand per
 replaying a captured graph launches them all at once. Capture needs every tensor the step reads or writes to keep its
 address, so the model state lives in buffers allocated once per request (recurrent state [B, H, K, V] fp32 and
 short-convolution caches per GLA layer) that each step overwrites in place, and the token goes in through a fixed
-[B, 1] buffer. Hybrid models (softmax layers, whose KV cache grows) take the eager step.
+[B, 1] buffer. Hybrid models (softmax layers, whose KV cache grows) take the eager step. One decoder per model
+and state layout is kept and reused by later requests (``decoder_for``): the capture is paid once, not per call.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from gla.models import GLATransformer
 from gla.models.state import ModelState, map_tensors
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _tensors(x) -> list:
@@ -19,19 +25,42 @@ def _tensors(x) -> list:
     return out
 
 
+def static_state(model) -> bool:
+    """Whether the model's decoding state has a fixed size: a plain GLATransformer (no wrapper whose hooks a graph
+    could not replay) with GLA-family layers only."""
+    return isinstance(model, GLATransformer) and all(layer.mixer != "softmax" for layer in model.layers)
+
+
 def graphable(model, device) -> bool:
-    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and GLA-family layers only."""
-    return torch.device(device).type == "cuda" and all(layer.mixer != "softmax" for layer in model.layers)
+    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and a fixed-size state."""
+    return torch.device(device).type == "cuda" and static_state(model)
+
+
+def decoder_for(model, state: ModelState, capture: bool) -> "StaticDecoder":
+    """The model's decoder for this state layout (batch, shapes, dtypes and where the weights are), reset to
+    ``state``; built (and on the first step captured) only for a layout not seen before."""
+    tensors = _tensors(state)
+    key = (capture, next(model.parameters()).data_ptr(), tuple((t.shape, t.dtype, t.device) for t in tensors))
+    cache = _DECODERS.setdefault(model, {})
+    if key not in cache:
+        cache.clear()  # one layout at a time: a captured graph holds its own memory pool
+        cache[key] = StaticDecoder(model, state, capture)
+    else:
+        cache[key].reset(state)
+    return cache[key]
 
 
 class StaticDecoder:
     """One token per row per ``step``, the state in place.
 
-    model: a GLATransformer in eval mode; state: the ModelState after the prompt (copied into the static buffers).
-    capture: record the step as a CUDA graph on its first call and replay it after (CUDA only); False runs the same
-    in-place step eagerly (CPU, hybrids, debugging)."""
+    model: a GLATransformer with GLA-family layers only (``static_state``), in eval mode; state: the ModelState after
+    the prompt (copied into the static buffers). capture: record the step as a CUDA graph on its first call and replay
+    it after (CUDA only); False runs the same in-place step eagerly (CPU, debugging)."""
 
     def __init__(self, model, state: ModelState, capture: bool):
+        if not static_state(model):
+            raise ValueError("static decoding needs a GLATransformer without softmax layers (a hybrid's KV cache "
+                             "grows every step): pass cuda_graph=False")
         self.model = model
         self.state = map_tensors(torch.clone, state)
         self.buffers = _tensors(self.state)
@@ -40,6 +69,11 @@ class StaticDecoder:
         self.capture = capture
         self.graph = None
         self.logits = None
+
+    def reset(self, state: ModelState) -> None:
+        """Start from ``state`` (same layout): copied into the buffers the captured step reads."""
+        for buf, t in zip(self.buffers, _tensors(state), strict=True):
+            buf.copy_(t)
 
     def _step(self) -> torch.Tensor:
         logits, new = self.model(self.tokens, self.state)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from gla.decoding import StaticDecoder, graphable
+from gla.decoding import decoder_for, graphable
 
 EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
 
@@ -84,7 +84,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         if cuda_graph is None:
             cuda_graph = graphable(model, ids.device)
-        decoder = StaticDecoder(model, state, capture=ids.device.type == "cuda") if cuda_graph else None
+        decoder = decoder_for(model, state, capture=ids.device.type == "cuda") if cuda_graph else None
         check = EOS_CHECK if ids.device.type == "cuda" else 1
         logits = logits[:, -1]
         for i in range(max_new_tokens):

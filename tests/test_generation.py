@@ -140,3 +140,22 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(kw):
         out = [gla.generate(m, ids, 40, temperature=temperature, cuda_graph=g,
                             generator=torch.Generator(device="cuda").manual_seed(0)) for g in (False, True)]
         assert torch.equal(*out)
+
+
+def test_static_decoding_refuses_a_hybrid_and_reuses_its_buffers():
+    """cuda_graph=True on a model whose state grows is a clear error; a second request of the same layout reuses
+    the first one's decoder (and so its captured graph on a GPU), starting from its own prompt's state."""
+    from gla.decoding import decoder_for
+    hybrid = model(attn_layers=(1,)).eval()
+    with pytest.raises(ValueError, match="cuda_graph=False"):
+        gla.generate(hybrid, torch.randint(0, 64, (2, 5)), 3, temperature=0, cuda_graph=True)
+    m = model().eval()
+    a, b = (torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    with torch.no_grad():
+        (_, sa), (_, sb) = m(a), m(b)
+    first = decoder_for(m, sa, capture=False)
+    again = decoder_for(m, sb, capture=False)
+    assert again is first and torch.equal(again.state.layers[1].recurrent, sb.layers[1].recurrent)
+    for ids in (a, b):  # tokens equal the eager loop's for each request in turn
+        assert torch.equal(gla.generate(m, ids, 6, temperature=0, cuda_graph=True),
+                           gla.generate(m, ids, 6, temperature=0, cuda_graph=False))

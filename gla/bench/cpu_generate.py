@@ -34,12 +34,12 @@ def _timed(run) -> tuple[float, float]:
     return stamps[0] - start, statistics.median(gaps)
 
 
-def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdir: str) -> list[dict]:
+def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdir: str, name: str) -> list[dict]:
     from gla.export import export, load_exported
     from gla.generation import generate
     from gla.models import from_pretrained
     model = from_pretrained(ckpt).eval()
-    name = os.path.basename(os.path.normpath(ckpt))
+    os.makedirs(workdir, exist_ok=True)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rows = []
     for variant in variants:
@@ -48,7 +48,7 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
             ttft, gap = _timed(lambda cb: generate(model, prompt[None], new, temperature=0,
                                                    callback=lambda t: cb(int(t[0]))))
         else:
-            out = os.path.join(workdir, f"{name}-{variant}")
+            out = os.path.join(workdir, variant)
             export(ckpt, out, quantize="int8" if variant == "onnx-int8" else None)
             size = os.path.getsize(os.path.join(out, "model.onnx"))
             m = load_exported(out, threads)
@@ -95,10 +95,12 @@ def main(argv=None) -> int:
             path = os.path.join(work, name)
             GLATransformer.from_config(GLAConfig.preset(name)).save_pretrained(path)
             ckpts.append(path)
-        for ckpt in ckpts:
+        names = [os.path.basename(os.path.normpath(c)) for c in ckpts]
+        for i, ckpt in enumerate(ckpts):
             if not a.json:
                 print(f"measuring {ckpt}: {', '.join(variants)}", flush=True)
-            rows += measure(ckpt, variants, a.prompt_len, a.new, a.threads or None, work)
+            name = names[i] if names.count(names[i]) == 1 else os.path.normpath(ckpt)  # rows keyed by model
+            rows += measure(ckpt, variants, a.prompt_len, a.new, a.threads or None, os.path.join(work, str(i)), name)
     md = (f"CPU generation, {torch.get_num_threads()} thread(s), torch {torch.__version__}, batch 1, prompt "
           f"{a.prompt_len} tokens, {a.new} new, greedy\n\n{table(rows)}")
     if a.json:

@@ -135,8 +135,9 @@ def convert(src: str, out: str, layers: str = "3:1", gate_bias_init: float = 4.0
         is_gla = json.load(f).get("model_type") in ("gla_lm", "gla")
     tcfg, weights = _gla_teacher(src) if is_gla else _hf_teacher(src)
     scfg = student_config(tcfg, layer_pattern(layers, tcfg.n_layers), gate_bias_init)
-    torch.manual_seed(0)
-    student = GLATransformer.from_config(scfg)
+    with torch.random.fork_rng():  # the new parameters' initial values, without moving the caller's RNG
+        torch.manual_seed(0)
+        student = GLATransformer.from_config(scfg)
     own = student.state_dict()
     for name, value in weights.items():
         if name not in own:

@@ -36,12 +36,17 @@ def load_teacher(src: str):
     return model
 
 
-def kl_sum(student_logits, teacher_logits, targets, ignore_index: int) -> torch.Tensor:
-    """Summed KL(teacher || student) over the positions with a target. logits: [B, T, vocab]; targets: [B, T]."""
-    keep = targets != ignore_index
-    t = F.log_softmax(teacher_logits.float()[keep], -1)
-    s = F.log_softmax(student_logits.float()[keep], -1)
-    return (t.exp() * (t - s)).sum()
+def kl_sum(student_logits, teacher_logits, targets, ignore_index: int, chunk: int = 4096) -> torch.Tensor:
+    """Summed KL(teacher || student) over the positions with a target. logits: [B, T, vocab]; targets: [B, T].
+    fp32 in chunks of ``chunk`` positions, so the temporaries stay [chunk, vocab] whatever the batch."""
+    keep = (targets != ignore_index).flatten()
+    s_all, t_all = student_logits.flatten(0, -2)[keep], teacher_logits.flatten(0, -2)[keep]
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for i in range(0, s_all.shape[0], chunk):
+        t = F.log_softmax(t_all[i:i + chunk].float(), -1)
+        s = F.log_softmax(s_all[i:i + chunk].float(), -1)
+        total = total + F.kl_div(s, t, log_target=True, reduction="sum")
+    return total
 
 
 def transfer_parameters(student) -> list:
@@ -64,11 +69,19 @@ def _fit_output_scale(pairs, seen, cu) -> None:
 def attention_transfer(student, teacher, batches, lr: float, log=None) -> tuple[float, float]:
     """Stage 1 over ``batches`` (dicts with input_ids [B, T] and cu_seqlens or None, on the models' device).
     Returns the first and last relative output error, summed over GLA layers: sum_i |y_i - y_i^T|^2 / |y_i^T|^2."""
+    if (len(student.layers), student.config.d_model) != (len(teacher.layers), teacher.config.d_model):
+        raise ValueError("attention transfer needs a student converted from this teacher (gla convert): "
+                         f"{len(student.layers)} layers of width {student.config.d_model} against the teacher's "
+                         f"{len(teacher.layers)} of {teacher.config.d_model}")
     pairs = [(s, t) for s, t in zip(student.layers, teacher.layers) if s.mixer == "gla"]
     if not pairs:
         raise ValueError("the student has no GLA layer to transfer attention to")
     params = transfer_parameters(student)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    trainable = {id(p) for p in params}
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trainable]
+    for p in frozen:  # no gradients for what stage 1 does not train (nor left behind for stage 2's first step)
+        p.requires_grad_(False)
     seen = {}
 
     def hook(i):
@@ -99,6 +112,9 @@ def attention_transfer(student, teacher, batches, lr: float, log=None) -> tuple[
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        student.zero_grad(set_to_none=True)
     if not losses:
         raise ValueError("attention transfer needs at least one batch")
     return losses[0], losses[-1]

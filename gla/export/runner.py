@@ -100,12 +100,12 @@ class ExportedModel:
         rng = np.random.default_rng(seed)
         logits, state = self.forward([prompt], self.new_state(1))
         new = []
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             tok = sample(logits[0], temperature, top_k, top_p, rng)
             new.append(tok)
             if callback is not None:
                 callback(tok)
-            if tok == eos_token_id:
+            if tok == eos_token_id or i + 1 == max_new_tokens:
                 break
             logits, state = self.forward([[tok]], state)
         return new

@@ -24,6 +24,7 @@ from gla.models.state import ModelState
 from .runner import FORMAT
 
 GRAPH = "model.onnx"
+MAX_BYTES = 2**31 - 2**27  # protobuf's 2 GiB limit on one file, less room for the graph itself
 QUANTIZE = (None, "int8")
 
 
@@ -81,6 +82,10 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         raise FileExistsError(f"{out} exists; choose a new --out")
     model = from_pretrained(ckpt).float().eval()
     _check_exportable(model)
+    size = sum(p.numel() for p in model.parameters()) * 4
+    if size > MAX_BYTES:
+        raise ValueError(f"{ckpt}: {size / 2**30:.1f} GiB of fp32 weights; one ONNX file holds at most 2 GiB "
+                         "(external weight files are not written yet)")
     for layer in model.layers:
         layer.attn.backend = "pairwise"
     tok = tokenizer_for(ckpt)

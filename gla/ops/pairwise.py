@@ -26,19 +26,19 @@ def pairwise_gla(q, k, v, g, scale: float, initial_state=None, output_final_stat
         raise ValueError('backend="pairwise" takes equal-length rows, not packed sequences (cu_seqlens)')
     B, T, H, K = q.shape
     V = v.shape[-1]
-    acc = state_dtype(q.dtype)
+    acc, out_dtype = state_dtype(q.dtype), v.dtype
     s0 = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
     q, k, v, g = (x.to(acc) for x in (q, k, v, g))
-    if T == 1:  # the decode step: a static shape where this is exported, so the branch is fixed in the graph
+    if T == 1:  # eager decoding; an export traces T > 1, where the general path below serves T = 1 as well
         o, s = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0, scale)
-        return o.unsqueeze(1).to(v.dtype), (s if output_final_state else None)
+        return o.unsqueeze(1).to(out_dtype), (s if output_final_state else None)
     G = g.cumsum(1)  # [B, T, H, K]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     diff = (G.unsqueeze(2) - G.unsqueeze(1)).masked_fill(~causal[None, :, :, None, None], float("-inf"))
     # products written as broadcasts and matmuls: runtimes run a three-operand einsum far slower
     A = (q.unsqueeze(2) * k.unsqueeze(1) * diff.exp()).sum(-1).permute(0, 3, 1, 2)  # [B, H, T, T]
     o = A @ v.transpose(1, 2) + (q * G.exp()).transpose(1, 2) @ s0  # [B, H, T, V]
-    o = (o.transpose(1, 2) * scale).to(v.dtype)
+    o = (o.transpose(1, 2) * scale).to(out_dtype)
     if not output_final_state:
         return o, None
     last = G[:, -1]  # [B, H, K]

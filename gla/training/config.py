@@ -93,8 +93,8 @@ class TrainConfig:
                              f"{', '.join('--' + k.replace('_', '-') for k in self.model_overrides())}")
         if self.kl_weight < 0 or self.transfer_steps < 0:
             raise ValueError("--kl-weight and --transfer-steps must be >= 0")
-        if self.transfer_steps and self.teacher is None:
-            raise ValueError("--transfer-steps needs a --teacher")
+        if self.transfer_steps and (self.teacher is None or self.init_from is None):
+            raise ValueError("--transfer-steps needs a --teacher and a converted student (--student / --init-from)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
 

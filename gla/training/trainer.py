@@ -121,7 +121,7 @@ class Trainer:
         self.plain = checkpoint.build_model(self.model_cfg).to(self.device)
         if init is not None and not resume:
             self.plain.load_state_dict(init.state_dict())
-        self.teacher = self._teacher() if cfg.teacher else None
+        self.teacher = self._teacher() if cfg.teacher and (cfg.kl_weight or cfg.transfer_steps) else None
         if self.teacher is not None and cfg.transfer_steps and not resume:
             self._transfer()
         self.model = distributed.wrap(self.plain, d, self.device)
@@ -153,9 +153,9 @@ class Trainer:
         from gla.models import from_pretrained
         src = checkpoint.find(self.cfg.out) if resume else self.cfg.init_from
         model = from_pretrained(src)
-        if model.config.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"--init-from {self.cfg.init_from}: vocabulary {model.config.vocab_size}, but the "
-                             f"tokenizer has {self.tokenizer.vocab_size}; pass the model's --tokenizer")
+        if self.tokenizer.vocab_size > model.config.vocab_size:  # padded embeddings (Qwen's) may be larger
+            raise ValueError(f"{src}: the model's vocabulary has {model.config.vocab_size} entries, the tokenizer "
+                             f"{self.tokenizer.vocab_size}; pass the model's --tokenizer")
         model.config = dataclasses.replace(model.config, max_seq_len=max(model.config.max_seq_len,
                                                                          self.cfg.seq_len))
         return model
@@ -317,7 +317,8 @@ class Trainer:
         prompt = self.val_data.tokens[:32].unsqueeze(0).repeat(n, 1).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         with self.autocast:
-            out = generate(model, prompt, self.cfg.sample_tokens, temperature=0.8, generator=gen)
+            # no CUDA graph: an FSDP model gathers its weights in hooks that a graph cannot replay
+            out = generate(model, prompt, self.cfg.sample_tokens, temperature=0.8, generator=gen, cuda_graph=False)
         return [self.tokenizer.decode(row.tolist()) for row in out.cpu()]
 
     # ---------------------------------------------------------------- loop

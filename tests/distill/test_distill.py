@@ -21,6 +21,7 @@ def test_kl_sum_is_the_summed_kl_over_scored_positions():
     keep = y != -100
     want = F.kl_div(F.log_softmax(s[keep], -1), F.log_softmax(t[keep], -1), log_target=True, reduction="sum")
     assert torch.allclose(kl_sum(s, t, y, -100), want, rtol=1e-5)
+    assert torch.allclose(kl_sum(s, t, y, -100, chunk=3), want, rtol=1e-5)  # chunks of positions: the same sum
     assert kl_sum(t, t, y, -100).abs() < 1e-5
 
 
@@ -47,6 +48,7 @@ def test_attention_transfer_trains_only_the_new_parameters_and_lowers_the_error(
     batches = [{"input_ids": windows, "cu_seqlens": None} for _ in range(25)]  # one batch: errors comparable
     first, last = attention_transfer(student, teacher, batches, lr=3e-3)
     assert last < first
+    assert all(p.grad is None and p.requires_grad for p in student.parameters())  # nothing left for stage 2
     after = student.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]) == (k not in names), k

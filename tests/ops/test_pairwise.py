@@ -17,6 +17,15 @@ def test_pairwise_matches_the_reference(B, T, H, K, V, norm, state):
     assert all(e <= 1e-4 for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_pairwise_output_keeps_the_value_dtype(T):
+    q, k, v, g, _ = gla_inputs(2, T, 2, 8, 12, dtype=torch.bfloat16, g_dtype=torch.float32)
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="pairwise")
+    ref, _ = gated_linear_attention(q, k, v, g, backend="recurrent")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert torch.allclose(o.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_pairwise_refuses_packed_sequences():
     q, k, v, g, _ = gla_inputs(1, 10, 1, 8, 8)
     with pytest.raises(ValueError, match="cu_seqlens"):
