@@ -1,8 +1,9 @@
 """``gla export``: a checkpoint to a standalone ONNX directory (graph, tokenizer, config, runner, README).
 
 One graph serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
-logits at every position and the new state out (the head over a block's positions costs a few percent of the block). The GLA layers are traced with the "pairwise" backend (plain tensor ops,
-exact for any gate: gla/ops/pairwise.py), so the graph has no custom operator and no branch on data. The state is
+logits at every position and the new state out (the head over a block's positions costs a few percent of the
+block). The GLA layers are traced with the "pairwise" backend (plain tensor ops, exact for any gate:
+gla/ops/pairwise.py), so the graph has no custom operator and no branch on data. The state is
 fp32 whatever the weights: int8 quantisation (ONNX Runtime's dynamic quantiser) touches only the matmuls whose
 weights are constants, never the recurrence.
 """
