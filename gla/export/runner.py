@@ -7,8 +7,9 @@ This file is copied into every export directory as ``run.py``, so the directory 
 
 The graph (model.onnx) takes token ids [B, T] (1 <= T <= max_block) with the model's state and returns the logits
 at every position and the new state; the state is explicit: one tensor per input named in export.json, fp32
-(GLA's recurrent states and short-convolution caches), zeros at the start of a sequence. Longer inputs run in
-blocks of max_block tokens, so memory does not grow with the prompt.
+(GLA's recurrent states and short-convolution caches, and the KV caches of a hybrid's softmax layers, whose
+context dim has size 0 in export.json: they start empty and grow), zeros at the start of a sequence. Longer inputs
+run in blocks of max_block tokens, so a GLA model's memory does not grow with the prompt.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 One graph serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
 logits at every position and the new state out (the head over a block's positions costs a few percent of the
 block). The GLA layers are traced with the "pairwise" backend (plain tensor ops, exact for any gate:
-gla/ops/pairwise.py), so the graph has no custom operator and no branch on data. The state is
-fp32 whatever the weights: int8 quantisation (ONNX Runtime's dynamic quantiser) touches only the matmuls whose
+gla/ops/pairwise.py), so the graph has no custom operator and no branch on data; softmax layers (hybrids) take
+their KV cache [B, H_kv, L, D] in and return it grown by T (L starts at 0). The state is fp32 whatever the weights: int8 quantisation (ONNX Runtime's dynamic quantiser) touches only the matmuls whose
 weights are constants, never the recurrence.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from gla.layers.gla_attention import GLAState
+from gla.layers.softmax import KVCache
 from gla.models.state import ModelState
 
 from .runner import FORMAT
@@ -30,10 +31,14 @@ QUANTIZE = (None, "int8")
 
 
 def state_layout(model) -> dict:
-    """{graph input name: shape without the batch dim} of every state tensor, in the graph's order."""
+    """{graph input name: shape without the batch dim} of every state tensor, in the graph's order. A softmax
+    layer's KV cache [H_kv, L, D] grows with the context: L is 0 in the layout (an empty cache)."""
     names = {}
     for i, layer in enumerate(model.layers):
         attn = layer.attn
+        if layer.mixer == "softmax":
+            names[f"l{i}.k"] = names[f"l{i}.v"] = [attn.num_kv_heads, 0, attn.head_dim]
+            continue
         names[f"l{i}.state"] = [attn.n_heads, attn.head_k, attn.head_v]
         if attn.convs is not None:
             for part, conv in zip("qkv", attn.convs):
@@ -47,26 +52,22 @@ class _Step(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.convs = [layer.attn.convs is not None for layer in model.layers]
+        self.kinds = ["kv" if layer.mixer == "softmax" else "conv" if layer.attn.convs is not None else "gla"
+                      for layer in model.layers]
 
     def forward(self, ids, seen, *flat):
         layers, it = [], iter(flat)
-        for has_conv in self.convs:
+        for kind in self.kinds:
             s = next(it)
-            layers.append(GLAState(s, (next(it), next(it), next(it)) if has_conv else None))
+            if kind == "kv":
+                layers.append(KVCache(s, next(it)))
+            else:
+                layers.append(GLAState(s, (next(it), next(it), next(it)) if kind == "conv" else None))
         logits, new = self.model(ids, ModelState(layers, seen))
         out = [logits, new.seen]
         for s in new.layers:
-            out.append(s.recurrent)
-            out.extend(s.conv or ())
+            out.extend((s.k, s.v) if isinstance(s, KVCache) else (s.recurrent, *(s.conv or ())))
         return tuple(out)
-
-
-def _check_exportable(model) -> None:
-    kinds = {layer.mixer for layer in model.layers}
-    if "softmax" in kinds:
-        raise ValueError("gla export handles GLA-family models; this one has softmax layers (a hybrid), whose "
-                         "growing KV cache the exported graph does not carry yet")
 
 
 def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64) -> dict:
@@ -82,7 +83,6 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose a new --out")
     model = from_pretrained(ckpt).float().eval()
-    _check_exportable(model)
     size = sum(p.numel() for p in model.parameters()) * 4
     if size > MAX_BYTES:
         raise ValueError(f"{ckpt}: {size / 2**30:.1f} GiB of fp32 weights; one ONNX file holds at most 2 GiB "
@@ -91,11 +91,13 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         layer.attn.backend = "pairwise"
     tok = tokenizer_for(ckpt)
     layout = state_layout(model)
-    B, T = 2, min(4, max_block)  # sizes 0 and 1 would be fixed by the tracer: trace at 2 and 4
-    flat = [torch.zeros(B, *shape) for shape in layout.values()]
-    args = (torch.zeros(B, T, dtype=torch.long), torch.zeros(B, dtype=torch.long), *flat)
+    B, T, L = 2, min(4, max_block), 3  # sizes 0 and 1 would be fixed by the tracer: trace at 2, 4 and 3
+    flat = [torch.zeros(B, s[0], L, s[2]) if s[1] == 0 else torch.zeros(B, *s) for s in layout.values()]
+    args = (torch.zeros(B, T, dtype=torch.long), torch.full((B,), L, dtype=torch.long), *flat)
     batch, block = torch.export.Dim("batch", max=4096), torch.export.Dim("block", max=max_block)
-    dynamic = ({0: batch, 1: block}, {0: batch}, tuple({0: batch} for _ in flat))
+    context = torch.export.Dim("context", max=2**20)
+    dynamic = ({0: batch, 1: block}, {0: batch},
+               tuple({0: batch, 2: context} if s[1] == 0 else {0: batch} for s in layout.values()))
     names_in = ["ids", "seen", *layout]
     names_out = ["logits", "seen_out", *(f"{n}_out" for n in layout)]
     tmp = tempfile.mkdtemp(prefix=".gla-export-", dir=os.path.dirname(os.path.abspath(out)) or ".")

@@ -78,6 +78,9 @@ class SoftmaxAttention(nn.Module):
         mask = None
         if block_mask is not None:
             mask = block_mask
+        elif torch.compiler.is_exporting():  # one graph for any T and cache length: no branch on the sizes
+            pos = torch.arange(L, device=x.device)
+            mask = pos.unsqueeze(0) <= pos[L - T:].unsqueeze(1)  # [T, L]: causal with a cache offset
         elif key_mask is not None or 1 < T < L:
             mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)  # causal with a cache offset
         if key_mask is not None:
