@@ -263,9 +263,12 @@ class Trainer:
                 nll = self._loss(b)
                 (nll * scale).backward()
             total += nll.detach()
-        loss = float(d.sum(total.cpu())) / max(float(count), 1.0)
+        total = d.sum(total)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # one read-back per step, for both values (the skip below needs them on the host)
+        loss_sum, norm = torch.stack([total.float(), norm.float().to(total.device)]).tolist()
+        loss = loss_sum / max(float(count), 1.0)
         if math.isfinite(loss) and math.isfinite(norm):
             self.opt.step()
             self.bad_run, self.last_finite = 0, (self.step + 1, loss)
