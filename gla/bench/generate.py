@@ -47,12 +47,9 @@ def ours(cfg, B: int, prompt_len: int, new: int, device, dtype, cuda_graph: bool
 
 
 def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    lc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                     num_hidden_layers=cfg.n_layers, num_attention_heads=max(1, cfg.d_model // 128),
-                     max_position_embeddings=prompt_len + new + 8, tie_word_embeddings=True)
+    from .peers import llama_twin
     torch.manual_seed(0)
-    model = LlamaForCausalLM(lc).to(device, dtype).eval()
+    model = llama_twin(cfg, prompt_len + new + 8).to(device, dtype).eval()
     model.generation_config.cache_implementation = "static"
     if device.type == "cuda":
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)

@@ -17,6 +17,18 @@ def test_main_writes_table_and_json(tmp_path, capsys):
     assert rows[0]["ms_per_step"] > 0 and rows[0]["tok_per_s"] > 0
 
 
+def test_llama_rows_beside_ours(tmp_path):
+    pytest.importorskip("transformers")
+    argv = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+            "--modes", "eager", "--models", "gla,llama", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert [(r["model"], r["mode"]) for r in rows] == [("gla", "eager"), ("llama", "eager")]
+    assert all(len(r["losses"]) == 4 and r["losses"][0] > 0 for r in rows)
+
+
 def test_bad_modes():
     with pytest.raises(SystemExit):
         train.main(["--device", "cpu", "--modes", "jit"])
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--models", "mamba"])
