@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -106,6 +107,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quantized(args):
+    """--quantize int8 on a checkpoint: an int8 export in a temporary directory, run by ONNX Runtime (faster than
+    eager int8 here: benchmarks/NOTES.md); sets args.ckpt to it for the duration."""
+    import os
+    import tempfile
+    if getattr(args, "quantize", None) is None or os.path.isfile(os.path.join(args.ckpt, "export.json")):
+        yield
+        return
+    from gla.export import export
+    with tempfile.TemporaryDirectory(prefix="gla-int8-") as tmp:
+        out = os.path.join(tmp, "export")
+        export(args.ckpt, out, quantize=args.quantize)
+        args.ckpt = out
+        yield
+
+
 def _sampler(args):
     """(tokenizer, run(ids, callback) -> new token ids) for a checkpoint or an export directory."""
     import os
@@ -135,6 +153,11 @@ def _sampler(args):
 
 
 def _cmd_generate(args) -> int:
+    with _quantized(args):
+        return _generate(args)
+
+
+def _generate(args) -> int:
     tok, run = _sampler(args)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -179,7 +202,8 @@ def _cmd_export(args) -> int:
 
 def _cmd_ppl(args) -> int:
     from gla.eval.ppl import evaluate
-    res = evaluate(args.ckpt, args.data, args.seq_len, args.split, args.val_fraction, args.device)
+    with _quantized(args):
+        res = evaluate(args.ckpt, args.data, args.seq_len, args.split, args.val_fraction, args.device)
     if args.json:
         print(json.dumps(res))
     else:
@@ -227,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
+    g.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("convert", help="a pretrained softmax transformer as a GLA or hybrid model")
@@ -256,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--val-fraction", type=float, default=0.1)
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true")
+    pp.add_argument("--quantize", choices=("int8",), default=None,
+                    help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
     pp.set_defaults(func=_cmd_ppl)
     from gla.eval import mqar_report
     mq = ev.add_parser("mqar", help="multi-query associative recall across token mixers")

@@ -139,3 +139,19 @@ def test_eval_ppl_scores_an_export_as_its_checkpoint(tmp_path):
         assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"], (a, b)
     with pytest.raises(ValueError, match="CPU"):
         evaluate(str(tmp_path / "e"), str(text), device="cuda")
+
+
+def test_quantize_flag_of_generate_and_ppl(tmp_path, capsys):
+    """--quantize int8 on a checkpoint runs an int8 export made for the call (ONNX Runtime): close to fp32."""
+    from gla.cli import main
+    _, path = _ckpt(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score, long enough for a few windows of thirty-two tokens each. " * 3)
+    losses = []
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(["eval", "ppl", "--ckpt", path, "--data", str(text), "--seq-len", "32", "--json", *extra]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses[0] != losses[1] and abs(losses[1] - losses[0]) < 0.02 * losses[0]
+    assert main(["generate", "--ckpt", path, "--prompt", "ab", "--max-new-tokens", "4", "--quantize", "int8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
