@@ -157,25 +157,42 @@ def _cmd_generate(args) -> int:
         return _generate(args)
 
 
+class _Stop(Exception):
+    """A stop string appeared: args[0] is where it starts in the completion."""
+
+
 def _generate(args) -> int:
     tok, run = _sampler(args)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
+    stops = [s for s in args.stop or [] if s]
+    hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string is not shown yet
     new, shown = [], [0]
 
-    def emit(token: int):  # stream: print the decoded suffix, holding back an incomplete multi-byte character
+    def show(upto: int):
+        if not args.json and upto > shown[0]:
+            sys.stdout.write(tok.decode(new)[shown[0]:upto])
+            sys.stdout.flush()
+            shown[0] = upto
+
+    def emit(token: int):  # stream the decoded suffix, holding back an incomplete multi-byte character
         new.append(token)
         text = tok.decode(new)
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            show(min(hits))
+            raise _Stop(min(hits))
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[shown[0]:])
-            sys.stdout.flush()
-            shown[0] = len(text)
+            show(len(text) - hold)
 
     if not args.json:
         sys.stdout.write(args.prompt)
-    out = run(ids, None if args.json else emit)
-    text = tok.decode(out)
+    try:
+        out = run(ids, emit if stops or not args.json else None)
+        text = tok.decode(out)
+    except _Stop as stop:
+        out, text = new, tok.decode(new)[:stop.args[0]]
     if args.json:
         print(json.dumps({"prompt": args.prompt, "completion": text, "new_tokens": len(out)}))
     else:
@@ -253,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
     g.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop when the completion contains this text, which is left out (repeatable)")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("convert", help="a pretrained softmax transformer as a GLA or hybrid model")

@@ -49,6 +49,22 @@ def test_generate_streams(run):
     assert j["new_tokens"] == 5
 
 
+def test_generate_stops_at_a_stop_string(run, capsys):
+    """The completion ends where a stop string starts (left out), in the streamed text and in --json."""
+    from gla.cli import main
+    _, out = run
+    args = ["generate", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", "40", "--temperature", "0"]
+    assert main([*args, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["completion"]
+    stop = full[6:9]
+    cut = full[:full.find(stop)]
+    assert main([*args, "--json", "--stop", stop, "--stop", "never seen"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["completion"] == cut and j["new_tokens"] < 40
+    assert main([*args, "--stop", stop]) == 0
+    assert capsys.readouterr().out == "All:" + cut + "\n"
+
+
 def test_eval_ppl_json(run):
     data, out = run
     windows = json.loads(gla("eval", "ppl", "--ckpt", out, "--data", data, "--seq-len", "64", "--json").stdout)
