@@ -229,11 +229,14 @@ class Trainer:
             logits, _ = self.forward(x, cu_seqlens=cu, use_cache=False)
         return logits, y, x, cu
 
+    @staticmethod
+    def _ce(logits, y) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
     def _nll(self, batch) -> torch.Tensor:
         """Summed next-token negative log-likelihood (nats) of one micro-batch."""
         logits, y, _, _ = self._logits(batch)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        return self._ce(logits, y)
 
     def _loss(self, batch) -> torch.Tensor:
         """The training objective of one micro-batch: the summed next-token loss, plus kl_weight times the summed
@@ -244,8 +247,7 @@ class Trainer:
         logits, y, x, cu = self._logits(batch)
         with torch.no_grad(), self.autocast:
             teacher_logits, _ = self.teacher(x, cu_seqlens=cu, use_cache=False)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll + self.cfg.kl_weight * kl_sum(logits, teacher_logits, y, IGNORE_INDEX)
+        return self._ce(logits, y) + self.cfg.kl_weight * kl_sum(logits, teacher_logits, y, IGNORE_INDEX)
 
     def train_step(self) -> dict:
         cfg, d = self.cfg, self.d
