@@ -6,9 +6,10 @@ KV cache and a compiled forward, one process, greedy.
 
 Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU). The Llama has the same width, depth, vocabulary
 and MLP size with softmax attention (Llama-341M beside gla-340m: hidden 1024, 24 layers, 8 heads of 128, MLP 2816),
-generating through transformers' `generate` with `cache_implementation="static"` and its forward under
-`torch.compile` on CUDA (as transformers documents for fast decoding). Per row: tokens/s over the new tokens, the
-time of the first call (prefill + compile / capture), and the median ms per token of a second call.
+generating through transformers' `generate` with `cache_implementation="static"`, under which transformers compiles
+its decoding forward on CUDA (as it documents for fast decoding). Per row: tokens/s over the new tokens, the time
+of the first call (prefill + compile / capture), and ms per token of a second call (its whole time over the new
+tokens).
 """
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
     from .peers import llama_twin
     torch.manual_seed(0)
     model = llama_twin(cfg, prompt_len + new + 8).to(device, dtype).eval()
+    # With a static cache, transformers' generate compiles the decoding forward itself (its CompileConfig: fullgraph,
+    # "reduce-overhead", i.e. CUDA graphs); compiling model.forward on top of that broke its graphs (transformers
+    # 5.17: "accessing tensor output of CUDAGraphs that has been overwritten").
     model.generation_config.cache_implementation = "static"
-    if device.type == "cuda":
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # noqa: E731

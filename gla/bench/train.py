@@ -1,13 +1,21 @@
-"""Training-step benchmark: ours and a same-size HF Llama, eager and ``torch.compile``d, the step users run (forward,
-loss, backward, fused AdamW; bf16 autocast over fp32 weights on CUDA, as ``gla train`` does).
+"""Training-step benchmark: ours, FLA's GLA and a same-size HF Llama, eager and ``torch.compile``d, the step users
+run (forward, loss, backward, fused AdamW), one process, the same batches for every row.
 
     gla bench train [--device cuda] [--preset gla-340m] [--batch 8] [--seq-len 2048] [--steps 10]
-                    [--models gla,llama] [--modes eager,compiled] [--out DIR]
+                    [--models gla,llama,fla] [--modes eager,compiled] [--weights fp32,bf16] [--profile]
+                    [--out DIR]
 
-Per model and mode: the first step (compilation included), the median of the timed steps after three untimed ones,
-tokens/s and peak memory. Every row starts from its model's same weights and the same batches, and the losses are
-printed beside the times. The Llama (gla.bench.peers.llama_twin, SDPA attention) has the preset's width, depth, MLP
-size and vocabulary.
+Models: ``gla`` ours (its fused head + loss, as ``gla train`` runs it); ``llama`` an HF LlamaForCausalLM (SDPA) with
+the preset's width, depth, MLP size and vocabulary (gla.bench.peers.llama_twin); ``fla`` FLA's GLAForCausalLM at the
+preset's sizes with FLA's default fused kernels (needs flash-linear-attention; eager only: FLA's kernels are
+its own fusions, and its model is not written for torch.compile). Embeddings are tied, as in the
+GLA paper's and FLA's 340M models. Weights: ``fp32`` master weights under bf16 autocast on CUDA (what ``gla train``
+does), ``bf16`` weights and optimizer state with no autocast (how FLA's own numbers are usually taken).
+
+Per row: the first step (compilation and autotuning included), the median of the timed steps after three untimed
+ones, tokens/s, model FLOPs utilisation (6 * parameters * tokens per step, without attention FLOPs, over the card's
+dense bf16 peak; CUDA only), peak memory and the losses of the first and last step. --profile: after the rows,
+the CUDA kernels of one more step of each row by total time.
 """
 from __future__ import annotations
 
@@ -22,16 +30,42 @@ from gla import GLAConfig, GLATransformer
 from gla.bench import md_table
 from gla.device import resolve_device
 
-MODES = ("eager", "compiled")
-MODELS = ("gla", "llama")
+MODES = ("eager", "compiled", "blocks")
+MODELS = ("gla", "llama", "fla")
+WEIGHTS = ("fp32", "bf16")
+# dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def build(kind: str, cfg: GLAConfig, seq_len: int):
-    """(model, forward(model, ids [B, T]) -> logits) for "gla" (ours) or "llama" (its HF twin)."""
+    """(model, loss(model, ids [B, T + 1]) -> mean next-token loss) for one of MODELS."""
     if kind == "gla":
-        return GLATransformer.from_config(cfg), lambda m, ids: m(ids, use_cache=False)[0]
-    from .peers import llama_twin
-    return llama_twin(cfg, seq_len), lambda m, ids: m(input_ids=ids, use_cache=False).logits
+        def loss(m, ids):
+            return m(ids[:, :-1], use_cache=False, targets=ids[:, 1:])[0] / ids[:, 1:].numel()
+        return GLATransformer.from_config(cfg), loss
+    from . import peers
+    if kind == "fla":
+        def loss(m, ids):  # FLA shifts the labels itself (HF convention) and picks its fused loss
+            return m(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
+        return peers.fla_twin(cfg, seq_len), loss
+
+    def loss(m, ids):
+        logits = m(input_ids=ids[:, :-1], use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    return peers.llama_twin(cfg, seq_len), loss
+
+
+def compile_blocks(model):
+    """``model`` with each block of its ``layers`` compiled on its own (torch's regional compilation: identical blocks
+    share one compiled graph, so compile time does not grow with depth). Ours also compiles its fused head + loss
+    (GLATransformer.compile_blocks); a peer's head and loss stay eager."""
+    if isinstance(model, GLATransformer):
+        return model.compile_blocks()
+    for name, m in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
+            for block in m:
+                block.compile()
+    return model
 
 
 def _sync(device):
@@ -39,22 +73,30 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, device, kind: str = "gla") -> dict:
-    """{model, mode, first_step_s, ms_per_step, tok_per_s, peak_gib, losses} for ``steps`` timed steps."""
+def peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, device, kind: str = "gla",
+              weights: str = "fp32", profile: bool = False) -> dict:
+    """{model, mode, weights, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[, profile]}."""
     torch.manual_seed(0)
     model, run = build(kind, cfg, seq_len)
-    model = model.to(device)
+    model = model.to(device, torch.bfloat16 if weights == "bf16" else torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     gen = torch.Generator(device=device).manual_seed(1)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device, generator=gen)
                for _ in range(4)]
-    forward = torch.compile(model) if mode == "compiled" else model
-    use_bf16 = device.type == "cuda"
+    forward = torch.compile(model) if mode == "compiled" else compile_blocks(model) if mode == "blocks" else model
+    autocast = device.type == "cuda" and weights == "fp32"
 
     def step(ids):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = run(forward, ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = run(forward, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,15 +113,45 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
         times.append(time.perf_counter() - t)
     ms = statistics.median(times[3:]) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return dict(model=kind, mode=mode, first_step_s=times[0], ms_per_step=ms, tok_per_s=batch * seq_len / ms * 1e3,
-                peak_gib=peak, losses=[float(x) for x in losses])
+    tflops = peak_tflops(device)
+    tokens = batch * seq_len
+    row = dict(model=kind, mode=mode, weights=weights, params=n_params, first_step_s=times[0], ms_per_step=ms,
+               tok_per_s=tokens / ms * 1e3, peak_gib=peak, losses=[float(x) for x in losses],
+               mfu=6 * n_params * tokens / (ms * 1e-3) / (tflops * 1e12) if tflops else None)
+    if profile:
+        row["profile"] = kernel_profile(lambda: step(batches[0]), device)
+    return row
+
+
+def kernel_profile(step, device, top: int = 25) -> list[dict]:
+    """[{name, ms, calls}] of the ``top`` CUDA kernels of one ``step`` by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0) if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
+            rows.append(dict(name=e.key[:90], ms=t / 1e3, calls=e.count))
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def format_table(rows, title: str) -> str:
-    cells = [[r.get("model", "gla"), r["mode"], f"{r['ms_per_step']:.1f}", f"{r['tok_per_s'] / 1e3:.1f}k", f"{r['peak_gib']:.1f}",
-              f"{r['first_step_s']:.1f}", f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f}"] for r in rows]
-    return f"{title}\n\n" + md_table(["model", "mode", "ms/step", "tok/s", "peak GiB", "first step s", "loss (first, last)"],
-                                     cells)
+    def mfu(r):
+        return f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+    cells = [[r.get("model", "gla"), r["mode"], r.get("weights", "fp32"), f"{r['ms_per_step']:.1f}",
+              f"{r['tok_per_s'] / 1e3:.1f}k", mfu(r), f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.1f}",
+              f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f}"] for r in rows]
+    table = f"{title}\n\n" + md_table(["model", "mode", "weights", "ms/step", "tok/s", "MFU", "peak GiB",
+                                        "first step s", "loss (first, last)"], cells)
+    for r in rows:
+        if r.get("profile"):
+            prof = [[p["name"], f"{p['ms']:.2f}", str(p["calls"])] for p in r["profile"]]
+            table += (f"\n\nKernels of one step: {r['model']} {r['mode']} {r.get('weights', 'fp32')} "
+                      f"({sum(p['ms'] for p in r['profile']):.1f} ms in these)\n\n" + md_table(["kernel", "ms", "calls"], prof))
+    return table
 
 
 def main(argv=None) -> int:
@@ -89,18 +161,25 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode, after three untimed")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: eager, compiled")
-    p.add_argument("--models", default="gla", help="comma-separated: gla (ours), llama (an HF Llama of the same size)")
+    p.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled (the whole model), "
+                                                             "blocks (each block of the model on its own)")
+    p.add_argument("--models", default="gla", help="comma-separated: gla (ours), llama (an HF Llama of the same "
+                                                   "size), fla (FLA's GLAForCausalLM)")
+    p.add_argument("--weights", default="fp32", help="comma-separated: fp32 (bf16 autocast on CUDA), bf16")
+    p.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels of one step")
     p.add_argument("--out", help="write DIR/train.md and DIR/train.json")
     a = p.parse_args(argv)
-    modes, models = a.modes.split(","), a.models.split(",")
-    if not set(modes) <= set(MODES) or not set(models) <= set(MODELS) or a.steps < 1:
-        p.error(f"--modes takes {', '.join(MODES)}, --models {', '.join(MODELS)}; --steps must be >= 1")
-    cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1))
+    modes, models, weights = a.modes.split(","), a.models.split(","), a.weights.split(",")
+    if (not set(modes) <= set(MODES) or not set(models) <= set(MODELS) or not set(weights) <= set(WEIGHTS)
+            or a.steps < 1):
+        p.error(f"--modes takes {', '.join(MODES)}, --models {', '.join(MODELS)}, --weights {', '.join(WEIGHTS)}; "
+                "--steps must be >= 1")
+    cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1), tie_embeddings=True)
     device = resolve_device(a.device)
-    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind) for kind in models for m in modes]
+    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile)
+            for kind in models for w in weights for m in modes if kind != "fla" or m == "eager"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    title = f"{a.preset} training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"
+    title = f"{a.preset} (tied embeddings) training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"
     table = format_table(rows, title)
     print(table)
     if a.out:

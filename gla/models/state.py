@@ -16,6 +16,8 @@ def map_tensors(fn, x):
     results; anything else (None, numbers) is kept as it is."""
     if isinstance(x, torch.Tensor):
         return fn(x)
+    if x is None:  # before the dataclass test, which torch 2.11's dynamo cannot trace on None
+        return x
     if isinstance(x, (tuple, list)):
         return type(x)(map_tensors(fn, t) for t in x)
     if isinstance(x, dict):

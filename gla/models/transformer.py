@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from gla.layers import GLALayer
+from gla.layers.cross_entropy import linear_cross_entropy
 from gla.layers.gla_attention import GateProj
 from gla.layers.norm import make_norm
 from gla.layers.packing import packed_info
@@ -99,11 +100,17 @@ class GLATransformer(nn.Module):
         return model
 
     def forward(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None,
-                logits_to_keep: int = 0, use_cache: bool = True):
+                logits_to_keep: int = 0, use_cache: bool = True, targets=None, ignore_index: int = -100):
         """Logits and the new state; arguments as in ``features``. logits_to_keep > 0: logits of the last that many
         positions only (a prompt's prefill needs one; the head is the costliest matmul of a small model with a large
-        vocabulary). Returns (logits [B, T or logits_to_keep, vocab_size], ModelState or None)."""
+        vocabulary). Returns (logits [B, T or logits_to_keep, vocab_size], ModelState or None).
+
+        targets: [B, T] long, the token that should follow each input position (ignore_index where none): returns
+        (the summed fp32 cross-entropy, ModelState or None) instead, through the head in row blocks without
+        materialising the logits (gla.layers.cross_entropy)."""
         h, state = self.features(input_ids, state, cu_seqlens, attention_mask, use_cache)
+        if targets is not None:
+            return self._loss(h, self.lm_head.weight, targets, ignore_index), state
         return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h), state
 
     def features(self, input_ids, state: ModelState | None = None, cu_seqlens=None, attention_mask=None,
@@ -169,6 +176,17 @@ class GLATransformer(nn.Module):
         else:
             new_state = ModelState(new_layers, seen + n_real, sm_kw.get("key_mask"))
         return h, new_state
+
+    _loss = staticmethod(linear_cross_entropy)
+
+    def compile_blocks(self, **options) -> "GLATransformer":
+        """Compile each layer and the fused head + loss on their own (torch.compile ``options``), in place: torch's
+        regional compilation. Layers of one kind share a compiled graph, so the first step compiles in seconds
+        where the whole 24-layer model takes minutes; embeddings and the final norm stay eager. Returns self."""
+        for layer in self.layers:
+            layer.compile(**options)
+        self._loss = torch.compile(linear_cross_entropy, **options)
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

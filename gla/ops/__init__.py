@@ -203,6 +203,7 @@ _TRITON_STATUS: list = []  # filled on first use: [None] if the kernels can run,
 _WARNED: set = set()
 
 
+@torch.compiler.assume_constant_result  # traced as its value: torch 2.11's dynamo broke the graph on the check's regex
 def triton_status() -> str | None:
     """None when gla's Triton kernels can run with the installed Triton, else one line saying why not and what to
     install. Checked once per process: an unsupported version gets this message, never a crash inside a kernel."""

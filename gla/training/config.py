@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
-    compile: str = "auto"            # torch.compile the model's forward (and so its backward); auto: on for CUDA
+    compile: str = "auto"            # torch.compile each layer and the loss (GLATransformer.compile_blocks); auto: on for CUDA
     parallel: str = "none"
     init_from: str | None = None     # a model directory whose architecture and weights start the run (gla distill)
     teacher: str | None = None       # distil: add kl_weight * KL(teacher || model) per token to the loss

@@ -32,3 +32,17 @@ def test_bad_modes():
         train.main(["--device", "cpu", "--modes", "jit"])
     with pytest.raises(SystemExit):
         train.main(["--device", "cpu", "--models", "mamba"])
+    with pytest.raises(SystemExit):
+        train.main(["--device", "cpu", "--weights", "fp16"])
+
+
+def test_bf16_weights_and_profile(tmp_path, capsys):
+    argv = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+            "--modes", "eager", "--weights", "fp32,bf16", "--profile", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert [r["weights"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["profile"] and r["profile"][0]["ms"] > 0 for r in rows)
+    # bf16 weights change the arithmetic, not the model: the first losses agree to bf16 precision
+    assert abs(rows[0]["losses"][0] - rows[1]["losses"][0]) < 2e-2 * rows[0]["losses"][0]
+    assert "Kernels of one step: gla eager bf16" in capsys.readouterr().out

@@ -32,8 +32,12 @@ def _step(m, opt, ids, cu_seqlens=None):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_compiled_training_steps_equal_eager(kind, packed):
-    """Lengths differ between the cases, so after the first one Dynamo traces T as a symbol (dynamic shapes)."""
+def test_compiled_training_steps_equal_eager(kind, packed, monkeypatch):
+    """Lengths differ between the cases, so after the first one Dynamo traces T as a symbol (dynamic shapes). The
+    operator's one-time check of the installed Triton is forgotten first, so that the first trace runs it (torch
+    2.11 broke the graph there)."""
+    import gla.ops
+    monkeypatch.setattr(gla.ops, "_TRITON_STATUS", [])
     torch.manual_seed(0)
     eager = GLATransformer(101, 64, 2, 128, 3, dropout=0.0, **KINDS[kind]).to(DEVICE)
     compiled_model = copy.deepcopy(eager)
@@ -43,12 +47,12 @@ def test_compiled_training_steps_equal_eager(kind, packed):
     cu = torch.tensor([0, 40, 41, 150], device=DEVICE) if packed else None
     for step in range(3):
         ids = torch.randint(0, 101, (B, T), device=DEVICE)
-        ref, ref_grads = _step(eager, opts[0], ids, cu)
         if step == 0:
             out, grads = _step(compiled, opts[1], ids, cu)
         else:  # later steps reuse the first step's graphs
             with torch.compiler.set_stance("fail_on_recompile"):
                 out, grads = _step(compiled, opts[1], ids, cu)
+        ref, ref_grads = _step(eager, opts[0], ids, cu)
         assert rel_err(out, ref) < 1e-5, f"step {step}: logits differ from eager"
         errs = [rel_err(a, b) for a, b in zip(grads, ref_grads)]
         assert max(errs) < 1e-4, f"step {step}: gradients differ from eager ({max(errs):.2e})"

@@ -1,0 +1,86 @@
+"""The language-model head and its cross-entropy in one pass over row blocks, never holding all the logits.
+
+At GLA-340M's training shape (B=8, T=2048, vocabulary 32000) the plain head + loss keeps bf16 logits [16384, 32000]
+(1 GiB) for the backward and makes an fp32 copy and its gradient (2 GiB each). Here each block of rows computes its
+logits, its loss and, while the logits are at hand, its gradients (dlogits = softmax - onehot): the backward only
+scales the two stored gradients, so no matmul is repeated. The same idea as Liger's fused linear cross-entropy
+(Hsu et al., "Liger Kernel", 2024), in plain torch so that it runs on a CPU and under any accelerator.
+"""
+from __future__ import annotations
+
+import torch
+
+# fp32 logits per block: 2^26 bytes (64 MiB) whatever the vocabulary, so peak memory does not grow with B * T
+BLOCK_BYTES = 1 << 26
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul would run in as an nn.Linear: autocast's, else the promotion of both."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, rows: int, need_grad: bool):
+        # Out of place throughout: under torch 2.11's compile, writes into tensors created here (a slice assignment
+        # into a preallocated gradient) were lost, and the compiled model trained with zero gradients.
+        w = weight.to(dtype)
+        x = h.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_hs, grad_w = [], None
+        for i in range(0, x.shape[0], rows):
+            xi, yi = x[i:i + rows], targets[i:i + rows]
+            logits = (xi @ w.t()).float()  # as the unfused head: logits in the compute dtype, the loss in fp32
+            keep = yi != ignore_index
+            safe = torch.where(keep, yi, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + torch.where(keep, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
+            if need_grad:  # dlogits = softmax - onehot(target), zero on ignored rows
+                probs = torch.exp(logits - lse.unsqueeze(1))
+                d = (probs.scatter_add(1, safe, -keep.unsqueeze(1).to(probs.dtype)) * keep.unsqueeze(1)).to(dtype)
+                grad_hs.append(d @ w)
+                # each block's product rounded to the compute dtype once, the sum over blocks in fp32
+                part = (d.t() @ xi).float()
+                grad_w = part if grad_w is None else grad_w + part
+        if need_grad and grad_hs:
+            ctx.save_for_backward(torch.cat(grad_hs), grad_w)
+        elif need_grad:  # no rows
+            ctx.save_for_backward(torch.zeros_like(x), torch.zeros(weight.shape, device=weight.device))
+        else:
+            ctx.save_for_backward(None, None)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is None:
+            raise RuntimeError("linear_cross_entropy was called without gradients enabled; it cannot run backward")
+        return ((grad_h * grad_total).to(ctx.h_dtype), (grad_w * grad_total).to(ctx.w_dtype),
+                None, None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         block_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the logits h @ weightᵀ against ``targets``, without materialising the logits.
+
+    h: [..., d] hidden states; weight: [vocab, d] (the head's nn.Linear weight); targets: [...] long, the class of
+    each row, ``ignore_index`` rows left out. Returns the fp32 sum over kept rows (0 when none is kept), equal to
+    ``F.cross_entropy((h @ weight.T).float(), targets, reduction="sum")`` with the head's matmul in autocast's dtype
+    when autocast is on. block_rows: rows per block (default: 64 MiB of fp32 logits)."""
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"targets must be h's shape without its last dim {tuple(h.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"weight must be [vocab, {h.shape[-1]}], got {tuple(weight.shape)}")
+    if targets.dtype != torch.long:
+        raise ValueError(f"targets must be torch.long, got {targets.dtype}")
+    rows = block_rows or max(1, BLOCK_BYTES // (4 * weight.shape[0]))
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    dtype = _compute_dtype(h, weight)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
+                                         dtype, rows, need_grad)
