@@ -164,9 +164,14 @@ class GLATransformer(nn.Module):
             sm_kw = dict(positions=positions, key_mask=key_mask)
         x = self.embeddings(input_ids)
         new_layers = []
+        recompute = self.checkpoint_layers and torch.is_grad_enabled() and state is None and not use_cache
         for i, layer in enumerate(self.layers):
             s = state.layers[i] if state is not None else None
-            x, s = layer(x, s, **(sm_kw if layer.mixer == "softmax" else gla_kw))
+            kw = sm_kw if layer.mixer == "softmax" else gla_kw
+            if recompute:  # keep only each layer's input; its inside is recomputed in the backward
+                x, s = torch.utils.checkpoint.checkpoint(layer, x, s, use_reentrant=False, **kw)
+            else:
+                x, s = layer(x, s, **kw)
             new_layers.append(None if (cu_seqlens is not None and layer.mixer == "softmax") else s)
         h = self.norm(x)
         if not use_cache:
@@ -178,6 +183,9 @@ class GLATransformer(nn.Module):
         return h, new_state
 
     _loss = staticmethod(linear_cross_entropy)
+    # Activation checkpointing of every layer in training (``gla train --checkpoint-activations``): memory for
+    # activations falls to one [B, T, d_model] tensor per layer, for one more forward per step.
+    checkpoint_layers = False
 
     def compile_blocks(self, **options) -> "GLATransformer":
         """Compile each layer and the fused head + loss on their own (torch.compile ``options``), in place: torch's

@@ -52,6 +52,7 @@ class TrainConfig:
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: str = "auto"            # torch.compile each layer and the loss (GLATransformer.compile_blocks); auto: on for CUDA
     parallel: str = "none"
+    checkpoint_activations: bool = False  # recompute each layer's activations in the backward (long sequences)
     init_from: str | None = None     # a model directory whose architecture and weights start the run (gla distill)
     teacher: str | None = None       # distil: add kl_weight * KL(teacher || model) per token to the loss
     kl_weight: float = 1.0

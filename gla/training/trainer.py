@@ -127,6 +127,7 @@ class Trainer:
         # Each layer and the fused head + loss compiled on its own, before the distributed wrapper hooks them:
         # compile time stays seconds at any depth (the whole 24-layer model took 132 s on an H100). Parameters,
         # checkpoints, evaluation and sampling are unchanged.
+        self.plain.checkpoint_layers = cfg.checkpoint_activations
         if cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda"):
             self.plain.compile_blocks()
         self.model = distributed.wrap(self.plain, d, self.device)

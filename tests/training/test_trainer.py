@@ -262,3 +262,16 @@ def test_tokenizer_json_run(tmp_path, small_text):
     assert res["bytes"] > res["tokens"] and res["bpb"] < res["loss"] / math.log(2)
     resumed = train(resume_config(str(out), {"steps": 3}), resume=True, progress=False)
     assert resumed["step"] == 3
+
+
+def test_checkpoint_activations_trains_the_same(tmp_path, small_text):
+    """--checkpoint-activations recomputes each layer in the backward: the same loss curve as without."""
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"ckpt-{on}"
+        train(_cfg(out, small_text, checkpoint_activations=on), progress=False)
+        runs[on] = dict(_losses(out)[0])
+    assert sorted(runs[True]) == sorted(runs[False]) == list(range(1, 9))
+    assert all(abs(runs[True][s] - runs[False][s]) <= 1e-5 * runs[False][s] for s in runs[False])
+    on = Trainer(_cfg(tmp_path / "ckpt-new", small_text, checkpoint_activations=True), progress=False)
+    assert on.plain.checkpoint_layers and not Trainer(_cfg(tmp_path / "plain", small_text), progress=False).plain.checkpoint_layers
