@@ -149,8 +149,9 @@ def format_table(rows, title: str) -> str:
     for r in rows:
         if r.get("profile"):
             prof = [[p["name"], f"{p['ms']:.2f}", str(p["calls"])] for p in r["profile"]]
+            shown = sum(p["ms"] for p in r["profile"])
             table += (f"\n\nKernels of one step: {r['model']} {r['mode']} {r.get('weights', 'fp32')} "
-                      f"({sum(p['ms'] for p in r['profile']):.1f} ms in these)\n\n" + md_table(["kernel", "ms", "calls"], prof))
+                      f"({shown:.1f} ms in these)\n\n" + md_table(["kernel", "ms", "calls"], prof))
     return table
 
 

@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
-    compile: str = "auto"            # torch.compile each layer and the loss (GLATransformer.compile_blocks); auto: on for CUDA
+    compile: str = "auto"            # torch.compile each layer and the loss (compile_blocks); auto: on for CUDA
     parallel: str = "none"
     checkpoint_activations: bool = False  # recompute each layer's activations in the backward (long sequences)
     init_from: str | None = None     # a model directory whose architecture and weights start the run (gla distill)
