@@ -160,3 +160,17 @@ def test_static_decoding_refuses_a_hybrid_and_reuses_its_buffers():
     for ids in (a, b):  # tokens equal the eager loop's for each request in turn
         assert torch.equal(gla.generate(m, ids, 6, temperature=0, cuda_graph=True),
                            gla.generate(m, ids, 6, temperature=0, cuda_graph=False))
+
+
+def test_compiled_static_step_gives_the_eager_tokens():
+    """compile_step: the static decoding step through torch.compile (run uncaptured on a CPU, fp32) gives the eager
+    loop's tokens; it needs the static path."""
+    m = model(use_short_conv=True).eval()
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(3))
+    eager = gla.generate(m, ids, 12, temperature=0, cuda_graph=False)
+    assert torch.equal(gla.generate(m, ids, 12, temperature=0, cuda_graph=True, compile_step=True), eager)
+    from gla.decoding import _DECODERS
+    (decoder,) = _DECODERS[m].values()
+    assert decoder.run != decoder._step  # the step that ran was the compiled one
+    with pytest.raises(ValueError, match="compile_step"):
+        gla.generate(m, ids, 3, temperature=0, cuda_graph=False, compile_step=True)

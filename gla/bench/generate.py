@@ -1,5 +1,5 @@
-"""Generation benchmark: gla.generate (eager steps and CUDA-graph steps) vs a same-size HF Llama with a static
-KV cache and a compiled forward, one process, greedy.
+"""Generation benchmark: gla.generate (eager steps, CUDA-graph steps, compiled CUDA-graph steps) vs a same-size HF
+Llama with a static KV cache and a compiled forward, one process, greedy.
 
     gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512]
                        [--new 256] [--no-llama] [--out DIR] [--json]
@@ -35,16 +35,18 @@ def _time(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def ours(cfg, B: int, prompt_len: int, new: int, device, dtype, cuda_graph: bool) -> dict:
+def ours(cfg, B: int, prompt_len: int, new: int, device, dtype, cuda_graph: bool, compile_step: bool = False) -> dict:
     from gla.generation import generate
     from gla.models import GLATransformer
     torch.manual_seed(0)
     model = GLATransformer.from_config(cfg).to(device, dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-    run = lambda: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph)  # noqa: E731
+    run = lambda: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph,  # noqa: E731
+                           compile_step=compile_step)
     first = _time(run, device)
     total = _time(run, device)
-    return dict(model="gla (ours)", mode="CUDA graph" if cuda_graph else "eager", first_s=first, total_s=total)
+    mode = ("CUDA graph + compile" if compile_step else "CUDA graph") if cuda_graph else "eager"
+    return dict(model="gla (ours)", mode=mode, first_s=first, total_s=total)
 
 
 def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
         runs = [lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, False)]
         if device.type == "cuda":
             runs.append(lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, True))
+            runs.append(lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, True, compile_step=True))
         if not a.no_llama:
             runs.append(lambda: llama(cfg, B, a.prompt_len, a.new, device, dtype))
         for run in runs:
