@@ -137,24 +137,36 @@ def test_property_random_shapes_and_gates(B, T, H, K, V, log_norm, with_state, s
 @pytest.mark.parametrize("T,K,V", [(1, 60, 100), (17, 60, 100), (63, 16, 20), (64, 32, 48)])
 @pytest.mark.parametrize("normalizer", [16.0, 1.0, 0.1])
 def test_short_sequences_without_states(T, K, V, normalizer, monkeypatch):
-    """Training's call at T <= 64 (no initial, no final state) goes through gla.ops.short_chunk when the gates
-    allow (weak gates; medium ones at short T) and through the chunk operator otherwise (decay by more than
-    SAFE_SPAN over the sequence); both meet the fp32 tolerances against the float64 reference."""
+    """Training's call at T <= 64 (no initial, no final state) goes through gla.ops.short_chunk: one block when the
+    whole sequence decays by at most SAFE_SPAN, 16-token sub-chunks when each of those does, else the chunk
+    operator (strong gates). Every route meets the fp32 tolerances against the float64 reference."""
+    import torch.nn.functional as F
+
     import gla.ops.short_chunk as short
-    calls = []
+    used = []
     real = short.short_chunk_gla
-    monkeypatch.setattr(short, "short_chunk_gla", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(short, "short_chunk_gla", lambda *a: used.append(a[-1]) or real(*a))
     q, k, v, g, _ = gla_inputs(3, T, 2, K, V, normalizer=normalizer, seed=T + K)
     assert_close(compare_to_reference(q, k, v, g, backend="chunk", final_state=False))
-    weak = bool(g.detach().sum(1).min() >= -30)
-    assert bool(calls) == weak, (weak, calls)
-    if T == 64:
-        assert weak == (normalizer == 16.0)  # medium gates decay by ~45 over 64 tokens
+    gd = g.detach()
+    blocks = F.pad(gd, (0, 0, 0, 0, 0, -T % 16)).unflatten(1, (-1, 16)).sum(2)
+    want = T if gd.sum(1).min() >= -30 else 16 if blocks.min() >= -30 else None
+    assert used == ([want] if want else []), (want, used)
+    if T == 64:  # the three routes are all exercised
+        assert want == {16.0: 64, 1.0: 16, 0.1: None}[normalizer]
 
 
-def test_short_path_at_its_bound():
-    """Total decay just under SAFE_SPAN: key factors near e^30 in the short path, still within tolerance."""
+@pytest.mark.parametrize("decay,route", [(None, 64), (29.5, 16), (30.5, None)])
+def test_short_path_at_its_bounds(decay, route, monkeypatch):
+    """The whole sequence decays by just under SAFE_SPAN (one block, key factors near e^29.5), its strongest
+    16-token stretch by just under it (sub-chunks) or just over it (the chunk operator): each within tolerance."""
+    import gla.ops.short_chunk as short
+    used = []
+    real = short.short_chunk_gla
+    monkeypatch.setattr(short, "short_chunk_gla", lambda *a: used.append(a[-1]) or real(*a))
     q, k, v, _, _ = gla_inputs(2, 64, 2, 20, 24, seed=7)
     g = -torch.rand(2, 64, 2, 20, generator=torch.Generator().manual_seed(8))
-    g = (g * (29.5 / -g.sum(1).min())).requires_grad_()
+    strongest = -g.sum(1).min() if decay is None else -g.unflatten(1, (4, 16)).sum(2).min()
+    g = (g * ((decay or 29.5) / strongest)).requires_grad_()
     assert_close(compare_to_reference(q, k, v, g, backend="chunk", final_state=False))
+    assert used == ([route] if route else [])
