@@ -330,6 +330,8 @@ def test_without_cache_no_state_is_built_and_outputs_are_unchanged(kind, packed,
         outs.append((logits, grads))
     n_gla = sum(layer.mixer != "softmax" for layer in m.layers)
     assert asked == [True] * n_gla + [False] * n_gla
-    assert torch.equal(outs[0][0], outs[1][0])
+    # Without a final state, sequences of one chunk take gla.ops.short_chunk (another order of the same sums;
+    # each path is checked against the float64 reference in tests/ops): equal to fp32 rounding.
+    assert rel_err(outs[1][0], outs[0][0]) < 1e-5
     for a, b in zip(outs[0][1], outs[1][1]):
-        assert torch.equal(a, b)
+        assert rel_err(b, a) < 1e-4
