@@ -1,15 +1,18 @@
 """Generation benchmark: gla.generate (eager steps, CUDA-graph steps, compiled CUDA-graph steps) vs a same-size HF
-Llama with a static KV cache and a compiled forward, one process, greedy.
+Llama with a static KV cache and a compiled forward, and optionally FLA's GLA, one process, greedy.
 
-    gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512]
-                       [--new 256] [--no-llama] [--out DIR] [--json]
+    gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512 ...]
+                       [--new 256] [--no-llama] [--fla] [--out DIR] [--json]
 
 Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU). The Llama has the same width, depth, vocabulary
 and MLP size with softmax attention (Llama-341M beside gla-340m: hidden 1024, 24 layers, 8 heads of 128, MLP 2816),
 generating through transformers' `generate` with `cache_implementation="static"`, under which transformers compiles
-its decoding forward on CUDA (as it documents for fast decoding). Per row: tokens/s over the new tokens, the time
-of the first call (prefill + compile / capture), and ms per token of a second call (its whole time over the new
-tokens).
+its decoding forward on CUDA (as it documents for fast decoding). ``--fla``: FLA's GLAForCausalLM at the preset's
+sizes through its own `generate` (needs flash-linear-attention).
+
+Per row, after a first call (compilation, capture: its time is reported): time to first token (a call for one new
+token: prefill and one sample), decode ms/token ((the full call - the first-token call) / (new - 1)), tokens/s of
+the full call, and on CUDA the peak memory of the full call.
 """
 from __future__ import annotations
 
@@ -35,42 +38,67 @@ def _time(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def ours(cfg, B: int, prompt_len: int, new: int, device, dtype, cuda_graph: bool, compile_step: bool = False) -> dict:
+def ours(cfg, B, prompt_len, device, dtype, cuda_graph: bool, compile_step: bool = False):
+    """(row name, mode, run(new_tokens)) for gla.generate."""
     from gla.generation import generate
     from gla.models import GLATransformer
     torch.manual_seed(0)
     model = GLATransformer.from_config(cfg).to(device, dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-    run = lambda: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph,  # noqa: E731
-                           compile_step=compile_step)
-    first = _time(run, device)
-    total = _time(run, device)
     mode = ("CUDA graph + compile" if compile_step else "CUDA graph") if cuda_graph else "eager"
-    return dict(model="gla (ours)", mode=mode, first_s=first, total_s=total)
+    return "gla (ours)", mode, lambda new: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph,
+                                                    compile_step=compile_step)
 
 
-def llama(cfg, B: int, prompt_len: int, new: int, device, dtype) -> dict:
+def llama(cfg, B, prompt_len, device, dtype, max_new: int):
     from .peers import llama_twin
     torch.manual_seed(0)
-    model = llama_twin(cfg, prompt_len + new + 8).to(device, dtype).eval()
+    model = llama_twin(cfg, prompt_len + max_new + 8).to(device, dtype).eval()
     # With a static cache, transformers' generate compiles the decoding forward itself (its CompileConfig: fullgraph,
     # "reduce-overhead", i.e. CUDA graphs); compiling model.forward on top of that broke its graphs (transformers
     # 5.17: "accessing tensor output of CUDAGraphs that has been overwritten").
     model.generation_config.cache_implementation = "static"
+    mode = "compiled" if device.type == "cuda" else "eager"
+    return "HF Llama, static cache", mode, _hf_run(model, cfg, B, prompt_len, device)
+
+
+def fla(cfg, B, prompt_len, device, dtype, max_new: int):
+    from .peers import fla_twin
+    torch.manual_seed(0)
+    model = fla_twin(cfg, prompt_len + max_new + 8).to(device, dtype).eval()
+    return "FLA GLAForCausalLM", "eager", _hf_run(model, cfg, B, prompt_len, device)
+
+
+def _hf_run(model, cfg, B, prompt_len, device):
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # noqa: E731
-    with torch.inference_mode():
-        first = _time(run, device)
-        total = _time(run, device)
-    return dict(model="HF Llama, static cache", mode="compiled" if device.type == "cuda" else "eager",
-                first_s=first, total_s=total)
+
+    def run(new):
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+    return run
+
+
+def measure(name, mode, run, B: int, new: int, device) -> dict:
+    first = _time(lambda: run(new), device)
+    ttft = _time(lambda: run(1), device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = _time(lambda: run(new), device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    decode = (total - ttft) / (new - 1) if new > 1 else total
+    return dict(model=name, mode=mode, B=B, first_s=first, ttft_s=ttft, total_s=total, ms_token=decode * 1e3,
+                tok_s=B * new / total, peak_gib=peak)
 
 
 def table(rows) -> str:
-    return md_table(["model", "mode", "B", "tok/s", "ms/token", "first call s"],
-                    [[r["model"], r["mode"], str(r["B"]), f"{r['tok_s']:,.1f}", f"{r['ms_token']:.2f}",
-                      f"{r['first_s']:.1f}"] for r in rows])
+    def gib(r):
+        return "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+    return md_table(["model", "mode", "B", "prompt", "tok/s", "decode ms/token", "first token ms", "peak GiB",
+                     "first call s"],
+                    [[r["model"], r["mode"], str(r["B"]), str(r["prompt"]), f"{r['tok_s']:,.1f}",
+                      f"{r['ms_token']:.2f}", f"{r['ttft_s'] * 1e3:.1f}", gib(r), f"{r['first_s']:.1f}"]
+                     for r in rows])
 
 
 def main(argv=None) -> int:
@@ -80,35 +108,38 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--preset", default="gla-340m")
     p.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 16)")
-    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, action="append", default=None, help="prompt lengths (default 512)")
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--no-llama", action="store_true", help="leave out the HF Llama rows")
+    p.add_argument("--fla", action="store_true", help="add FLA's GLAForCausalLM (flash-linear-attention)")
     p.add_argument("--out", default=None, help="write DIR/generate.md and .json")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.prompt_len < 1 or a.new < 1:
+    prompts = a.prompt_len or [512]
+    if min(prompts) < 1 or a.new < 1:
         p.error("--prompt-len and --new must be >= 1")
     device = resolve_device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = GLAConfig.preset(a.preset)
+    cfg = GLAConfig.preset(a.preset, max_seq_len=max(prompts) + a.new)
     rows = []
-    for B in a.batch or [1, 16]:
-        runs = [lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, False)]
-        if device.type == "cuda":
-            runs.append(lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, True))
-            runs.append(lambda: ours(cfg, B, a.prompt_len, a.new, device, dtype, True, compile_step=True))
-        if not a.no_llama:
-            runs.append(lambda: llama(cfg, B, a.prompt_len, a.new, device, dtype))
-        for run in runs:
-            r = run()
-            r.update(B=B, tok_s=B * a.new / r["total_s"], ms_token=r["total_s"] / a.new * 1e3)
-            rows.append(r)
-            if not a.json:
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    for L in prompts:
+        for B in a.batch or [1, 16]:
+            makers = [lambda: ours(cfg, B, L, device, dtype, False)]
+            if device.type == "cuda":
+                makers.append(lambda: ours(cfg, B, L, device, dtype, True))
+                makers.append(lambda: ours(cfg, B, L, device, dtype, True, compile_step=True))
+            if not a.no_llama:
+                makers.append(lambda: llama(cfg, B, L, device, dtype, a.new))
+            if a.fla:
+                makers.append(lambda: fla(cfg, B, L, device, dtype, a.new))
+            for make in makers:
+                r = {**measure(*make(), B, a.new, device), "prompt": L}
+                rows.append(r)
+                if not a.json:
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    md = (f"Generation on {where}, torch {torch.__version__}, {a.preset} and its Llama twin, {dtype}, prompt "
-          f"{a.prompt_len}, {a.new} new tokens, greedy (ms/token: the whole second call over the new tokens)\n\n"
-          f"{table(rows)}")
+    md = (f"Generation on {where}, torch {torch.__version__}, {a.preset} and its peers, {dtype}, {a.new} new tokens, "
+          f"greedy\n\n{table(rows)}")
     print(json.dumps(rows) if a.json else "\n" + md)
     if a.out:
         write_report(a.out, "generate", md, rows)
