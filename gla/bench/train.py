@@ -2,8 +2,8 @@
 run (forward, loss, backward, fused AdamW), one process, the same batches for every row.
 
     gla bench train [--device cuda] [--preset gla-340m] [--batch 8] [--seq-len 2048] [--steps 10]
-                    [--models gla,llama,fla] [--modes eager,compiled] [--weights fp32,bf16] [--profile]
-                    [--out DIR]
+                    [--models gla,llama,fla] [--modes eager,compiled,blocks] [--weights fp32,bf16] [--profile]
+                    [--checkpoint-activations] [--out DIR]
 
 Models: ``gla`` ours (its fused head + loss, as ``gla train`` runs it); ``llama`` an HF LlamaForCausalLM (SDPA) with
 the preset's width, depth, MLP size and vocabulary (gla.bench.peers.llama_twin); ``fla`` FLA's GLAForCausalLM at the
@@ -81,10 +81,15 @@ def peak_tflops(device) -> float | None:
 
 
 def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, device, kind: str = "gla",
-              weights: str = "fp32", profile: bool = False) -> dict:
-    """{model, mode, weights, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[, profile]}."""
+              weights: str = "fp32", profile: bool = False, recompute: bool = False) -> dict:
+    """{model, mode, weights, recompute, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[, profile]}.
+    recompute: activation checkpointing of every layer (ours: checkpoint_layers; HF models: their own)."""
     torch.manual_seed(0)
     model, run = build(kind, cfg, seq_len)
+    if recompute and kind == "gla":
+        model.checkpoint_layers = True
+    elif recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = model.to(device, torch.bfloat16 if weights == "bf16" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
@@ -115,8 +120,8 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     tflops = peak_tflops(device)
     tokens = batch * seq_len
-    row = dict(model=kind, mode=mode, weights=weights, params=n_params, first_step_s=times[0], ms_per_step=ms,
-               tok_per_s=tokens / ms * 1e3, peak_gib=peak, losses=[float(x) for x in losses],
+    row = dict(model=kind, mode=mode, weights=weights, recompute=recompute, params=n_params,
+               first_step_s=times[0], ms_per_step=ms, tok_per_s=tokens / ms * 1e3, peak_gib=peak, losses=[float(x) for x in losses],
                mfu=6 * n_params * tokens / (ms * 1e-3) / (tflops * 1e12) if tflops else None)
     if profile:
         row["profile"] = kernel_profile(lambda: step(batches[0]), device)
@@ -141,7 +146,8 @@ def kernel_profile(step, device, top: int = 25) -> list[dict]:
 def format_table(rows, title: str) -> str:
     def mfu(r):
         return f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-    cells = [[r.get("model", "gla"), r["mode"], r.get("weights", "fp32"), f"{r['ms_per_step']:.1f}",
+    cells = [[r.get("model", "gla"), r["mode"] + (" + recompute" if r.get("recompute") else ""),
+              r.get("weights", "fp32"), f"{r['ms_per_step']:.1f}",
               f"{r['tok_per_s'] / 1e3:.1f}k", mfu(r), f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.1f}",
               f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f}"] for r in rows]
     table = f"{title}\n\n" + md_table(["model", "mode", "weights", "ms/step", "tok/s", "MFU", "peak GiB",
@@ -168,6 +174,8 @@ def main(argv=None) -> int:
                                                    "size), fla (FLA's GLAForCausalLM)")
     p.add_argument("--weights", default="fp32", help="comma-separated: fp32 (bf16 autocast on CUDA), bf16")
     p.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels of one step")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute every layer in the backward (all models): memory for long sequences")
     p.add_argument("--out", help="write DIR/train.md and DIR/train.json")
     a = p.parse_args(argv)
     modes, models, weights = a.modes.split(","), a.models.split(","), a.weights.split(",")
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
                 "--steps must be >= 1")
     cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1), tie_embeddings=True)
     device = resolve_device(a.device)
-    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile)
+    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile, a.checkpoint_activations)
             for kind in models for w in weights for m in modes if kind != "fla" or m == "eager"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     title = f"{a.preset} (tied embeddings) training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"

@@ -46,3 +46,16 @@ def test_bf16_weights_and_profile(tmp_path, capsys):
     # bf16 weights change the arithmetic, not the model: the first losses agree to bf16 precision
     assert abs(rows[0]["losses"][0] - rows[1]["losses"][0]) < 2e-2 * rows[0]["losses"][0]
     assert "Kernels of one step: gla eager bf16" in capsys.readouterr().out
+
+
+def test_recompute_rows(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    argv = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+            "--modes", "eager", "--models", "gla,llama", "--checkpoint-activations", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert all(r["recompute"] for r in rows) and "| eager + recompute |" in capsys.readouterr().out
+    assert train.main(argv[:-3] + ["--out", str(tmp_path / "plain")]) == 0  # recomputing changes no value
+    plain = json.loads((tmp_path / "plain" / "train.json").read_text())
+    for a, b in zip(rows, plain):
+        assert not b["recompute"] and a["losses"] == pytest.approx(b["losses"], rel=1e-6)
