@@ -63,13 +63,15 @@ class StaticDecoder:
         if not static_state(model):
             raise ValueError("static decoding needs a GLATransformer without softmax layers (a hybrid's KV cache "
                              "grows every step): pass cuda_graph=False")
-        self.model = model
+        # weak: the decoder lives in a cache keyed weakly by the model, which a strong reference would keep alive
+        self.model = weakref.ref(model)
         self.state = map_tensors(torch.clone, state)
         self.buffers = _tensors(self.state)
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
-        self.run = torch.compile(self._step, fullgraph=True, dynamic=False) if compiled else self._step
+        # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager
+        self.run = torch.compile(self._step, dynamic=False) if compiled else self._step
         self.graph = None
         self.logits = None
 
@@ -78,8 +80,8 @@ class StaticDecoder:
         for buf, t in zip(self.buffers, _tensors(state), strict=True):
             buf.copy_(t)
 
-    def _step(self) -> torch.Tensor:
-        logits, new = self.model(self.tokens, self.state)
+    def _step(self, model) -> torch.Tensor:
+        logits, new = model(self.tokens, self.state)
         for buf, t in zip(self.buffers, _tensors(new), strict=True):
             buf.copy_(t)
         return logits[:, -1]
@@ -90,13 +92,13 @@ class StaticDecoder:
         returned tensor is a static buffer that the next step overwrites."""
         self.tokens.copy_(tokens.view(-1, 1))
         if not self.capture:
-            return self.run()
+            return self.run(self.model())
         if self.graph is None:
-            self._record()
+            self._record(self.model())
         self.graph.replay()
         return self.logits
 
-    def _record(self) -> None:
+    def _record(self, model) -> None:
         """Warm up on a side stream (first calls compile kernels and allocate), restore the state the warm-up
         advanced, then capture one step."""
         saved = [b.clone() for b in self.buffers]
@@ -104,10 +106,10 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.run()
+                self.run(model)
         torch.cuda.current_stream().wait_stream(side)
         for buf, s in zip(self.buffers, saved):
             buf.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.run()
+            self.logits = self.run(model)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from gla.decoding import decoder_for, graphable
+from gla.decoding import decoder_for, graphable, static_state
 
 EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
 
@@ -86,7 +86,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
                                   logits_to_keep=1)  # only the prompt's last position is sampled from
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         if cuda_graph is None:
-            cuda_graph = graphable(model, ids.device)
+            cuda_graph = graphable(model, ids.device) or (compile_step and static_state(model))
         if compile_step and not cuda_graph:
             raise ValueError("compile_step compiles the static decoding step: it needs cuda_graph (a GLA-only model)")
         decoder = (decoder_for(model, state, capture=ids.device.type == "cuda", compiled=compile_step)

@@ -174,3 +174,15 @@ def test_compiled_static_step_gives_the_eager_tokens():
     assert decoder.run != decoder._step  # the step that ran was the compiled one
     with pytest.raises(ValueError, match="compile_step"):
         gla.generate(m, ids, 3, temperature=0, cuda_graph=False, compile_step=True)
+
+
+def test_static_decoding_lets_the_model_go():
+    """The decoder cache is keyed weakly by the model and holds it weakly: a model used once is freed with it."""
+    import gc
+    import weakref
+    m = model().eval()
+    gla.generate(m, torch.randint(0, 64, (2, 5)), 4, temperature=0, cuda_graph=True)
+    alive = weakref.ref(m)
+    del m
+    gc.collect()
+    assert alive() is None

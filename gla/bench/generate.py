@@ -17,6 +17,7 @@ the full call, and on CUDA the peak memory of the full call.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -80,6 +81,7 @@ def _hf_run(model, cfg, B, prompt_len, device):
 
 
 def measure(name, mode, run, B: int, new: int, device) -> dict:
+    """Time ``run`` (built by ours / llama / fla) as the module docstring says; the caller drops it afterwards."""
     first = _time(lambda: run(new), device)
     ttft = _time(lambda: run(1), device)
     if device.type == "cuda":
@@ -133,6 +135,9 @@ def main(argv=None) -> int:
             if a.fla:
                 makers.append(lambda: fla(cfg, B, L, device, dtype, a.new))
             for make in makers:
+                gc.collect()  # the previous row's model and captured graphs out of this row's peak memory
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 r = {**measure(*make(), B, a.new, device), "prompt": L}
                 rows.append(r)
                 if not a.json:

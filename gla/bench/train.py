@@ -34,7 +34,7 @@ MODES = ("eager", "compiled", "blocks")
 MODELS = ("gla", "llama", "fla")
 WEIGHTS = ("fp32", "bf16")
 # dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # first match wins
 
 
 def build(kind: str, cfg: GLAConfig, seq_len: int):
@@ -45,7 +45,7 @@ def build(kind: str, cfg: GLAConfig, seq_len: int):
         return GLATransformer.from_config(cfg), loss
     from . import peers
     if kind == "fla":
-        def loss(m, ids):  # FLA shifts the labels itself (HF convention) and picks its fused loss
+        def loss(m, ids):  # FLA shifts the labels itself (HF convention: T - 1 of T positions scored)
             return m(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
         return peers.fla_twin(cfg, seq_len), loss
 
@@ -84,6 +84,11 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
               weights: str = "fp32", profile: bool = False, recompute: bool = False) -> dict:
     """{model, mode, weights, recompute, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[, profile]}.
     recompute: activation checkpointing of every layer (ours: checkpoint_layers; HF models: their own)."""
+    import gc
+    gc.collect()  # the previous row's model, optimizer and compiled code out of this row's peak memory
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     model, run = build(kind, cfg, seq_len)
     if recompute and kind == "gla":

@@ -24,12 +24,14 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, rows: int, need_grad: bool):
+    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, rows: int, need_h: bool,
+                need_w: bool):
         # Out of place throughout: under torch 2.11's compile, writes into tensors created here (a slice assignment
         # into a preallocated gradient) were lost, and the compiled model trained with zero gradients.
         w = weight.to(dtype)
         x = h.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = need_h or need_w
         grad_hs, grad_w = [], None
         for i in range(0, x.shape[0], rows):
             xi, yi = x[i:i + rows], targets[i:i + rows]
@@ -41,26 +43,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad:  # dlogits = softmax - onehot(target), zero on ignored rows
                 probs = torch.exp(logits - lse.unsqueeze(1))
                 d = (probs.scatter_add(1, safe, -keep.unsqueeze(1).to(probs.dtype)) * keep.unsqueeze(1)).to(dtype)
-                grad_hs.append(d @ w)
-                # each block's product rounded to the compute dtype once, the sum over blocks in fp32
-                part = (d.t() @ xi).float()
-                grad_w = part if grad_w is None else grad_w + part
-        if need_grad and grad_hs:
-            ctx.save_for_backward(torch.cat(grad_hs), grad_w)
-        elif need_grad:  # no rows
-            ctx.save_for_backward(torch.zeros_like(x), torch.zeros(weight.shape, device=weight.device))
-        else:
-            ctx.save_for_backward(None, None)
+                if need_h:
+                    grad_hs.append(d @ w)
+                if need_w:  # each block's product rounded to the compute dtype once, the sum over blocks in fp32
+                    part = (d.t() @ xi).float()
+                    grad_w = part if grad_w is None else grad_w + part
+        grad_h = (torch.cat(grad_hs) if grad_hs else torch.zeros_like(x)) if need_h else None
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape, device=weight.device)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were formed in the forward: no second order
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        if grad_h is None:
-            raise RuntimeError("linear_cross_entropy was called without gradients enabled; it cannot run backward")
-        return ((grad_h * grad_total).to(ctx.h_dtype), (grad_w * grad_total).to(ctx.w_dtype),
-                None, None, None, None, None)
+        return (None if grad_h is None else (grad_h * grad_total).to(ctx.h_dtype),
+                None if grad_w is None else (grad_w * grad_total).to(ctx.w_dtype),
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -79,8 +80,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if targets.dtype != torch.long:
         raise ValueError(f"targets must be torch.long, got {targets.dtype}")
     rows = block_rows or max(1, BLOCK_BYTES // (4 * weight.shape[0]))
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled()
     dtype = _compute_dtype(h, weight)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
-                                         dtype, rows, need_grad)
+                                         dtype, rows, grad and h.requires_grad, grad and weight.requires_grad)

@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from gla.layers import GLALayer
 from gla.layers.cross_entropy import linear_cross_entropy

@@ -30,9 +30,10 @@ def plan(q, g, initial_state, output_final_state: bool, cu_seqlens) -> int | Non
     serve the call: longer than one chunk, packed rows, states, a BC-token stretch decaying by more than SAFE_SPAN,
     or under torch.compile (which sees the chunk path's opaque operator instead). One host read of the gates."""
     B, T = q.shape[:2]
-    if (cu_seqlens is not None or initial_state is not None or output_final_state or not 0 < T <= BT
+    if (cu_seqlens is not None or initial_state is not None or output_final_state or not 0 < T <= BT or B == 0
             or torch.compiler.is_compiling()):
         return None
+    g = g.detach()
     if bool(g.sum(1).min() >= -SAFE_SPAN):
         return T
     Tp = -(-T // BC) * BC

@@ -122,3 +122,15 @@ def test_compiled_model_gradients_equal_eager(device):
         assert g.abs().max() > 0, name
         err = (out[1][1][name] - g).abs().max() / g.abs().max()
         assert err < (2e-2 if device == "cuda" else 1e-4), (name, err.item())
+
+
+def test_frozen_weight_and_no_second_order():
+    """A frozen head (weight without grad) still gives h its gradient; a second derivative is refused, not wrong."""
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(7, 8, generator=g).requires_grad_(), torch.randn(11, 8, generator=g)
+    y = torch.randint(0, 11, (7,), generator=g)
+    (ours,) = torch.autograd.grad(linear_cross_entropy(h, w, y), h, create_graph=True)
+    (ref,) = torch.autograd.grad(_plain(h, w, y), h)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no graph to differentiate again
+        ours.sum().backward()

@@ -44,7 +44,11 @@ def test_same_gradients_less_memory(kw, packed):
     assert out[2] < 0.5 * ref[2], (out[2], ref[2])  # bytes saved for the backward
 
 
-def test_no_recompute_outside_training_and_with_compiled_blocks():
+def test_no_recompute_outside_training_and_with_compiled_blocks(monkeypatch):
+    import torch.utils.checkpoint as ckpt
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = _model(dropout=0.0)  # compiled code draws dropout masks from another generator than eager
     ids, y = torch.randint(0, 101, (2, 33)), torch.randint(0, 101, (2, 33))
     ref = _loss_grads(m, ids, y)
@@ -52,9 +56,12 @@ def test_no_recompute_outside_training_and_with_compiled_blocks():
     c.checkpoint_layers = True
     c.compile_blocks()
     out = _loss_grads(c, ids, y)
+    assert len(calls) == len(c.layers)  # every compiled layer ran inside a checkpoint
+    assert out[2] < 0.5 * ref[2], (out[2], ref[2])
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=0)
     for name, g in ref[1].items():
         assert (out[1][name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+    calls.clear()
     with torch.no_grad():  # inference and cached decoding run the layers directly
         logits, state = c(ids)
-        assert state is not None and torch.isfinite(logits).all()
+    assert not calls and state is not None and torch.isfinite(logits).all()
