@@ -74,7 +74,7 @@ def _distill_parser(sub):
     a = p.add_argument
     a("--teacher", help="a gla checkpoint or a Hugging Face Llama / Qwen2 directory")
     a("--student", dest="init_from", help="the converted model directory (gla convert --out)")
-    a("--kl-weight", type=float, help="weight of KL(teacher || student) per token beside the next-token loss (1.0)")
+    a("--kl-weight", type=float, help="weight of KL(teacher || student) per token beside the next-token loss (3.0)")
     a("--transfer-steps", type=int, help="stage 1: attention-transfer steps before training (0)")
 
 

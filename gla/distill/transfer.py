@@ -2,7 +2,9 @@
 
 Stage 1 (LoLCATs, Zhang et al. 2024, "attention transfer"): every GLA layer of the student sees the input its teacher
 layer sees (the teacher's normalised hidden states at that layer) and is trained to give the teacher layer's output,
-all layers at once, only the parameters that conversion added (the forget gate and the per-head output norm). Stage 2
+all layers at once, in the parameters that decide how the layer mixes tokens: the forget gate and per-head output
+norm that conversion added, and the query and key projections (the role LoLCATs gives its trainable feature maps:
+refitting them took the distilled all-GLA demo student from +10.1% to +6.9% over the teacher's loss). Stage 2
 is ordinary training with kl_weight * KL(teacher || student) per token added to the next-token loss (Hinton et al.
 2015), run by gla.training with ``teacher`` set.
 """
@@ -50,9 +52,11 @@ def kl_sum(student_logits, teacher_logits, targets, ignore_index: int, chunk: in
 
 
 def transfer_parameters(student) -> list:
-    """What stage 1 trains: the forget gates and output norms of the student's GLA layers."""
+    """What stage 1 trains: the forget gates, output norms and query / key projections of the student's GLA
+    layers."""
     return [p for layer in student.layers if layer.mixer == "gla"
-            for m in (layer.attn.gk_proj, layer.attn.g_norm) for p in m.parameters()]
+            for m in (layer.attn.gk_proj, layer.attn.g_norm, layer.attn.q_proj, layer.attn.k_proj)
+            for p in m.parameters()]
 
 
 def _fit_output_scale(pairs, seen, cu) -> None:
