@@ -150,12 +150,16 @@ def _sampler(args):
     def run(ids, cb):
         out = generate(model, torch.tensor([ids], device=dev), args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, callback=None if cb is None else lambda t: cb(int(t[0])),
-                       generator=gen)
+                       generator=gen, compile_step=args.compile)
         return out[0, len(ids):].tolist()
     return tokenizer_for(args.ckpt), run
 
 
 def _cmd_generate(args) -> int:
+    import os
+    if args.compile and (args.quantize or os.path.isfile(os.path.join(args.ckpt, "export.json"))):
+        raise ValueError("--compile compiles a PyTorch model's decoding step; with --quantize or an export directory "
+                         "the model runs on ONNX Runtime")
     with _quantized(args):
         return _generate(args)
 
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
     g.add_argument("--stop", action="append", default=None,
                    help="stop when the completion contains this text, which is left out (repeatable)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (GLA-only models; seconds to compile, then faster steps: "
+                        "the demo model on a 2-core CPU 1.11 -> 0.64 ms/token)")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("convert", help="a pretrained softmax transformer as a GLA or hybrid model")

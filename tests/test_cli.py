@@ -65,6 +65,18 @@ def test_generate_stops_at_a_stop_string(run, capsys):
     assert capsys.readouterr().out == "All:" + cut + "\n"
 
 
+def test_generate_compiled_step_gives_the_same_text(run, capsys):
+    from gla.cli import main
+    _, out = run
+    args = ["generate", "--ckpt", out, "--prompt", "All:", "--max-new-tokens", "20", "--temperature", "0", "--json"]
+    assert main(args) == 0
+    eager = json.loads(capsys.readouterr().out)["completion"]
+    assert main([*args, "--compile"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == eager
+    assert main([*args, "--compile", "--quantize", "int8"]) == 2
+    assert "ONNX Runtime" in capsys.readouterr().err
+
+
 def test_eval_ppl_json(run):
     data, out = run
     windows = json.loads(gla("eval", "ppl", "--ckpt", out, "--data", data, "--seq-len", "64", "--json").stdout)
