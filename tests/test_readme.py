@@ -34,6 +34,10 @@ SMALL = {  # per (sub)command: what shrinks it
     ("distill",): ["--steps", "2", "--transfer-steps", "2", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
                    "--eval-batches", "1", "--sample-tokens", "8", "--json"],
     ("bench", "cpu-generate"): ["--prompt-len", "4", "--new", "2", "--variants", "eager,onnx", "--json"],
+    ("bench", "train"): ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+                         "--modes", "eager"],
+    ("bench", "generate"): ["--device", "cpu", "--preset", "tiny", "--batch", "1", "--prompt-len", "4", "--new", "2",
+                            "--no-llama", "--json"],
 }
 
 
