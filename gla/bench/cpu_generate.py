@@ -1,11 +1,12 @@
-"""CPU generation benchmark: eager PyTorch vs the exported ONNX graph (fp32 and int8 weights), one process.
+"""CPU generation benchmark: PyTorch (eager, compiled step) vs the exported ONNX graph (fp32, int8), one process.
 
     gla bench cpu-generate [--preset demo --preset gla-340m | --ckpt DIR ...] [--prompt-len 256] [--new 64]
-                           [--threads 2] [--variants eager,onnx,onnx-int8] [--out DIR] [--json]
+                           [--threads 2] [--variants eager,eager-compiled,onnx,onnx-int8] [--out DIR] [--json]
 
 For each model (a preset with random weights, or a checkpoint) and each variant, one greedy generation of --new
 tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: eager = gla.generate (fp32),
-onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX Runtime). Time to first token = the
+eager-compiled = the same with its decoding step compiled (`gla generate --compile`; the compilation falls in one
+early gap, outside the median), onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX Runtime). Time to first token = the
 prompt's prefill and the first token; decode = the median gap between later tokens. File = the weights on disk
 (model.safetensors for eager, model.onnx for the exports). Memory against context is `gla bench decode`'s.
 """
@@ -22,7 +23,7 @@ import torch
 
 from gla.bench import md_table, write_report
 
-VARIANTS = ("eager", "onnx", "onnx-int8")
+VARIANTS = ("eager", "eager-compiled", "onnx", "onnx-int8")
 
 
 def _timed(run) -> tuple[float, float]:
@@ -43,10 +44,11 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rows = []
     for variant in variants:
-        if variant == "eager":
+        if variant.startswith("eager"):
             size = os.path.getsize(os.path.join(ckpt, "model.safetensors"))
             ttft, gap = _timed(lambda cb: generate(model, prompt[None], new, temperature=0,
-                                                   callback=lambda t: cb(int(t[0]))))
+                                                   callback=lambda t: cb(int(t[0])),
+                                                   compile_step=variant == "eager-compiled"))
         else:
             out = os.path.join(workdir, variant)
             export(ckpt, out, quantize="int8" if variant == "onnx-int8" else None)
