@@ -6,9 +6,10 @@
 For each model (a preset with random weights, or a checkpoint) and each variant, one greedy generation of --new
 tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: eager = gla.generate (fp32),
 eager-compiled = the same with its decoding step compiled (`gla generate --compile`; the compilation falls in one
-early gap, outside the median), onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX Runtime). Time to first token = the
-prompt's prefill and the first token; decode = the median gap between later tokens. File = the weights on disk
-(model.safetensors for eager, model.onnx for the exports). Memory against context is `gla bench decode`'s.
+early gap, outside the median), onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX
+Runtime). Time to first token = the prompt's prefill and the first token; decode = the median gap between later
+tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the exports). Memory against context
+is `gla bench decode`'s.
 """
 from __future__ import annotations
 
