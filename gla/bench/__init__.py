@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 
 def md_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -18,3 +19,19 @@ def write_report(out: str, stem: str, markdown: str, data=None) -> None:
     if data is not None:
         with open(os.path.join(out, f"{stem}.json"), "w") as f:
             json.dump(data, f, indent=1)
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (timings on a GPU would otherwise measure only the launches)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    """Seconds that fn() takes, the device's work included."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t

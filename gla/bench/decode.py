@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from gla.bench import write_report
+from gla.bench import sync, write_report
 from gla.models import GLATransformer
 from gla.models.state import state_bytes
 
@@ -63,11 +63,6 @@ def build(kind: str, vocab: int, d_model: int, n_heads: int, n_layers: int, max_
     return m.to(device=device, dtype=dtype).eval()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _sdpa_backends(device, allow_cudnn: bool):
     """On CUDA, SDPA without cuDNN unless allowed: torch 2.11 picks cuDNN attention for a decode step and builds a
     plan for every new KV length (~10 ms of host time per layer per token on an H200, 57 ms/token for 4 layers),
@@ -97,12 +92,12 @@ def _measure(model, device, context, steps, batch, prefill_chunk, warmup):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rss0 = rss_bytes()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     state, chunk = None, prefill_chunk or context
     for s in range(0, context, chunk):
         logits, state = model(ids[:, s:s + chunk], state)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - t0
     nxt = logits[:, -1:].argmax(-1)
     del logits
@@ -110,11 +105,11 @@ def _measure(model, device, context, steps, batch, prefill_chunk, warmup):
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(warmup + steps):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         logits, state = model(nxt, state)
         nxt = logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     del logits

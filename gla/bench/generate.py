@@ -19,24 +19,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
 
 import torch
 
-from gla.bench import md_table, write_report
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
+from gla.bench import md_table, timed, write_report
 
 
 def ours(cfg, B, prompt_len, device, dtype, cuda_graph: bool, compile_step: bool = False):
@@ -82,11 +68,11 @@ def _hf_run(model, cfg, B, prompt_len, device):
 
 def measure(name, mode, run, B: int, new: int, device) -> dict:
     """Time ``run`` (built by ours / llama / fla) as the module docstring says; the caller drops it afterwards."""
-    first = _time(lambda: run(new), device)
-    ttft = _time(lambda: run(1), device)
+    first = timed(lambda: run(new), device)
+    ttft = timed(lambda: run(1), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    total = _time(lambda: run(new), device)
+    total = timed(lambda: run(new), device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     decode = (total - ttft) / (new - 1) if new > 1 else total
     return dict(model=name, mode=mode, B=B, first_s=first, ttft_s=ttft, total_s=total, ms_token=decode * 1e3,

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from gla import GLAConfig, GLATransformer
-from gla.bench import md_table
+from gla.bench import md_table, sync, timed
 from gla.device import resolve_device
 
 MODES = ("eager", "compiled", "blocks")
@@ -66,11 +65,6 @@ def compile_blocks(model):
             for block in m:
                 block.compile()
     return model
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_tflops(device) -> float | None:
@@ -114,19 +108,15 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    for i in range(steps + 3):
-        _sync(device)
-        t = time.perf_counter()
-        losses.append(step(batches[i % len(batches)]))
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    losses = []
+    times = [timed(lambda: losses.append(step(batches[i % len(batches)])), device) for i in range(steps + 3)]
     ms = statistics.median(times[3:]) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     tflops = peak_tflops(device)
     tokens = batch * seq_len
     row = dict(model=kind, mode=mode, weights=weights, recompute=recompute, params=n_params,
-               first_step_s=times[0], ms_per_step=ms, tok_per_s=tokens / ms * 1e3, peak_gib=peak, losses=[float(x) for x in losses],
+               first_step_s=times[0], ms_per_step=ms, tok_per_s=tokens / ms * 1e3, peak_gib=peak,
+               losses=[float(x) for x in losses],
                mfu=6 * n_params * tokens / (ms * 1e-3) / (tflops * 1e12) if tflops else None)
     if profile:
         row["profile"] = kernel_profile(lambda: step(batches[0]), device)
@@ -139,7 +129,7 @@ def kernel_profile(step, device, top: int = 25) -> list[dict]:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
-        _sync(device)
+        sync(device)
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", 0) if device.type == "cuda" else e.self_cpu_time_total

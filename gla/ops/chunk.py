@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import no_autocast
 from .constants import BC, BT, SAFE_SPAN  # beside the Triton path's; constants.py says why the thresholds differ
 from .recurrent import state_dtype
+from . import short_chunk
 
 
 @dataclass
@@ -399,9 +400,8 @@ def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=F
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [N, H, K, V] or None; cu_seqlens: [N+1] or None.
     Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32 or None).
     """
-    from .short_chunk import plan, short_chunk_gla
-    S = plan(q, g, initial_state, output_final_state, cu_seqlens)
+    S = short_chunk.plan(q, g, initial_state, output_final_state, cu_seqlens)
     if S is not None:  # one chunk, no states: a few dozen ops each way
-        return short_chunk_gla(q, k, v, g, scale, S), None
+        return short_chunk.short_chunk_gla(q, k, v, g, scale, S), None
     o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
     return o, (final if output_final_state else None)
