@@ -4,8 +4,10 @@ A decode step of a small model is bound by kernel launches (about a thousand per
 replaying a captured graph launches them all at once. Capture needs every tensor the step reads or writes to keep its
 address, so the model state lives in buffers allocated once per request (recurrent state [B, H, K, V] fp32 and
 short-convolution caches per GLA layer) that each step overwrites in place, and the token goes in through a fixed
-[B, 1] buffer. Hybrid models (softmax layers, whose KV cache grows) take the eager step. One decoder per model
-and state layout is kept and reused by later requests (``decoder_for``): the capture is paid once, not per call.
+[B, 1] buffer. The step runs with each layer's input projections fused into one matmul (gla.layers.fused: five
+GEMVs per GLA layer instead of ten), on copies of the weights refreshed at each request. Hybrid models (softmax
+layers, whose KV cache grows) take the eager step. One decoder per model and state layout is kept and reused by
+later requests (``decoder_for``): the capture is paid once, not per call.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import weakref
 
 import torch
 
+from gla.layers.fused import FusedProjections
 from gla.models import GLATransformer
 from gla.models.state import ModelState, map_tensors
 
@@ -70,13 +73,16 @@ class StaticDecoder:
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
+        self.fused = FusedProjections(model)
         # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager
         self.run = torch.compile(self._step, dynamic=False) if compiled else self._step
         self.graph = None
         self.logits = None
 
     def reset(self, state: ModelState) -> None:
-        """Start from ``state`` (same layout): copied into the buffers the captured step reads."""
+        """Start from ``state`` (same layout): copied into the buffers the captured step reads, with the model's
+        current weights (it may have trained since the last request)."""
+        self.fused.refresh()
         for buf, t in zip(self.buffers, _tensors(state), strict=True):
             buf.copy_(t)
 
@@ -92,9 +98,11 @@ class StaticDecoder:
         returned tensor is a static buffer that the next step overwrites."""
         self.tokens.copy_(tokens.view(-1, 1))
         if not self.capture:
-            return self.run(self.model())
+            with self.fused:
+                return self.run(self.model())
         if self.graph is None:
-            self._record(self.model())
+            with self.fused:
+                self._record(self.model())
         self.graph.replay()
         return self.logits
 

@@ -3,7 +3,7 @@ run (forward, loss, backward, fused AdamW), one process, the same batches for ev
 
     gla bench train [--device cuda] [--preset gla-340m] [--batch 8] [--seq-len 2048] [--steps 10]
                     [--models gla,llama,fla] [--modes eager,compiled,blocks] [--weights fp32,bf16] [--profile]
-                    [--checkpoint-activations] [--out DIR]
+                    [--checkpoint-activations] [--memory-budgets 1,0.5] [--out DIR]
 
 Models: ``gla`` ours (its fused head + loss, as ``gla train`` runs it); ``llama`` an HF LlamaForCausalLM (SDPA) with
 the preset's width, depth, MLP size and vocabulary (gla.bench.peers.llama_twin); ``fla`` FLA's GLAForCausalLM at the
@@ -14,7 +14,10 @@ does), ``bf16`` weights and optimizer state with no autocast (how FLA's own numb
 
 Per row: the first step (compilation and autotuning included), the median of the timed steps after three untimed
 ones, tokens/s, model FLOPs utilisation (6 * parameters * tokens per step, without attention FLOPs, over the card's
-dense bf16 peak; CUDA only), peak memory and the losses of the first and last step. --profile: after the rows,
+dense bf16 peak; CUDA only), peak memory and the losses of the first and last step. --memory-budgets: compiled rows
+once per activation memory budget (torch._functorch.config.activation_memory_budget: below 1 the partitioner
+recomputes in the backward what it would have saved, cheapest recomputation first, until the saved activations fit
+that fraction). --profile: after the rows,
 the CUDA kernels of one more step of each row by total time.
 """
 from __future__ import annotations
@@ -75,9 +78,10 @@ def peak_tflops(device) -> float | None:
 
 
 def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, device, kind: str = "gla",
-              weights: str = "fp32", profile: bool = False, recompute: bool = False) -> dict:
-    """{model, mode, weights, recompute, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[, profile]}.
-    recompute: activation checkpointing of every layer (ours: checkpoint_layers; HF models: their own)."""
+              weights: str = "fp32", profile: bool = False, recompute: bool = False, budget: float = 1.0) -> dict:
+    """{model, mode, weights, recompute, budget, first_step_s, ms_per_step, tok_per_s, mfu, peak_gib, losses[,
+    profile]}. recompute: activation checkpointing of every layer (ours: checkpoint_layers; HF models: their own).
+    budget: the compiler's activation memory budget (compiled modes)."""
     import gc
     gc.collect()  # the previous row's model, optimizer and compiled code out of this row's peak memory
     torch._dynamo.reset()
@@ -109,12 +113,13 @@ def time_mode(cfg: GLAConfig, mode: str, batch: int, seq_len: int, steps: int, d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses = []
-    times = [timed(lambda: losses.append(step(batches[i % len(batches)])), device) for i in range(steps + 3)]
+    with torch._functorch.config.patch(activation_memory_budget=budget):  # read when the first step compiles
+        times = [timed(lambda: losses.append(step(batches[i % len(batches)])), device) for i in range(steps + 3)]
     ms = statistics.median(times[3:]) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     tflops = peak_tflops(device)
     tokens = batch * seq_len
-    row = dict(model=kind, mode=mode, weights=weights, recompute=recompute, params=n_params,
+    row = dict(model=kind, mode=mode, weights=weights, recompute=recompute, budget=budget, params=n_params,
                first_step_s=times[0], ms_per_step=ms, tok_per_s=tokens / ms * 1e3, peak_gib=peak,
                losses=[float(x) for x in losses],
                mfu=6 * n_params * tokens / (ms * 1e-3) / (tflops * 1e12) if tflops else None)
@@ -141,7 +146,8 @@ def kernel_profile(step, device, top: int = 25) -> list[dict]:
 def format_table(rows, title: str) -> str:
     def mfu(r):
         return f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-    cells = [[r.get("model", "gla"), r["mode"] + (" + recompute" if r.get("recompute") else ""),
+    cells = [[r.get("model", "gla"), r["mode"] + (" + recompute" if r.get("recompute") else "")
+              + (f", budget {r['budget']:g}" if r.get("budget", 1.0) < 1 else ""),
               r.get("weights", "fp32"), f"{r['ms_per_step']:.1f}",
               f"{r['tok_per_s'] / 1e3:.1f}k", mfu(r), f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.1f}",
               f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f}"] for r in rows]
@@ -171,17 +177,21 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels of one step")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute every layer in the backward (all models): memory for long sequences")
+    p.add_argument("--memory-budgets", default="1", help="comma-separated activation memory budgets in (0, 1] for "
+                                                        "the compiled modes (1: the compiler's default)")
     p.add_argument("--out", help="write DIR/train.md and DIR/train.json")
     a = p.parse_args(argv)
     modes, models, weights = a.modes.split(","), a.models.split(","), a.weights.split(",")
+    budgets = [float(b) for b in a.memory_budgets.split(",")]
     if (not set(modes) <= set(MODES) or not set(models) <= set(MODELS) or not set(weights) <= set(WEIGHTS)
-            or a.steps < 1):
+            or a.steps < 1 or not all(0 < b <= 1 for b in budgets)):
         p.error(f"--modes takes {', '.join(MODES)}, --models {', '.join(MODELS)}, --weights {', '.join(WEIGHTS)}; "
-                "--steps must be >= 1")
+                "--steps must be >= 1, --memory-budgets in (0, 1]")
     cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1), tie_embeddings=True)
     device = resolve_device(a.device)
-    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile, a.checkpoint_activations)
-            for kind in models for w in weights for m in modes if kind != "fla" or m == "eager"]
+    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile, a.checkpoint_activations, b)
+            for kind in models for w in weights for m in modes if kind != "fla" or m == "eager"
+            for b in (budgets if m != "eager" else [1.0])]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     title = f"{a.preset} (tied embeddings) training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"
     table = format_table(rows, title)

@@ -124,6 +124,26 @@ class GatedLinearAttention(nn.Module):
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    fused = None  # a FusedLinear of input_linears() while decoding (gla.layers.fused)
+
+    def input_linears(self) -> list[nn.Linear]:
+        """The projections of the layer's input, in the order ``_projections`` returns them: q, k, v, then the
+        gate's low-rank half (data-dependent decay) and the output gate where the layer has them."""
+        gate = [self.gk_proj[0]] if self.decay == "data" else []
+        return [self.q_proj, self.k_proj, self.v_proj, *gate, *([self.g_proj] if self.output_gate else [])]
+
+    def _projections(self, x, xin):
+        """(q, k, v, gate low-rank activations or None, output-gate pre-activation or None). The output gate
+        reads x; the others read xin (x with padding zeroed), which is x itself when there is no mask."""
+        if self.fused is not None and xin is x:
+            outs = self.fused(x)
+        else:
+            lins = self.input_linears()
+            outs = [lin(xin) for lin in lins[:-1]] + [lins[-1](x if self.output_gate else xin)]
+        q, k, v, *rest = outs
+        g_low = rest.pop(0) if self.decay == "data" else None
+        return q, k, v, g_low, (rest.pop(0) if self.output_gate else None)
+
     def forward(self, x, state: GLAState | None = None, cu_seqlens=None, attention_mask=None, seq_info=None,
                 use_cache: bool = True):
         """x: [B, T, d_model]; state: GLAState or None; cu_seqlens: [N+1] packed documents (B == 1);
@@ -138,7 +158,7 @@ class GatedLinearAttention(nn.Module):
             seq_info = packed_info(cu_seqlens, T, x.device)[:2]
         m = None if attention_mask is None else attention_mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
         xin = x if m is None else x * m
-        q, k, v = self.q_proj(xin), self.k_proj(xin), self.v_proj(xin)
+        q, k, v, g_low, r = self._projections(x, xin)
         conv_state = None
         if self.convs is not None:
             start, last = seq_info if seq_info is not None else (None, None)
@@ -148,7 +168,7 @@ class GatedLinearAttention(nn.Module):
             (q, cq), (k, ck), (v, cv) = outs
             conv_state = (cq, ck, cv)
         if self.decay == "data":
-            gk = log_sigmoid(self.gk_proj(xin).float()) / self.gate_logit_normalizer
+            gk = log_sigmoid(self.gk_proj[1](g_low).float()) / self.gate_logit_normalizer
         elif self.decay == "fixed":
             gk = self.log_gamma.expand(B, T, -1)
         else:
@@ -172,6 +192,6 @@ class GatedLinearAttention(nn.Module):
                                       cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
         o = self.g_norm(o)
         if self.output_gate is not None:
-            o = o * OUTPUT_GATES[self.output_gate](self.g_proj(x)).view(B, T, H, self.head_v)
+            o = o * OUTPUT_GATES[self.output_gate](r).view(B, T, H, self.head_v)
         y = self.dropout(self.o_proj(o.reshape(B, T, H * self.head_v)))
         return y, (GLAState(s, conv_state) if use_cache else None)

@@ -23,9 +23,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    fused = None  # a FusedLinear of input_linears() while decoding (gla.layers.fused)
+
+    def input_linears(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj] if self.kind == "swiglu" else [self.up_proj]
+
     def forward(self, x):
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+            h = F.silu(gate) * up
         else:
             h = F.gelu(self.up_proj(x))
         return self.dropout(self.down_proj(h))

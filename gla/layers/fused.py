@@ -1,0 +1,62 @@
+"""Input projections fused for decoding: the Linear layers that read one input, as one matmul.
+
+A decoding step at batch 1 is a chain of GEMVs, and a GEMV of a small layer is bound by its latency more than by
+the bytes of its weight: at GLA-340M each of the ten per layer took 3-7 us where its bytes need about 1 us
+(benchmarks/NOTES.md). Concatenating the weights of the projections that share an input (q, k, v, the gate's
+low-rank half and the output gate; SwiGLU's gate and up) leaves five GEMVs per layer, each larger. The fused
+weights are copies (``refresh`` re-reads the originals), used only inside ``with FusedProjections(model):``, so
+training and every other forward keep the separate parameters and their gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FusedLinear:
+    """linears (same input size, dtype and device) as one: x [..., d_in] -> one output per linear, in order."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        first = linears[0].weight
+        self.weight = torch.empty(sum(self.sizes), first.shape[1], dtype=first.dtype, device=first.device)
+        has_bias = any(lin.bias is not None for lin in linears)
+        self.bias = torch.zeros(sum(self.sizes), dtype=first.dtype, device=first.device) if has_bias else None
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the current weights in, in place (a captured CUDA graph keeps reading the same buffers)."""
+        start = 0
+        for lin, n in zip(self.linears, self.sizes):
+            self.weight[start:start + n].copy_(lin.weight)
+            if lin.bias is not None:
+                self.bias[start:start + n].copy_(lin.bias)
+            start += n
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, -1))
+
+
+class FusedProjections:
+    """Every module of ``model`` that offers ``input_linears()`` (GLA mixers, SwiGLU MLPs) gets a FusedLinear of
+    them while the context is active; its ``forward`` then uses it where the inputs allow (no padding mask)."""
+
+    def __init__(self, model: nn.Module):
+        self.fused = [(m, FusedLinear(m.input_linears())) for m in model.modules()
+                      if hasattr(m, "input_linears") and len(m.input_linears()) > 1]
+
+    def refresh(self) -> None:
+        for _, f in self.fused:
+            f.refresh()
+
+    def __enter__(self) -> "FusedProjections":
+        for m, f in self.fused:
+            m.fused = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, _ in self.fused:
+            m.fused = None

@@ -1,0 +1,74 @@
+"""Fused input projections for decoding (gla.layers.fused): the same step as the separate projections, for every
+layer option that changes which projections exist; scoped to the context; refreshed after training."""
+import pytest
+import torch
+
+from gla import GLATransformer
+from gla.decoding import StaticDecoder
+from gla.layers.fused import FusedProjections
+
+OPTIONS = [{}, {"num_kv_heads": 1, "use_short_conv": True}, {"qkv_bias": True, "feature_map": "elu1"},
+           {"output_gate": None, "mlp": "gelu"}, {"mixer": "retnet"}, {"mixer": "linear", "qk_norm": True}]
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    m = GLATransformer(61, 48, 2, 80, 2, dropout=0.0, **kw).eval()
+    with torch.no_grad():  # biases start at zero: give them values, so that a dropped one would show
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "default")
+def test_fused_step_equals_separate_projections(kw):
+    m = model(**kw)
+    ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, state = m(ids[:, :-1])
+        want, want_state = m(ids[:, -1:], state)
+        fused = FusedProjections(m)
+        assert len(fused.fused) == 2 * (1 + (kw.get("mlp") != "gelu"))  # mixer (and SwiGLU) per layer
+        with fused:
+            got, got_state = m(ids[:, -1:], state)
+            many, _ = m(ids[:, :5])  # several tokens per row go through it too
+        assert all(mod.fused is None for mod, _ in fused.fused)  # gone after the context
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_state.layers[1].recurrent, want_state.layers[1].recurrent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(many, m(ids[:, :5])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_takes_the_separate_path():
+    """With an attention mask the gate projections read the masked input, the output gate the unmasked one: the
+    fused matmul (one input) must not serve it."""
+    m = model()
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want, _ = m(ids, attention_mask=mask)
+        with FusedProjections(m):
+            got, _ = m(ids, attention_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_outside_the_context_reaches_every_parameter_and_the_decoder_follows():
+    m = model()
+    ids = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, state = m(ids)
+    dec = StaticDecoder(m, state, capture=False)
+    nxt = ids[:, -1]
+    dec.step(nxt)
+    m.train()
+    loss, _ = m(ids[:, :-1], targets=ids[:, 1:], use_cache=False)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.sub_(0.1 * p.grad)
+    m.eval()
+    dec.reset(state)  # a new request: the decoder re-reads the trained weights
+    with torch.no_grad():
+        want, _ = m(nxt.unsqueeze(1), state)
+    torch.testing.assert_close(dec.step(nxt), want[:, -1], rtol=1e-5, atol=1e-5)
