@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None,
                    help="stop when the completion contains this text, which is left out (repeatable)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step (GLA-only models; seconds to compile, then faster steps: "
+                   help="torch.compile the decoding step (seconds to compile, then faster steps: "
                         "the demo model on a 2-core CPU 1.11 -> 0.64 ms/token)")
     g.set_defaults(func=_cmd_generate)
 

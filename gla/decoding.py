@@ -5,9 +5,10 @@ replaying a captured graph launches them all at once. Capture needs every tensor
 address, so the model state lives in buffers allocated once per request (recurrent state [B, H, K, V] fp32 and
 short-convolution caches per GLA layer) that each step overwrites in place, and the token goes in through a fixed
 [B, 1] buffer. The step runs with each layer's input projections fused into one matmul (gla.layers.fused: five
-GEMVs per GLA layer instead of ten), on copies of the weights refreshed at each request. Hybrid models (softmax
-layers, whose KV cache grows) take the eager step. One decoder per model and state layout is kept and reused by
-later requests (``decoder_for``): the capture is paid once, not per call.
+GEMVs per GLA layer instead of ten), on copies of the weights refreshed at each request. The softmax layers of
+hybrid models keep their keys in a StaticKVCache sized to the request, written one slot per step, with attention
+over every slot under a validity mask. One decoder per model and state layout is kept and reused by later requests
+(``decoder_for``): the capture is paid once, not per call.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import weakref
 import torch
 
 from gla.layers.fused import FusedProjections
+from gla.layers.softmax import KVCache, StaticKVCache
 from gla.models import GLATransformer
 from gla.models.state import ModelState, map_tensors
 
@@ -29,26 +31,65 @@ def _tensors(x) -> list:
 
 
 def static_state(model) -> bool:
-    """Whether the model's decoding state has a fixed size: a plain GLATransformer (no wrapper whose hooks a graph
-    could not replay) with GLA-family layers only."""
-    return isinstance(model, GLATransformer) and all(layer.mixer != "softmax" for layer in model.layers)
+    """Whether ``StaticDecoder`` serves the model: a plain GLATransformer (no wrapper whose hooks a graph could not
+    replay); softmax layers keep their keys in a StaticKVCache sized to the request."""
+    return isinstance(model, GLATransformer)
 
 
 def graphable(model, device) -> bool:
-    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and a fixed-size state."""
+    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and a plain GLATransformer."""
     return torch.device(device).type == "cuda" and static_state(model)
 
 
-def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False) -> "StaticDecoder":
-    """The model's decoder for this state layout (batch, shapes, dtypes and where the weights are), reset to
-    ``state``; built (and on the first step captured) only for a layout not seen before."""
-    tensors = _tensors(state)
-    key = (capture, compiled, next(model.parameters()).data_ptr(),
-           tuple((t.shape, t.dtype, t.device) for t in tensors))
+def kv_capacity(state: ModelState, new_tokens: int) -> int | None:
+    """KV slots a request needs (the prompt's keys and ``new_tokens`` more), rounded up to a multiple of KV_ROUND so
+    that requests of similar lengths share a decoder and its captured graph; None without softmax layers."""
+    lengths = [layer.k.shape[2] for layer in state.layers if isinstance(layer, KVCache)]
+    return -(-(max(lengths) + new_tokens) // KV_ROUND) * KV_ROUND if lengths else None
+
+
+KV_ROUND = 256
+
+
+def _layout(state: ModelState, capacity: int | None) -> tuple:
+    """What a decoder's buffers depend on: every state tensor's shape, dtype and device, KV caches at
+    ``capacity`` slots."""
+    out = [(state.seen.shape, state.seen.device)]
+    for layer in state.layers:
+        if isinstance(layer, KVCache):
+            out.append(("kv", layer.k.shape[:2], layer.k.shape[3], layer.k.dtype, layer.k.device, capacity))
+        else:
+            out.extend((t.shape, t.dtype, t.device) for t in _tensors(layer))
+    return tuple(out)
+
+
+def _allocate(state: ModelState, capacity: int | None) -> ModelState:
+    """Buffers for ``state``'s layout: GLA states cloned, each KV cache a StaticKVCache of ``capacity`` slots
+    sharing one ``valid`` mask and one ``length``."""
+    B, dev = state.seen.shape[0], state.seen.device
+    valid = torch.zeros(B, capacity or 0, dtype=torch.bool, device=dev)
+    length = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def buffers(layer):
+        if not isinstance(layer, KVCache):
+            return map_tensors(torch.clone, layer)
+        k = layer.k.new_zeros(*layer.k.shape[:2], capacity, layer.k.shape[3])
+        return StaticKVCache(k, torch.zeros_like(k), valid, length)
+
+    return ModelState([buffers(layer) for layer in state.layers], state.seen.clone())
+
+
+def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,
+                new_tokens: int = 0) -> "StaticDecoder":
+    """The model's decoder for this state layout (batch, shapes, dtypes, KV capacity for ``new_tokens`` more
+    tokens, where the weights are), reset to ``state``; built (and on the first step captured) only for a layout
+    not seen before."""
+    capacity = kv_capacity(state, new_tokens)
+    key = (capture, compiled, next(model.parameters()).data_ptr(), _layout(state, capacity))
     cache = _DECODERS.setdefault(model, {})
     if key not in cache:
         cache.clear()  # one layout at a time: a captured graph holds its own memory pool
-        cache[key] = StaticDecoder(model, state, capture, compiled)
+        cache[key] = StaticDecoder(model, state, capture, compiled, capacity)
     else:
         cache[key].reset(state)
     return cache[key]
@@ -57,18 +98,24 @@ def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False)
 class StaticDecoder:
     """One token per row per ``step``, the state in place.
 
-    model: a GLATransformer with GLA-family layers only (``static_state``), in eval mode; state: the ModelState after
-    the prompt (copied into the static buffers). capture: record the step as a CUDA graph on its first call and replay
-    it after (CUDA only); False runs the same in-place step eagerly (CPU, debugging). compiled: the step goes through
-    torch.compile first (fused elementwise kernels: fewer launches in the graph, each one shorter)."""
+    model: a GLATransformer in eval mode; state: the ModelState after the prompt (copied into the static buffers).
+    capture: record the step as a CUDA graph on its first call and replay it after (CUDA only); False runs the same
+    in-place step eagerly (CPU, debugging). compiled: the step goes through torch.compile first (fused elementwise
+    kernels: fewer launches in the graph, each one shorter). capacity: KV slots of the softmax layers (prompt and
+    new tokens; ``kv_capacity``), needed when the model has any.
+    """
 
-    def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False):
+    def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False, capacity: int | None = None):
         if not static_state(model):
-            raise ValueError("static decoding needs a GLATransformer without softmax layers (a hybrid's KV cache "
-                             "grows every step): pass cuda_graph=False")
+            raise ValueError("static decoding needs a plain GLATransformer (wrappers hook the forward that a graph "
+                             "replays): pass cuda_graph=False")
+        if capacity is None and any(isinstance(layer, KVCache) for layer in state.layers):
+            raise ValueError("a model with softmax layers needs the KV capacity of the request (kv_capacity)")
         # weak: the decoder lives in a cache keyed weakly by the model, which a strong reference would keep alive
         self.model = weakref.ref(model)
-        self.state = map_tensors(torch.clone, state)
+        self.capacity = capacity
+        self.state = _allocate(state, capacity)
+        self.kv = [layer for layer in self.state.layers if isinstance(layer, StaticKVCache)]
         self.buffers = _tensors(self.state)
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
@@ -78,24 +125,48 @@ class StaticDecoder:
         self.run = torch.compile(self._step, dynamic=False) if compiled else self._step
         self.graph = None
         self.logits = None
+        self.reset(state, refresh=False)
 
-    def reset(self, state: ModelState) -> None:
+    def reset(self, state: ModelState, refresh: bool = True) -> None:
         """Start from ``state`` (same layout): copied into the buffers the captured step reads, with the model's
         current weights (it may have trained since the last request)."""
-        self.fused.refresh()
-        for buf, t in zip(self.buffers, _tensors(state), strict=True):
-            buf.copy_(t)
+        if refresh:
+            self.fused.refresh()
+        self.state.seen.copy_(state.seen)
+        self.slots_left = None
+        for buf, layer in zip(self.state.layers, state.layers, strict=True):
+            if isinstance(buf, StaticKVCache):
+                L = layer.k.shape[2]
+                buf.k[:, :, :L].copy_(layer.k)
+                buf.v[:, :, :L].copy_(layer.v)
+                self.slots_left = self.capacity - L
+            else:
+                for b, t in zip(_tensors(buf), _tensors(layer), strict=True):
+                    b.copy_(t)
+        if self.kv:  # shared by every softmax layer
+            L = self.capacity - self.slots_left
+            valid, length = self.kv[0].valid, self.kv[0].length
+            valid.zero_()
+            valid[:, :L] = True if state.key_mask is None else state.key_mask
+            length.fill_(L)
 
     def _step(self, model) -> torch.Tensor:
         logits, new = model(self.tokens, self.state)
         for buf, t in zip(self.buffers, _tensors(new), strict=True):
-            buf.copy_(t)
+            if t is not buf:  # KV caches were written in place
+                buf.copy_(t)
+        if self.kv:
+            self.kv[0].length.add_(1)
         return logits[:, -1]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B] long (on the model's device) -> logits [B, vocab] of the next position. With capture, the
         returned tensor is a static buffer that the next step overwrites."""
+        if self.slots_left is not None:
+            if self.slots_left == 0:
+                raise ValueError(f"the KV cache's {self.capacity} slots are full: ask decoder_for for more new tokens")
+            self.slots_left -= 1
         self.tokens.copy_(tokens.view(-1, 1))
         if not self.capture:
             with self.fused:
@@ -107,17 +178,18 @@ class StaticDecoder:
         return self.logits
 
     def _record(self, model) -> None:
-        """Warm up on a side stream (first calls compile kernels and allocate), restore the state the warm-up
-        advanced, then capture one step."""
+        """Warm up on a side stream (first calls compile kernels and allocate), restoring after each call the state
+        it advanced (a KV cache then never writes past the slot the first real step writes), then capture one
+        step."""
         saved = [b.clone() for b in self.buffers]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.run(model)
+                for buf, s in zip(self.buffers, saved):
+                    buf.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
-        for buf, s in zip(self.buffers, saved):
-            buf.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.run(model)

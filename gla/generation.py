@@ -71,7 +71,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     lengths. Rows that produced eos_token_id keep yielding it; the stream ends once every row has (checked every
     step on the CPU, every EOS_CHECK steps on a GPU, where each check waits for the GPU).
     cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
-    uncaptured, on a CPU); None = where the model allows a graph (CUDA, no softmax layers). compile_step: the static
+    uncaptured, on a CPU); None = where the model allows a graph (a plain GLATransformer on CUDA). compile_step: the static
     step goes through torch.compile first (fused elementwise kernels: 436 instead of 1,193 kernels per token at
     gla-340m); its logits then differ from the eager step's by bf16 rounding, so greedy tokens may too.
     """
@@ -88,9 +88,9 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
         if cuda_graph is None:
             cuda_graph = graphable(model, ids.device) or (compile_step and static_state(model))
         if compile_step and not cuda_graph:
-            raise ValueError("compile_step compiles the static decoding step: it needs cuda_graph (a GLA-only model)")
-        decoder = (decoder_for(model, state, capture=ids.device.type == "cuda", compiled=compile_step)
-                   if cuda_graph else None)
+            raise ValueError("compile_step compiles the static decoding step: it needs cuda_graph")
+        decoder = (decoder_for(model, state, capture=ids.device.type == "cuda", compiled=compile_step,
+                               new_tokens=max_new_tokens) if cuda_graph else None)
         check = EOS_CHECK if ids.device.type == "cuda" else 1
         logits = logits[:, -1]
         for i in range(max_new_tokens):

@@ -106,28 +106,72 @@ def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
     assert state_bytes(s_full) == state_bytes(s_last)
 
 
-@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}], ids=["gla", "conv"])
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}, {"attn_layers": (0,), "use_short_conv": True},
+                                {"attn_layers": (1,), "attn_kv_heads": 1}], ids=["gla", "conv", "hybrid", "gqa"])
 def test_static_decoder_steps_equal_the_model_steps(kw):
     """The in-place step on static buffers (what a CUDA graph replays) gives the eager step's logits and state,
-    token after token, and generate() through it gives the same tokens."""
-    from gla.decoding import StaticDecoder
+    token after token, and generate() through it gives the same tokens. A softmax layer's static cache holds the
+    eager cache's keys in its first slots, the rest masked out."""
+    from gla.decoding import StaticDecoder, kv_capacity
+    from gla.layers import KVCache
     m = model(**kw).eval()
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, state = m(ids)
-    dec = StaticDecoder(m, state, capture=False)
+    capacity = kv_capacity(state, 5)
+    assert capacity == (256 if "attn_layers" in kw else None)
+    dec = StaticDecoder(m, state, capture=False, capacity=capacity)
     buffers = [t.data_ptr() for t in dec.buffers]
-    for _ in range(5):
+    for step in range(5):
         nxt = logits[:, -1].argmax(-1)
         with torch.no_grad():
             logits, state = m(nxt.unsqueeze(1), state)
-        assert torch.equal(dec.step(nxt), logits[:, -1])
-        eager = []
-        map_tensors(eager.append, state)  # every layer's recurrent state and convolution caches, and seen
-        assert len(eager) == len(dec.buffers) and all(torch.equal(a, b) for a, b in zip(dec.buffers, eager))
+        got = dec.step(nxt)
+        if capacity is None:
+            assert torch.equal(got, logits[:, -1])
+        else:  # attention over 256 masked slots sums in another order than over the 8 + step keys
+            torch.testing.assert_close(got, logits[:, -1], rtol=1e-5, atol=1e-6)
+        for buf, layer in zip(dec.state.layers, state.layers):
+            if isinstance(layer, KVCache):
+                L = layer.k.shape[2]
+                assert torch.equal(buf.k[:, :, :L], layer.k) and torch.equal(buf.v[:, :, :L], layer.v)
+                assert buf.valid[:, :L].all() and not buf.valid[:, L:].any() and int(buf.length) == L
+            else:
+                for x, y in zip(_flat(buf), _flat(layer), strict=True):  # exact without a softmax layer before
+                    torch.testing.assert_close(x, y, rtol=0 if capacity is None else 1e-5, atol=0 if capacity is None
+                                               else 1e-6)
+        assert torch.equal(dec.state.seen, state.seen)
     assert [t.data_ptr() for t in dec.buffers] == buffers  # in place: the same storage every step
     a = gla.generate(m, ids, 9, temperature=0, cuda_graph=False)
     assert torch.equal(a, gla.generate(m, ids, 9, temperature=0, cuda_graph=True))
+
+
+def _flat(x) -> list:
+    out = []
+    map_tensors(out.append, x)
+    return out
+
+
+def test_static_hybrid_decoding_of_ragged_prompts_and_its_capacity():
+    """Left-padded prompts keep their padding masked in the static KV cache: each row's tokens equal generating it
+    alone; a decoder refuses to step past its KV capacity with a clear error."""
+    from gla.decoding import StaticDecoder
+    m = model(attn_layers=(1,)).eval()
+    prompts = [[5, 9, 2], [7, 1, 1, 3, 8, 2, 4], [11]]
+    out = gla.generate(m, prompts, 6, temperature=0, cuda_graph=True)
+    for i, p in enumerate(prompts):
+        alone = gla.generate(m, torch.tensor([p]), 6, temperature=0, cuda_graph=False)
+        assert torch.equal(out[i, -6:], alone[0, -6:])
+    ids = torch.randint(0, 64, (1, 254))
+    with torch.no_grad():
+        _, state = m(ids)
+    dec = StaticDecoder(m, state, capture=False, capacity=256)
+    dec.step(ids[:, -1])
+    dec.step(ids[:, -1])
+    with pytest.raises(ValueError, match="slots are full"):
+        dec.step(ids[:, -1])
+    with pytest.raises(ValueError, match="KV capacity"):
+        StaticDecoder(m, state, capture=False)
 
 
 @pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
@@ -143,13 +187,10 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(kw):
         assert torch.equal(*out)
 
 
-def test_static_decoding_refuses_a_hybrid_and_reuses_its_buffers():
-    """cuda_graph=True on a model whose state grows is a clear error; a second request of the same layout reuses
-    the first one's decoder (and so its captured graph on a GPU), starting from its own prompt's state."""
+def test_static_decoding_reuses_its_buffers():
+    """A second request of the same layout reuses the first one's decoder (and so its captured graph on a GPU),
+    starting from its own prompt's state."""
     from gla.decoding import decoder_for
-    hybrid = model(attn_layers=(1,)).eval()
-    with pytest.raises(ValueError, match="cuda_graph=False"):
-        gla.generate(hybrid, torch.randint(0, 64, (2, 5)), 3, temperature=0, cuda_graph=True)
     m = model().eval()
     a, b = (torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     with torch.no_grad():

@@ -3,7 +3,7 @@ from .block import GLALayer
 from .gla_attention import GatedLinearAttention, GLAState
 from .mlp import MLP
 from .norm import LayerNorm, RMSNorm
-from .softmax import KVCache, SoftmaxAttention
+from .softmax import KVCache, SoftmaxAttention, StaticKVCache
 
-__all__ = ["GLALayer", "GatedLinearAttention", "GLAState", "MLP", "LayerNorm", "RMSNorm", "KVCache",
+__all__ = ["GLALayer", "GatedLinearAttention", "GLAState", "MLP", "LayerNorm", "RMSNorm", "KVCache", "StaticKVCache",
            "SoftmaxAttention"]

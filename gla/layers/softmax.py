@@ -17,6 +17,21 @@ class KVCache:
     v: torch.Tensor
 
 
+@dataclass
+class StaticKVCache:
+    """A KV cache of fixed capacity for static decoding (gla.decoding), written in place one token per step.
+
+    k, v: [B, H_kv, C, D] (C slots); valid: [B, C] bool, True where a slot holds a real key (prompt padding and
+    unwritten slots False); length: [1] long, the next slot to write. ``valid`` and ``length`` are shared by every
+    softmax layer of a model: each layer writes the same slot, and the decoder advances ``length`` once per step.
+    No host sync and no shape change: the step is the same kernels at every position, so a CUDA graph replays it.
+    """
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    length: torch.Tensor
+
+
 def rotary(x, positions, theta: float):
     """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * theta^(-2i/D) (Su et al. 2021, RoFormer).
 
@@ -54,21 +69,30 @@ class SoftmaxAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, state: KVCache | None = None, positions=None, key_mask=None, block_mask=None):
+    fused = None  # a FusedLinear of input_linears() while decoding (gla.layers.fused)
+
+    def input_linears(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def forward(self, x, state: KVCache | StaticKVCache | None = None, positions=None, key_mask=None,
+                block_mask=None):
         """x: [B, T, d_model]; state: KVCache of earlier tokens or None; positions: [B, T] rotary positions;
         key_mask: [B, L + T] bool, False for padded keys (cache included); block_mask: [T, T] bool, True where a
-        query may see a key (packed documents: block-diagonal causal). Returns (y, KVCache of all keys).
+        query may see a key (packed documents: block-diagonal causal). Returns (y, KVCache of all keys); with a
+        StaticKVCache (one token per step) the cache is written in place and returned.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = (t.view(B, T, self.num_kv_heads, self.head_dim) for t in (k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if isinstance(state, StaticKVCache):
+            return self._static_step(q, k, v, state), state
         if state is not None:
             k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
         cache = KVCache(k, v)
@@ -98,3 +122,16 @@ class SoftmaxAttention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, -1))), cache
+
+    def _static_step(self, q, k, v, cache: StaticKVCache):
+        """q: [B, H, 1, D], k, v: [B, H_kv, 1, D] of one new token, written into the cache's slot ``length``; the
+        query sees every valid slot (its own included). Returns y [B, 1, d_model]."""
+        B, _, T, _ = q.shape
+        if T != 1:
+            raise ValueError(f"a static KV cache takes one token per step, got {T}")
+        cache.k.index_copy_(2, cache.length, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, cache.length, v.to(cache.v.dtype))
+        cache.valid.index_fill_(1, cache.length, True)
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=cache.valid[:, None, None, :],
+                                           enable_gqa=self.num_kv_heads != self.n_heads)
+        return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
