@@ -176,7 +176,8 @@ def test_static_hybrid_decoding_of_ragged_prompts_and_its_capacity():
 
 @pytest.mark.skipif(os.environ.get("GLA_TEST_GPU") != "1" or not torch.cuda.is_available(),
                     reason="CUDA-graph decoding: GLA_TEST_GPU=1 on a CUDA machine")
-@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}], ids=["gla", "conv"])
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}, {"attn_layers": (1,), "attn_kv_heads": 1}],
+                         ids=["gla", "conv", "hybrid"])
 def test_cuda_graph_decoding_gives_the_eager_tokens(kw):
     """Greedy and sampled (same generator seed) tokens through the captured step equal the eager loop's."""
     m = model(**kw).cuda().eval()
