@@ -76,6 +76,8 @@ def _distill_parser(sub):
     a("--student", dest="init_from", help="the converted model directory (gla convert --out)")
     a("--kl-weight", type=float, help="weight of KL(teacher || student) per token beside the next-token loss (3.0)")
     a("--transfer-steps", type=int, help="stage 1: attention-transfer steps before training (0)")
+    a("--lora", type=int, help="stage 2 with LoRA adapters of this rank on the GLA layers' projections, the rest "
+                               "frozen but the gates and output norms (0: full fine-tuning; needs peft)")
 
 
 def _cmd_distill(args) -> int:

@@ -1,7 +1,7 @@
 """Atomic, resumable checkpoints in a run directory.
 
     RUN/checkpoint/   config.json + model.safetensors (save_pretrained), train_state.pt, train_config.json,
-                      [tokenizer.json]  -- swapped in whole with directory renames, so a crash never leaves a mix
+                      [tokenizer.json], [lora.safetensors: adapters of a --lora run, gla.distill.lora]  -- swapped in whole with directory renames, so a crash never leaves a mix
     RUN/              copies of config.json, model.safetensors, train_config.json, [tokenizer.json] for inference
 
 train_state.pt holds only plain tensors, numbers, strings, lists and dicts (optimizer moments, step, RNG and data
@@ -62,9 +62,13 @@ def save(run_dir: str, model: nn.Module, plain: nn.Module | None, optimizer, tra
         tmp, cur, old = (os.path.join(run_dir, n) for n in (f".{CKPT}.tmp", CKPT, f".{CKPT}.old"))
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        from gla.distill import lora
+        from gla.models import GLATransformer
         if plain is None:   # built without drawing from rank 0's RNG: its dropout stream must not move here
-            from gla.models import GLATransformer
             plain = GLATransformer.from_state(model.config, msd, what="gathered FSDP weights")
+        if lora.has_lora(plain):  # the merged model for inference, the adapters beside it for resuming
+            lora.save_adapters(plain, tmp)
+            plain = GLATransformer.from_state(plain.config, lora.merged_state(plain), what="merged LoRA weights")
         plain.save_pretrained(tmp)
         torch.save({"format": FORMAT, **train_state, "optimizer": osd}, os.path.join(tmp, STATE))
         tok_file = tokenizer.save(tmp)   # "bytes", or the name of the copied tokenizer.json
@@ -99,9 +103,12 @@ def read_state(ckpt_dir: str) -> dict:
 
 def restore(ckpt_dir: str, model: nn.Module, optimizer) -> dict:
     """Load weights and optimizer state into the (possibly wrapped) model; returns the rest of train_state."""
+    from gla.distill import lora
     state = read_state(ckpt_dir)
     try:
         weights = load_model(ckpt_dir).state_dict()
+        if lora.has_lora(model):
+            weights = lora.training_state(get_model_state_dict(model).keys(), weights, ckpt_dir)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"cannot resume from {ckpt_dir}: {e}") from None
     try:

@@ -57,6 +57,7 @@ class TrainConfig:
     teacher: str | None = None       # distil: add kl_weight * KL(teacher || model) per token to the loss
     kl_weight: float = 3.0           # measured better than 1 for both demo students (docs/distill.md)
     transfer_steps: int = 0          # distil stage 1: attention-transfer steps before training (needs teacher)
+    lora: int = 0                    # distil stage 2: LoRA adapters of this rank on the GLA layers (0: full)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
@@ -92,8 +93,11 @@ class TrainConfig:
         if self.init_from is not None and self.model_overrides():
             raise ValueError(f"--init-from takes its architecture from {self.init_from}: leave out "
                              f"{', '.join('--' + k.replace('_', '-') for k in self.model_overrides())}")
-        if self.kl_weight < 0 or self.transfer_steps < 0:
-            raise ValueError("--kl-weight and --transfer-steps must be >= 0")
+        if self.kl_weight < 0 or self.transfer_steps < 0 or self.lora < 0:
+            raise ValueError("--kl-weight, --transfer-steps and --lora must be >= 0")
+        if self.lora and (self.init_from is None or self.parallel == "fsdp"):
+            raise ValueError("--lora adapts a converted student (--student / --init-from), on one process or DDP "
+                             "(FSDP shards frozen and trained weights alike)")
         if self.transfer_steps and (self.teacher is None or self.init_from is None):
             raise ValueError("--transfer-steps needs a --teacher and a converted student (--student / --init-from)")
         if self.batch_size % self.grad_accum:

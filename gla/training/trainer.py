@@ -124,6 +124,9 @@ class Trainer:
         self.teacher = self._teacher() if cfg.teacher and (cfg.kl_weight or cfg.transfer_steps) else None
         if self.teacher is not None and cfg.transfer_steps and not resume:
             self._transfer()
+        if cfg.lora:  # after stage 1 (which refits whole projections); a resume loads the adapters in _restore
+            from gla.distill.lora import add_lora
+            add_lora(self.plain, cfg.lora)
         # Each layer and the fused head + loss compiled on its own, before the distributed wrapper hooks them:
         # compile time stays seconds at any depth (the whole 24-layer model took 132 s on an H100). Parameters,
         # checkpoints, evaluation and sampling are unchanged.
