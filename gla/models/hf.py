@@ -231,6 +231,48 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, GateProj):  # a Linear: super() has just zeroed its bias
             init.constant_(module.bias, module.bias_init)
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' generate(). Plain decoding runs on gla's own engine (gla.generation: prefill, then the
+        static state, its step captured as a CUDA graph on a GPU): greedy or sampled (temperature, top-k, top-p),
+        max_new_tokens / max_length, one eos token, left padding through attention_mask. It returns what
+        transformers' loop returns: [B, T + new], pad_token_id after each row's eos, up to the column where the last
+        row ended. Anything else (beams, logits processors, stopping criteria, streamers, output dicts, a cache
+        passed in) takes transformers' loop, one forward per token."""
+        request = self._engine_request(inputs, generation_config, kwargs)
+        if request is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        return _engine_generate(self.model, inputs, *request)
+
+    def _engine_request(self, inputs, generation_config, kwargs):
+        """(max_new_tokens, sampling dict, eos, pad, attention_mask) when gla's engine serves the call, else None."""
+        if any(v is not None and not (isinstance(v, (list, tuple)) and not v) for k, v in kwargs.items()
+               if k in _LOOP_ONLY):
+            return None
+        if not torch.is_tensor(inputs) or inputs.dim() != 2 or inputs.shape[1] == 0:
+            return None
+        cfg, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if set(model_kwargs) - {"attention_mask"} or any(
+                k not in _ENGINE_SETTINGS and v is not None and _NEUTRAL.get(k, v) != v
+                for k, v in cfg.to_dict().items()):
+            return None
+        eos = cfg.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if len(eos) > 1:
+                return None
+            eos = eos[0] if eos else None
+        new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - inputs.shape[1]
+        if new is None or new < 1 or cfg.use_cache is False:
+            return None
+        sampling = dict(temperature=0.0)
+        if cfg.do_sample:
+            sampling = dict(temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                            top_k=cfg.top_k if cfg.top_k else None,
+                            top_p=cfg.top_p if cfg.top_p is not None and cfg.top_p < 1.0 else None)
+        mask, pad = model_kwargs.get("attention_mask"), cfg.pad_token_id
+        if mask is None and pad is not None and pad != eos and bool((inputs == pad).any()):
+            mask = (inputs != pad).long()  # transformers infers padding from pad_token_id in the prompt so
+        return new, sampling, eos, pad if pad is not None else eos, mask
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: GLACache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
@@ -271,6 +313,45 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
             out_cache = cache if cache is not None else GLACache()
             out_cache.update_state(new_state, T)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: out_cache})
+
+
+# generate() arguments that only transformers' loop serves; generation settings gla's engine takes as they are
+_LOOP_ONLY = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+              "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "cache",
+              "past_key_values")
+_ENGINE_SETTINGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                    "pad_token_id", "bos_token_id", "use_cache"}
+# settings that change what transformers' loop does unless unset (None) or holding these values; settings not
+# named here or above (beam-only, assistant-only, bookkeeping) do not affect single-sequence decoding
+_NEUTRAL = {"min_length": 0, "min_new_tokens": None, "num_beams": 1, "num_return_sequences": 1, "typical_p": 1.0,
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None, "repetition_penalty": 1.0,
+            "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+            "bad_words_ids": None, "force_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+            "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+            "renormalize_logits": False, "remove_invalid_values": False, "exponential_decay_length_penalty": None,
+            "guidance_scale": None, "watermarking_config": None, "stop_strings": None, "max_time": None,
+            "penalty_alpha": None, "dola_layers": None, "prompt_lookup_num_tokens": None, "num_beam_groups": 1,
+            "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+            "output_attentions": False, "output_hidden_states": False, "token_healing": False,
+            "cache_implementation": None, "compile_config": None, "assistant_early_exit": None, "constraints": None,
+            "use_mtp": None}
+
+
+def _engine_generate(model: GLATransformer, ids, new: int, sampling: dict, eos, pad, attention_mask):
+    """gla.generate, its output made transformers' (tokens after each row's eos -> pad, trailing columns in which
+    every row had ended dropped: the engine checks for the end only every few steps on a GPU)."""
+    from gla.generation import generate
+    mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+    out = generate(model, ids, new, eos_token_id=eos, attention_mask=mask, **sampling)
+    if eos is None:
+        return out
+    T = ids.shape[1]
+    tail = out[:, T:]
+    ended = (tail == eos).long().cumsum(1)
+    after = ended - (tail == eos).long() > 0  # past the row's first eos
+    tail = tail.masked_fill(after, pad)
+    keep = int((~after).sum(1).max())
+    return torch.cat([ids, tail[:, :keep]], 1)
 
 
 def register() -> None:

@@ -70,14 +70,21 @@ def test_round_trip_both_ways(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["gla", "hybrid", "tied_conv"])
-def test_greedy_generate_equals_gla_generate_and_decodes_one_token_per_step(tmp_path, kind):
+def test_greedy_generate_runs_on_the_engine_and_equals_the_transformers_loop(tmp_path, kind):
+    """Plain generate() goes to gla's engine (no HF forward call); transformers' own loop (one forward per token on
+    our GLACache) gives the same tokens, also with an eos that ends rows at different steps (pad after it)."""
     m, h = hf_model(tmp_path, kind)
     calls = []
     h.register_forward_pre_hook(lambda mod, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     x = torch.randint(0, 101, (2, 11))
     out = h.generate(x, max_new_tokens=8, do_sample=False)
-    assert torch.equal(out, gla.generate(m, x, 8, temperature=0))
-    assert calls == [(2, 11)] + [(2, 1)] * 7  # prefill once, then one token per step
+    assert calls == [] and torch.equal(out, gla.generate(m, x, 8, temperature=0))
+    loop = transformers.GenerationMixin.generate(h, x, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, loop)
+    assert calls == [(2, 11)] + [(2, 1)] * 7  # the loop: prefill once, then one token per step
+    eos = int(out[0, 11 + 2])  # row 0 ends at its third new token; row 1 later or never
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(h.generate(x, **kw), transformers.GenerationMixin.generate(h, x, **kw))
 
 
 def test_sampling_matches_gla_generate_with_the_same_seed(tmp_path):
@@ -88,6 +95,8 @@ def test_sampling_matches_gla_generate_with_the_same_seed(tmp_path):
         a = h.generate(x, max_new_tokens=10, do_sample=True, **kw)
         torch.manual_seed(5)
         assert torch.equal(a, gla.generate(m, x, 10, **ours))
+        torch.manual_seed(5)
+        assert torch.equal(a, transformers.GenerationMixin.generate(h, x, max_new_tokens=10, do_sample=True, **kw))
 
 
 def test_left_padded_batch_equals_gla_ragged_prompts(tmp_path):
