@@ -72,3 +72,25 @@ def test_training_outside_the_context_reaches_every_parameter_and_the_decoder_fo
     with torch.no_grad():
         want, _ = m(nxt.unsqueeze(1), state)
     torch.testing.assert_close(dec.step(nxt), want[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_layers_with_adapters_keep_their_own_projections():
+    """A LoRA-adapted projection adds its adapter's output to the layer's: a fused copy of the frozen weight would
+    drop it, so such layers are not fused and decoding still equals the adapted model's forward."""
+    pytest.importorskip("peft")
+    from gla.distill.lora import add_lora
+    m = model()
+    add_lora(m, 2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # B starts at zero: make the adapters count
+    fused = FusedProjections(m)
+    assert [type(mod).__name__ for mod, _ in fused.fused] == ["MLP", "MLP"]
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, state = m(ids[:, :-1])
+        want, _ = m(ids[:, -1:], state)
+        with fused:
+            got, _ = m(ids[:, -1:], state)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
