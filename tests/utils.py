@@ -94,3 +94,24 @@ def assert_autocast_exact(q, k, v, g, h0, *, backend, variants):
     for variant in variants:
         for a, b in zip(run(*variant), plain):
             assert a.dtype == b.dtype and torch.equal(a, b), variant
+
+
+def train_cut_at(cfg, step: int) -> None:
+    """Run ``gla.training.train(cfg)`` until the power goes out: KeyboardInterrupt raised before optimizer step
+    ``step + 1``, as a crash would stop it (whatever was checkpointed before stays)."""
+    import pytest
+
+    from gla.training import Trainer, train
+    real_step = Trainer.train_step
+
+    def crashing_step(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    Trainer.train_step = crashing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        Trainer.train_step = real_step

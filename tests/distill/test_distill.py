@@ -9,6 +9,7 @@ from gla import GLATransformer
 from gla.distill import convert
 from gla.distill.transfer import attention_transfer, kl_sum, load_teacher, transfer_parameters
 from gla.models import from_pretrained
+from tests.utils import train_cut_at
 
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York. " * 60
 
@@ -101,12 +102,12 @@ def _metrics(run):
     return [{k: v for k, v in json.loads(line).items() if k in keep} for line in open(f"{run}/metrics.jsonl")]
 
 
-def test_lora_distill_trains_adapters_saves_merged_weights_and_resumes_exactly(pair, tmp_path, monkeypatch):
+def test_lora_distill_trains_adapters_saves_merged_weights_and_resumes_exactly(pair, tmp_path):
     """--lora: only the adapters, gates and output norms change; the checkpoint is an ordinary model (adapters
     merged) with lora.safetensors beside it; a run cut after its step-4 checkpoint and resumed reproduces the
     uninterrupted one bit for bit; the distilled student is closer to the teacher than the converted one."""
     pytest.importorskip("peft")
-    from gla.training import Trainer, TrainConfig, resume_config, train
+    from gla.training import TrainConfig, resume_config, train
     teacher, student = pair
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
@@ -123,17 +124,7 @@ def test_lora_distill_trains_adapters_saves_merged_weights_and_resumes_exactly(p
     held_out = torch.tensor([list(TEXT[-200:-100].encode())])
     assert _kl_to_teacher(str(ckpt), teacher, held_out) < _kl_to_teacher(student, teacher, held_out)
 
-    real_step = Trainer.train_step
-
-    def crashing_step(self):
-        if self.step == 6:
-            raise KeyboardInterrupt  # after the step-4 checkpoint
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(tmp_path / "cut"), **cfg), progress=False)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train_cut_at(TrainConfig(out=str(tmp_path / "cut"), **cfg), 6)  # after the step-4 checkpoint
     train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
     full = _metrics(tmp_path / "full")
     assert len(full) == 8 + 2 and _metrics(tmp_path / "cut") == full  # bit-exact

@@ -8,6 +8,7 @@ import torch
 
 from gla.training import TrainConfig, Trainer, lr_at, resume_config, train
 from gla.training import checkpoint, report
+from tests.utils import train_cut_at
 
 
 def _cfg(out, data, **kw):
@@ -60,24 +61,14 @@ def test_gate_bias_init_starts_the_model_and_is_fixed_on_resume(tmp_path, small_
         resume_config(str(tmp_path / "default"), {"gate_bias_init": 1.0})
 
 
-def test_exact_resume(tmp_path, small_text, monkeypatch):
+def test_exact_resume(tmp_path, small_text):
     """A run interrupted after its step-4 checkpoint and resumed reproduces the uninterrupted loss curve exactly
     (dropout on, so the RNG state matters too)."""
     full = train(_cfg(tmp_path / "full", small_text, dropout=0.1), progress=False)
     ref_train, ref_val = _losses(tmp_path / "full")
     assert len(ref_train) == 8 and len(ref_val) == 2
 
-    real_step = Trainer.train_step
-
-    def crashing_step(self):
-        if self.step == 6:
-            raise KeyboardInterrupt  # the power goes out after step 6; the last checkpoint is step 4
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "cut", small_text, dropout=0.1), progress=False)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train_cut_at(_cfg(tmp_path / "cut", small_text, dropout=0.1), 6)  # the last checkpoint is step 4
     assert [s for s, _ in _losses(tmp_path / "cut")[0]] == list(range(1, 7))
     resumed = train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
     assert _losses(tmp_path / "cut") == (ref_train, ref_val)      # bit-exact
@@ -203,7 +194,7 @@ def test_nonfinite_limit_is_checked():
         TrainConfig(nonfinite_limit=0)
 
 
-def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text, monkeypatch):
+def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text):
     """--compile on (CPU, fp32): the loss curve of 30 steps equals eager's to 1e-3 relative, and a compiled run
     interrupted after its step-15 checkpoint and resumed (compiled again) continues it."""
     kw = dict(steps=30, eval_every=15, warmup=5)
@@ -216,17 +207,7 @@ def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text, monke
     assert sorted(eager) == sorted(compiled) == list(range(1, 31))
     worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
     assert worst <= 1e-3, worst
-    real_step = Trainer.train_step
-
-    def crashing_step(self):
-        if self.step == 17:
-            raise KeyboardInterrupt  # after the step-15 checkpoint
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "cut", small_text, compile="on", **kw), progress=False)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train_cut_at(_cfg(tmp_path / "cut", small_text, compile="on", **kw), 17)  # after the step-15 checkpoint
     train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
     resumed = dict(_losses(tmp_path / "cut")[0])
     # Two uninterrupted compiled runs already differ in the 7th digit (Inductor's CPU kernels do not sum in a fixed
