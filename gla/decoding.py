@@ -85,7 +85,10 @@ def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,
     tokens, where the weights are), reset to ``state``; built (and on the first step captured) only for a layout
     not seen before."""
     capacity = kv_capacity(state, new_tokens)
-    key = (capture, compiled, next(model.parameters()).data_ptr(), _layout(state, capacity))
+    # the projection modules themselves: an adapter injected since (peft) replaces them, and fused copies of the
+    # old ones would drop its output
+    projections = tuple(id(lin) for m in model.modules() if hasattr(m, "input_linears") for lin in m.input_linears())
+    key = (capture, compiled, next(model.parameters()).data_ptr(), projections, _layout(state, capacity))
     cache = _DECODERS.setdefault(model, {})
     if key not in cache:
         cache.clear()  # one layout at a time: a captured graph holds its own memory pool
@@ -139,6 +142,8 @@ class StaticDecoder:
                 L = layer.k.shape[2]
                 buf.k[:, :, :L].copy_(layer.k)
                 buf.v[:, :, :L].copy_(layer.v)
+                buf.k[:, :, L:].zero_()  # masked slots still enter the product: no NaN left from another request
+                buf.v[:, :, L:].zero_()
                 self.slots_left = self.capacity - L
             else:
                 for b, t in zip(_tensors(buf), _tensors(layer), strict=True):

@@ -45,10 +45,11 @@ class FusedProjections:
     them while the context is active; its ``forward`` then uses it where the inputs allow (no padding mask)."""
 
     def __init__(self, model: nn.Module):
-        # only plain Linear layers: an adapter (peft's LoRA) adds to its layer's output what a copied weight lacks
+        # only plain Linear layers: an adapter (peft's LoRA) adds to its layer's output what a copied weight lacks,
+        # and a quantised subclass's weight is not a matrix to concatenate
         self.fused = [(m, FusedLinear(m.input_linears())) for m in model.modules()
                       if hasattr(m, "input_linears") and len(m.input_linears()) > 1
-                      and all(isinstance(lin, nn.Linear) for lin in m.input_linears())]
+                      and all(type(lin) is nn.Linear for lin in m.input_linears())]
 
     def refresh(self) -> None:
         for _, f in self.fused:

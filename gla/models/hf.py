@@ -248,21 +248,31 @@ class GLAForCausalLM(PreTrainedModel, GenerationMixin):
         if any(v is not None and not (isinstance(v, (list, tuple)) and not v) for k, v in kwargs.items()
                if k in _LOOP_ONLY):
             return None
-        if not torch.is_tensor(inputs) or inputs.dim() != 2 or inputs.shape[1] == 0:
-            return None
+        if not torch.is_tensor(inputs) or inputs.dim() != 2 or inputs.shape[1] == 0 or self.training:
+            return None  # training mode: the loop keeps dropout on, as transformers does
+        if getattr(self, "hf_device_map", None) or getattr(self, "is_quantized", False):
+            return None  # offloaded or quantised weights: only the module hooks know how to run them
         cfg, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        if set(model_kwargs) - {"attention_mask"} or any(
-                k not in _ENGINE_SETTINGS and v is not None and _NEUTRAL.get(k, v) != v
+        if set(model_kwargs) - {"attention_mask"} or not all(
+                k in _ENGINE_SETTINGS or v is None or (k in _NEUTRAL and _NEUTRAL[k] == v) or k in _IRRELEVANT
                 for k, v in cfg.to_dict().items()):
             return None
         eos = cfg.eos_token_id
+        if torch.is_tensor(eos):
+            eos = eos.flatten().tolist()
         if isinstance(eos, (list, tuple)):
             if len(eos) > 1:
                 return None
-            eos = eos[0] if eos else None
-        new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - inputs.shape[1]
+            eos = int(eos[0]) if eos else None
+        # without a length set by the caller transformers gives 20 new tokens (its default max_length, counted
+        # from the prompt's end, capped by the model's positions): leave that rule to its loop
+        explicit = "max_length" in kwargs or (generation_config is not None and generation_config.max_length)
+        new = (cfg.max_new_tokens if cfg.max_new_tokens is not None
+               else cfg.max_length - inputs.shape[1] if explicit else None)
         if new is None or new < 1 or cfg.use_cache is False:
             return None
+        if cfg.do_sample and (cfg.temperature == 0 or cfg.top_p == 0):
+            return None  # transformers' own errors and conventions for these
         sampling = dict(temperature=0.0)
         if cfg.do_sample:
             sampling = dict(temperature=1.0 if cfg.temperature is None else cfg.temperature,
@@ -321,8 +331,7 @@ _LOOP_ONLY = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn
               "past_key_values")
 _ENGINE_SETTINGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
                     "pad_token_id", "bos_token_id", "use_cache"}
-# settings that change what transformers' loop does unless unset (None) or holding these values; settings not
-# named here or above (beam-only, assistant-only, bookkeeping) do not affect single-sequence decoding
+# settings that change what transformers' loop does unless unset (None) or holding these values
 _NEUTRAL = {"min_length": 0, "min_new_tokens": None, "num_beams": 1, "num_return_sequences": 1, "typical_p": 1.0,
             "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None, "repetition_penalty": 1.0,
             "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
@@ -335,6 +344,11 @@ _NEUTRAL = {"min_length": 0, "min_new_tokens": None, "num_beams": 1, "num_return
             "output_attentions": False, "output_hidden_states": False, "token_healing": False,
             "cache_implementation": None, "compile_config": None, "assistant_early_exit": None, "constraints": None,
             "use_mtp": None}
+# settings that do not affect single-sequence decoding without an assistant (beam-only, assistant-only, caching,
+# bookkeeping); any other setting given a value sends the call to transformers' loop
+_IRRELEVANT = {"early_stopping", "length_penalty", "diversity_penalty", "num_assistant_tokens",
+               "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+               "target_lookbehind", "_from_model_config", "transformers_version"}
 
 
 def _engine_generate(model: GLATransformer, ids, new: int, sampling: dict, eos, pad, attention_mask):

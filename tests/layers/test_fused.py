@@ -94,3 +94,22 @@ def test_layers_with_adapters_keep_their_own_projections():
         with fused:
             got, _ = m(ids[:, -1:], state)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_is_rebuilt_when_adapters_replace_the_projections():
+    """Decoding, then injecting LoRA: the next request gets a new decoder (the cached one fused the replaced
+    projections), so the static path still equals the model's own steps."""
+    pytest.importorskip("peft")
+    import gla
+    from gla.distill.lora import add_lora
+    m = model()
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(5))
+    gla.generate(m, ids, 4, temperature=0, cuda_graph=True)
+    add_lora(m, 2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    m.eval()
+    assert torch.equal(gla.generate(m, ids, 12, temperature=0, cuda_graph=True),
+                       gla.generate(m, ids, 12, temperature=0, cuda_graph=False))

@@ -83,8 +83,10 @@ def test_greedy_generate_runs_on_the_engine_and_equals_the_transformers_loop(tmp
     assert torch.equal(out, loop)
     assert calls == [(2, 11)] + [(2, 1)] * 7  # the loop: prefill once, then one token per step
     eos = int(out[0, 11 + 2])  # row 0 ends at its third new token; row 1 later or never
-    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=7)
-    assert torch.equal(h.generate(x, **kw), transformers.GenerationMixin.generate(h, x, **kw))
+    for kw in (dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=7),
+               dict(max_length=17, do_sample=False, eos_token_id=torch.tensor([eos])),  # pad = eos
+               dict(do_sample=False)):  # no length given: transformers' default of 20 new tokens
+        assert torch.equal(h.generate(x, **kw), transformers.GenerationMixin.generate(h, x, **kw)), kw
 
 
 def test_sampling_matches_gla_generate_with_the_same_seed(tmp_path):
