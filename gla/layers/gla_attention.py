@@ -140,9 +140,10 @@ class GatedLinearAttention(nn.Module):
         else:
             lins = self.input_linears()
             outs = [lin(xin) for lin in lins[:-1]] + [lins[-1](x if self.output_gate else xin)]
-        q, k, v, *rest = outs
-        g_low = rest.pop(0) if self.decay == "data" else None
-        return q, k, v, g_low, (rest.pop(0) if self.output_gate else None)
+        # indexing, not list.pop: torch 2.11's dynamo turns the starred remainder into a tuple
+        q, k, v = outs[0], outs[1], outs[2]
+        g_low = outs[3] if self.decay == "data" else None
+        return q, k, v, g_low, (outs[-1] if self.output_gate else None)
 
     def forward(self, x, state: GLAState | None = None, cu_seqlens=None, attention_mask=None, seq_info=None,
                 use_cache: bool = True):
