@@ -1,10 +1,12 @@
 """Decode benchmark: per-token latency and memory vs context length, GLA vs softmax attention with a KV cache.
 
     gla bench decode [--contexts 1024,2048,...,65536] [--d-model 128 --n-layers 2 --n-heads 2] [--steps 16]
-                     [--device cpu|cuda] [--dtype float32|bfloat16] [--out DIR] [--json]
+                     [--ckpt NAME=DIR ...] [--device cpu|cuda] [--dtype float32|bfloat16] [--out DIR] [--json]
 
 Both models are GLATransformers of the same shape: "gla" uses GLA in every layer, "softmax" uses softmax attention
-(RoPE, KV cache) in every layer (attn_layers = all). For each context length L the prompt [B, L] is prefilled
+(RoPE, KV cache) in every layer (attn_layers = all). --ckpt NAME=DIR adds trained checkpoints under their own
+names (e.g. a softmax teacher and its distilled hybrid and GLA students); --models "" leaves the two random models
+out. For each context length L the prompt [B, L] is prefilled
 (one call unless --prefill-chunk), then ``--steps`` decode steps feed the greedy next token [B, 1] with the state,
 as gla.generate does; latency is the median step time. Memory: the bytes held by the state (every tensor in the
 ModelState: GLA [B, H, K, V] per layer, constant in L; KV caches grow with L), the process RSS growth from before
@@ -121,15 +123,23 @@ def _measure(model, device, context, steps, batch, prefill_chunk, warmup):
 
 
 def run(contexts=CPU_CONTEXTS, d_model=128, n_heads=2, n_layers=2, vocab=256, steps=16, batch=1, device="cpu",
-        dtype=torch.float32, prefill_chunk=0, models=MODELS, log=None, allow_cudnn=False) -> list[dict]:
+        dtype=torch.float32, prefill_chunk=0, models=MODELS, log=None, allow_cudnn=False,
+        ckpts: dict | None = None) -> list[dict]:
     """Rows {model, context, ms_per_token, prefill_s, state_bytes, rss_delta_bytes, decode_peak_bytes} for every
-    model in ``models`` and context in ``contexts`` (ascending)."""
+    model in ``models`` and every checkpoint of ``ckpts`` ({name: directory}), and context in ``contexts``
+    (ascending)."""
+    from gla.models import from_pretrained
     device = torch.device(device)
-    rows = []
     for kind in models:
         if kind not in MODELS:
             raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
-        model = build(kind, vocab, d_model, n_heads, n_layers, max(contexts) + steps + 8, device, dtype)
+    builders = [(kind, lambda kind=kind: build(kind, vocab, d_model, n_heads, n_layers, max(contexts) + steps + 8,
+                                               device, dtype)) for kind in models]
+    builders += [(name, lambda path=path: from_pretrained(path).to(device=device, dtype=dtype).eval())
+                 for name, path in (ckpts or {}).items()]
+    rows = []
+    for kind, make in builders:
+        model = make()
         measure(model, min(contexts), 2, batch, prefill_chunk, allow_cudnn=allow_cudnn)  # untimed: first-call allocations and lazy inits
         for L in sorted(contexts):
             row = {"model": kind, **measure(model, L, steps, batch, prefill_chunk, allow_cudnn=allow_cudnn)}
@@ -148,7 +158,7 @@ def _mib(x):
 def format_table(rows, title: str = "") -> str:
     """Markdown: one line per context, GLA and softmax side by side."""
     by = {(r["model"], r["context"]): r for r in rows}
-    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     cuda = any(r["decode_peak_bytes"] is not None for r in rows)
     mem = "decode peak MiB" if cuda else "RSS growth MiB"
     cols = ["ms/token", "state MiB", mem, "prefill s"]  # state: GLA states and KV caches
@@ -182,7 +192,7 @@ def plot(rows, path: str, title: str = "") -> None:
     except ImportError as e:
         raise ImportError("the decode plot needs matplotlib: pip install 'gla[train]'") from e
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, m in enumerate(MODELS):
+    for i, m in enumerate(dict.fromkeys(r["model"] for r in rows)):
         rs = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context"])
         if not rs:
             continue
@@ -218,7 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS} (random weights; "
+                                                            "'' for none)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR", help="a checkpoint to measure too "
+                                                                                "(repeatable)")
     p.add_argument("--out", default=None, help="directory for decode.md, decode.json and decode.png")
     p.add_argument("--allow-cudnn", action="store_true", help="let SDPA use cuDNN attention (slow decode steps)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
@@ -229,17 +242,25 @@ def main(argv=None) -> int:
         p.error(f"--contexts must be comma-separated integers, got {a.contexts!r}")
     if not contexts or min(contexts) < 1 or a.steps < 1:
         p.error("need at least one positive context length and --steps >= 1")
+    if any("=" not in c for c in a.ckpt):
+        p.error("--ckpt takes NAME=DIR")
+    ckpts = dict(c.split("=", 1) for c in a.ckpt)
+    models = tuple(m for m in a.models.split(",") if m)
+    if not models and not ckpts:
+        p.error("nothing to measure: give --models or --ckpt")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     rows = run(contexts, a.d_model, a.n_heads, a.n_layers, a.vocab, a.steps, a.batch, device,
-               getattr(torch, a.dtype), a.prefill_chunk, tuple(a.models.split(",")),
-               log=None if a.json else lambda s: print(s, flush=True), allow_cudnn=a.allow_cudnn)
+               getattr(torch, a.dtype), a.prefill_chunk, models,
+               log=None if a.json else lambda s: print(s, flush=True), allow_cudnn=a.allow_cudnn, ckpts=ckpts)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    title = (f"Decode: d_model={a.d_model}, {a.n_layers} layers, {a.n_heads} heads, B={a.batch}, {a.dtype}, "
-             f"{a.steps} steps, {where}, torch {torch.__version__}")
+    what = [f"random models d_model={a.d_model}, {a.n_layers} layers, {a.n_heads} heads"] if models else []
+    what += [f"{name}: {path}" for name, path in ckpts.items()]
+    title = (f"Decode: {'; '.join(what)}; B={a.batch}, {a.dtype}, {a.steps} steps, {where}, "
+             f"torch {torch.__version__}")
     table = format_table(rows, title)
     print(json.dumps(rows) if a.json else "\n" + table)
     if a.out:

@@ -67,3 +67,20 @@ def test_bad_arguments():
         decode.main(["--contexts", "1k"])
     with pytest.raises(ValueError, match="unknown model"):
         decode.run(**{**TINY, "models": ("mamba",)})
+
+
+def test_checkpoints_are_measured_under_their_names(tmp_path, capsys):
+    """--ckpt NAME=DIR: a saved hybrid (one softmax layer of two) keeps KV bytes for that layer only."""
+    from gla import GLATransformer
+    GLATransformer(64, 32, 2, 64, 2, dropout=0.0, attn_layers=(1,)).save_pretrained(str(tmp_path / "hybrid"))
+    argv = ["--contexts", "16,48", "--steps", "2", "--models", "", "--ckpt", f"3:1={tmp_path / 'hybrid'}", "--json"]
+    assert decode.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["model"] for r in rows] == ["3:1", "3:1"]
+    # layer 0: GLA [1, 2, 8, 16] fp32; layer 1: k, v [1, 2, L + 4, 16] fp32; seen [1] int64
+    assert [r["state_bytes"] for r in rows] == [2 * 8 * 16 * 4 + 2 * 2 * (L + 4) * 16 * 4 + 8 for L in (16, 48)]
+    assert "| context | 3:1 ms/token | 3:1 state MiB |" in decode.format_table(rows)
+    with pytest.raises(SystemExit):
+        decode.main(["--models", "", "--contexts", "16"])
+    with pytest.raises(SystemExit):
+        decode.main(["--ckpt", "nodir"])
