@@ -211,7 +211,8 @@ def plot(rows, path: str, title: str = "") -> None:
     ax1.set_title("decode latency")
     ax2.set_title("memory held for decoding")
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+        fig.suptitle(textwrap.fill(title, 140), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
