@@ -150,11 +150,37 @@ def _sampler(args):
     gen = torch.Generator(device=dev).manual_seed(args.seed)
 
     def run(ids, cb):
+        # on a GPU, new tokens come to the host STREAM_BATCH at a time: one wait per batch, not per token
+        collect, flush = _batched(cb, STREAM_BATCH if dev.type != "cpu" else 1)
         out = generate(model, torch.tensor([ids], device=dev), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, callback=None if cb is None else lambda t: cb(int(t[0])),
+                       top_k=args.top_k, top_p=args.top_p, callback=None if cb is None else collect,
                        generator=gen, compile_step=args.compile)
+        flush()
         return out[0, len(ids):].tolist()
     return tokenizer_for(args.ckpt), run
+
+
+STREAM_BATCH = 8
+
+
+def _batched(cb, n: int):
+    """(collect, flush): collect(tokens [1] on any device) keeps them and hands every n of them to cb(int) in one
+    transfer to the host; flush() hands over the rest."""
+    import torch
+    pending = []
+
+    def flush():
+        if cb is not None and pending:
+            values = torch.cat(pending).tolist()
+            pending.clear()
+            for v in values:
+                cb(v)
+
+    def collect(t):
+        pending.append(t[:1])
+        if len(pending) >= n:
+            flush()
+    return collect, flush
 
 
 def _cmd_generate(args) -> int:

@@ -167,3 +167,29 @@ def test_diverged_run_exits_3_with_one_line(run, tmp_path, capsys, monkeypatch):
     final = [line for line in err.splitlines() if line.startswith("gla train: training diverged")]
     assert rc == 3 and len(final) == 1 and "Traceback" not in err, err
     assert "steps 3-6" in final[0] and "checkpoint of step 2" in final[0] and "Lower --lr (now 50)" in final[0]
+
+
+def test_streamed_tokens_reach_the_host_in_batches():
+    """gla generate on a GPU hands tokens to the printer n at a time (one host transfer each); a stop raised by the
+    printer ends the stream at once, and flush() hands over the remainder."""
+    import torch
+
+    from gla.cli import _batched
+    got, transfers = [], []
+    collect, flush = _batched(lambda v: got.append(v), 3)
+    for i in range(7):
+        transfers.append(len(got))
+        collect(torch.tensor([i, 99]))  # [B] with B = 2: the CLI's row is the first
+    flush()
+    assert got == list(range(7)) and transfers == [0, 0, 0, 3, 3, 3, 6]
+
+    def printer(v):
+        if v == 4:
+            raise KeyboardInterrupt
+        got.append(v)
+    got.clear()
+    collect, flush = _batched(printer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        for i in range(9):
+            collect(torch.tensor([i]))
+    assert got == [0, 1, 2, 3]
