@@ -41,14 +41,14 @@ def graphable(model, device) -> bool:
     return torch.device(device).type == "cuda" and static_state(model)
 
 
+KV_ROUND = 256
+
+
 def kv_capacity(state: ModelState, new_tokens: int) -> int | None:
     """KV slots a request needs (the prompt's keys and ``new_tokens`` more), rounded up to a multiple of KV_ROUND so
     that requests of similar lengths share a decoder and its captured graph; None without softmax layers."""
     lengths = [layer.k.shape[2] for layer in state.layers if isinstance(layer, KVCache)]
     return -(-(max(lengths) + new_tokens) // KV_ROUND) * KV_ROUND if lengths else None
-
-
-KV_ROUND = 256
 
 
 def _layout(state: ModelState, capacity: int | None) -> tuple:
@@ -136,24 +136,23 @@ class StaticDecoder:
         if refresh:
             self.fused.refresh()
         self.state.seen.copy_(state.seen)
-        self.slots_left = None
+        prompt = None  # KV length of the prompt, the same in every softmax layer
         for buf, layer in zip(self.state.layers, state.layers, strict=True):
             if isinstance(buf, StaticKVCache):
-                L = layer.k.shape[2]
-                buf.k[:, :, :L].copy_(layer.k)
-                buf.v[:, :, :L].copy_(layer.v)
-                buf.k[:, :, L:].zero_()  # masked slots still enter the product: no NaN left from another request
-                buf.v[:, :, L:].zero_()
-                self.slots_left = self.capacity - L
+                prompt = layer.k.shape[2]
+                buf.k[:, :, :prompt].copy_(layer.k)
+                buf.v[:, :, :prompt].copy_(layer.v)
+                buf.k[:, :, prompt:].zero_()  # masked slots still enter the product: no NaN left from another request
+                buf.v[:, :, prompt:].zero_()
             else:
                 for b, t in zip(_tensors(buf), _tensors(layer), strict=True):
                     b.copy_(t)
+        self.slots_left = None if prompt is None else self.capacity - prompt
         if self.kv:  # shared by every softmax layer
-            L = self.capacity - self.slots_left
             valid, length = self.kv[0].valid, self.kv[0].length
             valid.zero_()
-            valid[:, :L] = True if state.key_mask is None else state.key_mask
-            length.fill_(L)
+            valid[:, :prompt] = True if state.key_mask is None else state.key_mask
+            length.fill_(prompt)
 
     def _step(self, model) -> torch.Tensor:
         logits, new = model(self.tokens, self.state)
