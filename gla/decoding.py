@@ -64,19 +64,20 @@ def _layout(state: ModelState, capacity: int | None) -> tuple:
 
 
 def _allocate(state: ModelState, capacity: int | None) -> ModelState:
-    """Buffers for ``state``'s layout: GLA states cloned, each KV cache a StaticKVCache of ``capacity`` slots
-    sharing one ``valid`` mask and one ``length``."""
+    """Buffers (unfilled: ``StaticDecoder.reset`` fills them) for ``state``'s layout: GLA states and convolution
+    caches of their shapes, each KV cache a StaticKVCache of ``capacity`` slots sharing one ``valid`` mask and one
+    ``length``."""
     B, dev = state.seen.shape[0], state.seen.device
     valid = torch.zeros(B, capacity or 0, dtype=torch.bool, device=dev)
     length = torch.zeros(1, dtype=torch.long, device=dev)
 
     def buffers(layer):
         if not isinstance(layer, KVCache):
-            return map_tensors(torch.clone, layer)
+            return map_tensors(torch.empty_like, layer)
         k = layer.k.new_zeros(*layer.k.shape[:2], capacity, layer.k.shape[3])
         return StaticKVCache(k, torch.zeros_like(k), valid, length)
 
-    return ModelState([buffers(layer) for layer in state.layers], state.seen.clone())
+    return ModelState([buffers(layer) for layer in state.layers], torch.empty_like(state.seen))
 
 
 def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,

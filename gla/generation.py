@@ -71,8 +71,8 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     lengths. Rows that produced eos_token_id keep yielding it; the stream ends once every row has (checked every
     step on the CPU, every EOS_CHECK steps on a GPU, where each check waits for the GPU).
     cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
-    uncaptured, on a CPU); None = where the model allows a graph (a plain GLATransformer on CUDA). compile_step: the static
-    step goes through torch.compile first (fused elementwise kernels: 436 instead of 1,193 kernels per token at
+    uncaptured, on a CPU); None = where the model allows a graph (a plain GLATransformer on CUDA). compile_step: the
+    static step goes through torch.compile first (fused elementwise kernels: 436 instead of 1,193 kernels per token at
     gla-340m); its logits then differ from the eager step's by bf16 rounding, so greedy tokens may too.
     """
     ids, mask = _prepare(model, input_ids, attention_mask)

@@ -6,11 +6,11 @@
 Both models are GLATransformers of the same shape: "gla" uses GLA in every layer, "softmax" uses softmax attention
 (RoPE, KV cache) in every layer (attn_layers = all). --ckpt NAME=DIR adds trained checkpoints under their own
 names (e.g. a softmax teacher and its distilled hybrid and GLA students); --models "" leaves the two random models
-out. For each context length L the prompt [B, L] is prefilled
-(one call unless --prefill-chunk), then ``--steps`` decode steps feed the greedy next token [B, 1] with the state,
+out. For each context length L the prompt [B, L] is prefilled (one call unless --prefill-chunk), then ``--steps`` decode steps feed the greedy next token [B, 1] with the state,
 as gla.generate does; latency is the median step time. Memory: the bytes held by the state (every tensor in the
 ModelState: GLA [B, H, K, V] per layer, constant in L; KV caches grow with L), the process RSS growth from before
-the prefill to after decoding with only the state alive (CPU, Linux /proc or psutil), and on CUDA the peak allocated during decoding.
+the prefill to after decoding with only the state alive (CPU, Linux /proc or psutil), and on CUDA the peak
+allocated during decoding.
 A GPU run up to 128K, e.g.: gla bench decode --device cuda --dtype bfloat16 --d-model 1024 --n-heads 4
 --n-layers 4 --contexts 4096,8192,16384,32768,65536,131072 --out DIR
 """
@@ -140,7 +140,8 @@ def run(contexts=CPU_CONTEXTS, d_model=128, n_heads=2, n_layers=2, vocab=256, st
     rows = []
     for kind, make in builders:
         model = make()
-        measure(model, min(contexts), 2, batch, prefill_chunk, allow_cudnn=allow_cudnn)  # untimed: first-call allocations and lazy inits
+        # untimed: first-call allocations and lazy inits
+        measure(model, min(contexts), 2, batch, prefill_chunk, allow_cudnn=allow_cudnn)
         for L in sorted(contexts):
             row = {"model": kind, **measure(model, L, steps, batch, prefill_chunk, allow_cudnn=allow_cudnn)}
             rows.append(row)

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints in a run directory.
 
     RUN/checkpoint/   config.json + model.safetensors (save_pretrained), train_state.pt, train_config.json,
-                      [tokenizer.json], [lora.safetensors: adapters of a --lora run, gla.distill.lora]  -- swapped in whole with directory renames, so a crash never leaves a mix
+                      [tokenizer.json], [lora.safetensors: adapters of a --lora run, gla.distill.lora]
+                      -- swapped in whole with directory renames, so a crash never leaves a mix
     RUN/              copies of config.json, model.safetensors, train_config.json, [tokenizer.json] for inference
 
 train_state.pt holds only plain tensors, numbers, strings, lists and dicts (optimizer moments, step, RNG and data
