@@ -4,13 +4,13 @@
                      [--ckpt NAME=DIR ...] [--device cpu|cuda] [--dtype float32|bfloat16] [--out DIR] [--json]
 
 Both models are GLATransformers of the same shape: "gla" uses GLA in every layer, "softmax" uses softmax attention
-(RoPE, KV cache) in every layer (attn_layers = all). --ckpt NAME=DIR adds trained checkpoints under their own
-names (e.g. a softmax teacher and its distilled hybrid and GLA students); --models "" leaves the two random models
-out. For each context length L the prompt [B, L] is prefilled (one call unless --prefill-chunk), then ``--steps``
-decode steps feed the greedy next token [B, 1] with the state, as gla.generate does; latency is the median step time. Memory: the bytes held by the state (every tensor in the
-ModelState: GLA [B, H, K, V] per layer, constant in L; KV caches grow with L), the process RSS growth from before
-the prefill to after decoding with only the state alive (CPU, Linux /proc or psutil), and on CUDA the peak
-allocated during decoding.
+(RoPE, KV cache) in every layer (attn_layers = all). --ckpt NAME=DIR adds trained checkpoints under their own names
+(e.g. a softmax teacher and its distilled hybrid and GLA students); --models "" leaves the two random models out.
+For each context length L the prompt [B, L] is prefilled (one call unless --prefill-chunk), then ``--steps`` decode
+steps feed the greedy next token [B, 1] with the state, as gla.generate does; latency is the median step time.
+Memory: the bytes held by the state (every tensor in the ModelState: GLA [B, H, K, V] per layer, constant in L; KV
+caches grow with L), the process RSS growth from before the prefill to after decoding with only the state alive
+(CPU, Linux /proc or psutil), and on CUDA the peak allocated during decoding.
 A GPU run up to 128K, e.g.: gla bench decode --device cuda --dtype bfloat16 --d-model 1024 --n-heads 4
 --n-layers 4 --contexts 4096,8192,16384,32768,65536,131072 --out DIR
 """
