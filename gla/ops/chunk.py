@@ -90,16 +90,23 @@ def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
                  last_slot.to(device))
 
 
-def _pack(x, plan: _Plan, acc):
-    """x: [B, T, H, D] -> [NC, H, BT, D] in dtype acc, chunk-aligned, zero padded."""
+def _pack(x, plan: _Plan, acc, scale: float = 1.0, copy: bool = True):
+    """x: [B, T, H, D] -> x * scale as [NC, H, BT, D] in dtype acc, chunk-aligned, zero padded, in one pass.
+
+    copy=False (scale 1) may return a strided view of x (equal lengths, T a multiple of BT, x already in acc): for
+    operands whose first uses are elementwise, which write contiguous results anyway (a matmul would copy it).
+    """
     B, T, H, D = x.shape
-    x = x.to(acc)
     if plan.tok_idx is None:
         Tp = plan.NC // B * BT
         x = F.pad(x, (0, 0, 0, 0, 0, Tp - T)) if Tp != T else x
     else:
         x = torch.cat([x.reshape(T, H, D), x.new_zeros(1, H, D)])[plan.tok_idx]
-    return x.reshape(plan.NC, BT, H, D).transpose(1, 2).contiguous()
+    x = x.reshape(plan.NC, BT, H, D).transpose(1, 2)
+    if not copy and x.dtype == acc:
+        return x
+    out = torch.empty(x.shape, dtype=acc, device=x.device)
+    return torch.mul(x, scale, out=out) if scale != 1 else out.copy_(x)
 
 
 def _unpack(y, plan: _Plan, dtype):
@@ -140,20 +147,34 @@ def _scan(local, decay, carry, plan: _Plan, reverse: bool):
 
 
 class _Intra:
-    """Factored intra-chunk blocks for one chunked input (see the module docstring), one row block at a time.
+    """Factored intra-chunk blocks for one chunked input (see the module docstring), one row block at a time, and
+    the decay factors of the state terms.
 
-    qs, k, g: [NC, H, BT, K] (qs = q * scale); b: [NC, H, BT, K] cumulative log decay; bc: the sub-chunk length
-    (``sub_chunk``). Row block i (sub-chunk i) sees keys 0 .. (i+1)*bc - 1; its scores are qa[i] @ kf[i]^T.
+    qs, k, g: [NC, H, BT, K] (qs = q * scale; k and g may be strided views); b: [NC, H, BT, K] cumulative log decay;
+    bc: the sub-chunk length (``sub_chunk``). Row block i (sub-chunk i) sees keys 0 .. (i+1)*bc - 1; its scores are
+    qa[i] @ kf[i]^T. The state terms use eb = e^b (the queries' factor) and k_state = e^{B - b} (the keys').
     """
 
     def __init__(self, qs, k, g, b, bc: int = BC):
         NC, H, _, K = k.shape
         self.bc = BC = bc
         NS = BT // BC
+        self.shape = (NC, H, NS)
+        self.qs = qs
+        self.eb = b.exp()  # [NC, H, BT, K]
+        if NS == 1:  # one block anchored at the chunk's start: the state terms' factors serve it too
+            self.q_fac = self.eb.view(NC, H, 1, BT, K)
+            self.k_fac = [self.eb.reciprocal()]  # e^{-b} <= e^SAFE_SPAN (sub_chunk checked)
+            self.kf = [self.k_fac[0] * k]
+            self.qa = self.q_fac * qs.view(NC, H, 1, BT, K)
+            self.k_state = self.k_fac[0] * self.eb[:, :, -1:]
+            self.unsafe = ()
+            return
+        self.k_state = (b[:, :, -1:] - b).exp_()
         bs = b.view(NC, H, NS, BC, K)
         r = torch.cat([bs.new_zeros(NC, H, 1, K), bs[:, :, :-1, -1]], 2)  # decay before each sub-chunk
         self.q_fac = (bs - r.unsqueeze(3)).exp_()  # [NC, H, NS, BC, K], every exponent <= 0
-        self.qa = qs.view(NC, H, NS, BC, K) * self.q_fac
+        self.qa = self.q_fac * qs.view(NC, H, NS, BC, K)
         self.k_fac, self.kf = [], []
         for i in range(NS):
             expo = r[:, :, i].unsqueeze(2) - b[:, :, :(i + 1) * BC]  # <= 0 left of sub-chunk i
@@ -162,9 +183,8 @@ class _Intra:
             expo[:, :, i * BC:].clamp_(max=SAFE_SPAN)
             fac = expo.exp_()
             self.k_fac.append(fac)
-            self.kf.append(k[:, :, :(i + 1) * BC] * fac)
+            self.kf.append(fac * k[:, :, :(i + 1) * BC])
         safe = (r - bs[:, :, :, -1]).amax(-1) <= SAFE_SPAN  # [NC, H, NS]
-        self.shape = (NC, H, NS)
         self.unsafe = (~safe).nonzero(as_tuple=True)
         if self.unsafe[0].numel():
             c, h, s = self.unsafe
@@ -176,8 +196,16 @@ class _Intra:
             self.qd = qs.view(NC, H, NS, BC, K)[c, h, s]
             self.kd = k.view(NC, H, NS, BC, K)[c, h, s]
 
+    def q_dec(self):
+        """qs ⊙ e^b [NC, H, BT, K]: the queries' factor against the state entering the chunk."""
+        NC, H, NS = self.shape
+        return self.qa.view(NC, H, BT, self.qa.shape[-1]) if NS == 1 else self.qs * self.eb
+
     def _unsafe_rows(self, i):
-        """Positions (chunk, head) whose sub-chunk i is unsafe, and their index into the log-space blocks."""
+        """Positions (chunk, head) whose sub-chunk i is unsafe, and their index into the log-space blocks; none
+        when the chunk is one block."""
+        if not self.unsafe:
+            return None, None, self.eb.new_empty(0)
         sel = (self.unsafe[2] == i).nonzero().squeeze(1)
         return self.unsafe[0][sel], self.unsafe[1][sel], sel
 
@@ -186,18 +214,21 @@ class _Intra:
         BC = self.bc
         A = self.qa[:, :, i] @ self.kf[i].transpose(-1, -2)
         diag = A[:, :, :, i * BC:]
-        diag.copy_(diag.tril())
+        diag.tril_()
         c, h, sel = self._unsafe_rows(i)
         if sel.numel():
             A[c, h, :, i * BC:] = torch.einsum("ntk,njk,ntjk->ntj", self.qd[sel], self.kd[sel], self.D[sel])
         return A
 
-    def output(self, v):
-        """Intra-chunk output Σ_{j<=t} A_tj v_j: v [NC, H, BT, V] -> [NC, H, BT, V]."""
+    def add_output(self, o, v):
+        """Adds the intra-chunk output Σ_{j<=t} A_tj v_j to o: v, o [NC, H, BT, V]; returns o."""
         BC = self.bc
-        if self.shape[2] == 1:  # one block: no concatenation (a copy of the whole output)
-            return self.scores(0) @ v
-        return torch.cat([self.scores(i) @ v[:, :, :(i + 1) * BC] for i in range(self.shape[2])], 2)
+        if self.shape[2] == 1:  # one block: the add fused into the product
+            return torch.baddbmm(o.view(-1, BT, o.shape[-1]), self.scores(0).view(-1, BT, BT),
+                                 v.view(-1, BT, v.shape[-1])).view(o.shape)
+        for i in range(self.shape[2]):
+            o[:, :, i * BC:(i + 1) * BC] += self.scores(i) @ v[:, :, :(i + 1) * BC]
+        return o
 
     def backward(self, do, v):
         """do, v: [NC, H, BT, V] -> intra-chunk gradients (d qs, d k) without the j = t terms, d v, and w.
@@ -255,17 +286,17 @@ def _max_chunks(B: int, T: int, N: int, varlen: bool) -> int:
 def _forward(q, k, v, g, h0, scale, plan: _Plan):
     """Returns o [B, T, H, V], the final states [N, H, K, V] and the states entering each chunk [NC, H, K, V]."""
     acc = state_dtype(q.dtype)
-    qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
-    NC, H, _, K = qc.shape
+    qs, vc = _pack(q, plan, acc, scale), _pack(v, plan, acc)
+    kc, gc = (_pack(x, plan, acc, copy=False) for x in (k, g))
+    NC, H, _, K = qs.shape
     V = vc.shape[-1]
     b, decay = _gates(gc)
-    k_dec = kc * (b[:, :, -1:] - b).exp_()  # k_j ⊙ e^{B - b_j}
+    intra = _Intra(qs, kc, gc, b, sub_chunk(b))
+    k_dec = intra.kf[0] * decay.unsqueeze(2) if intra.shape[2] == 1 else intra.k_state * kc  # k_j ⊙ e^{B - b_j}
     h = k_dec.transpose(-1, -2) @ vc  # per-chunk state contribution, becomes the entering state
-    carry = h0.to(acc).clone() if h0 is not None else qc.new_zeros(plan.N, H, K, V)
+    carry = h0.to(acc).clone() if h0 is not None else qs.new_zeros(plan.N, H, K, V)
     final = _scan(h, decay, carry, plan, reverse=False)
-    qs = qc * scale
-    o = (qs * b.exp()) @ h
-    o += _Intra(qs, kc, gc, b, sub_chunk(b)).output(vc)
+    o = intra.add_output(intra.q_dec() @ h, vc)
     return _unpack(o, plan, v.dtype), final, h
 
 

@@ -14,8 +14,8 @@ def assert_close(errs, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL):
     assert not bad, f"relative errors above tolerance: {bad} (all: {errs})"
 
 
-@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 60, 100), (1, 63, 2, 60, 100), (2, 130, 3, 16, 20),
-                                       (1, 1000, 1, 32, 48)])
+@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 60, 100), (1, 63, 2, 60, 100), (2, 128, 2, 60, 100),
+                                       (2, 130, 3, 16, 20), (1, 1000, 1, 32, 48)])
 @pytest.mark.parametrize("normalizer", [16.0, 1.0, 0.1])  # weak, medium, strong gates
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunk_matches_reference(B, T, H, K, V, normalizer, with_state):
