@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import no_autocast
+from . import no_autocast, wants_grad
 from .constants import BC, BT, SAFE_SPAN  # beside the Triton path's; constants.py says why the thresholds differ
 from .recurrent import state_dtype
 from . import short_chunk
@@ -120,21 +120,42 @@ def _unpack(y, plan: _Plan, dtype):
     return y.to(dtype)
 
 
-def _scan(local, decay, carry, plan: _Plan, reverse: bool):
-    """Walk the chunks of every sequence in order (or reverse), in place.
+def _chain(a, x, decay, carry, plan: _Plan, reverse: bool):
+    """The per-chunk contributions a[c]^T x[c] ([NC, H, K, V]; a: [NC, H, BT, K], x: [NC, H, BT, V]) chained through
+    the chunks of each sequence, in order or in reverse, from carry [N, H, K, V].
 
-    local: [NC, H, K, V] per-chunk contribution; decay: [NC, H, K]; carry: [N, H, K, V] start value.
-    Afterwards local[c] holds the carry before chunk c was applied (the state entering chunk c forward, the
-    gradient of the state leaving chunk c in reverse); returns the last carry per sequence.
+    Returns (the carry at each chunk [NC, H, K, V]: the state entering chunk c forward, the gradient of the state
+    leaving chunk c in reverse; the last carry [N, H, K, V]). Equal-length rows write the products into one buffer
+    with a slot before (forward) or after (reverse) each row's chunks, and update it in place: no copies per step.
     """
-    if plan.tok_idx is None:  # B equal-length rows: chunk c of every row is a strided view, no gathers
-        loc = local.view(plan.B, -1, *local.shape[1:])
-        dec = decay.view(plan.B, -1, *decay.shape[1:]).unsqueeze(-1)
-        for c in (range(loc.shape[1] - 1, -1, -1) if reverse else range(loc.shape[1])):
-            new = torch.addcmul(loc[:, c], carry, dec[:, c])
-            loc[:, c] = carry
-            carry = new
-        return carry
+    if plan.tok_idx is not None:
+        local = a.transpose(-1, -2) @ x
+        return local, _scan(local, decay, carry.clone(), plan, reverse)
+    NC, H, _, K = a.shape
+    B, V = plan.B, x.shape[-1]
+    nc = NC // B
+    buf = a.new_empty(B, nc + 1, H, K, V)
+    first = 0 if reverse else 1  # where the products go; the carry takes the other end
+    a, x = a.view(B, nc * H, BT, K), x.view(B, nc * H, BT, V)
+    for r in range(B):  # bmm into a contiguous slice writes in place (matmul's out= may copy)
+        torch.bmm(a[r].transpose(-1, -2), x[r], out=buf[r, first:first + nc].view(nc * H, K, V))
+    buf[:, nc if reverse else 0] = carry
+    dec = decay.view(B, nc, H, K, 1)
+    if reverse:
+        for c in range(nc - 1, -1, -1):
+            buf[:, c].addcmul_(buf[:, c + 1], dec[:, c])
+        return buf[:, 1:].reshape(NC, H, K, V).contiguous(), buf[:, 0].clone()
+    for c in range(nc):
+        buf[:, c + 1].addcmul_(buf[:, c], dec[:, c])
+    return buf[:, :nc].reshape(NC, H, K, V).contiguous(), buf[:, nc].clone()  # a copy: an operator's outputs may not alias
+
+
+def _scan(local, decay, carry, plan: _Plan, reverse: bool):
+    """``_chain`` for packed sequences (cu_seqlens), in place: each step gathers the chunks its sequences are at.
+
+    local: [NC, H, K, V] per-chunk contribution; decay: [NC, H, K]; carry: [N, H, K, V] start value (updated).
+    Afterwards local[c] holds the carry before chunk c was applied; returns the last carry per sequence.
+    """
     for ids, rows in (reversed(plan.steps) if reverse else plan.steps):
         cur = carry if rows is None else carry[rows]
         new = torch.addcmul(local[ids], cur, decay[ids].unsqueeze(-1))
@@ -196,6 +217,10 @@ class _Intra:
             self.qd = qs.view(NC, H, NS, BC, K)[c, h, s]
             self.kd = k.view(NC, H, NS, BC, K)[c, h, s]
 
+    def k_dec(self, k):
+        """k ⊙ e^{B - b} [NC, H, BT, K]: the keys' contributions to the state leaving the chunk."""
+        return self.kf[0] * self.eb[:, :, -1:] if self.shape[2] == 1 else self.k_state * k
+
     def q_dec(self):
         """qs ⊙ e^b [NC, H, BT, K]: the queries' factor against the state entering the chunk."""
         NC, H, NS = self.shape
@@ -239,6 +264,14 @@ class _Intra:
         """
         NC, H, NS = self.shape
         BC = self.bc
+        if NS == 1:  # one block, no unsafe part: each gradient is one product and a factor
+            dA = do @ v.transpose(-1, -2)
+            w = dA.diagonal(dim1=-2, dim2=-1).clone()
+            dA.tril_(-1)
+            dv = self.scores(0).transpose(-1, -2) @ do
+            dq = (dA @ self.kf[0]).mul_(self.eb)
+            dk = (dA.transpose(-1, -2) @ self.qa[:, :, 0]).mul_(self.k_fac[0])
+            return dq, dk, dv, w
         dq = torch.empty_like(self.qa)
         dk = torch.zeros(NC, H, BT, self.qa.shape[-1], dtype=v.dtype, device=v.device)
         dv = torch.zeros_like(v)
@@ -249,7 +282,7 @@ class _Intra:
             dA = do_i @ v_i.transpose(-1, -2)
             dA_diag = dA[:, :, :, i * BC:]
             w[:, :, i * BC:(i + 1) * BC] = dA_diag.diagonal(dim1=-2, dim2=-1)
-            dA_diag.copy_(dA_diag.tril(-1))
+            dA_diag.tril_(-1)
             c, h, sel = self._unsafe_rows(i)
             if sel.numel():
                 dAd = dA[c, h, :, i * BC:]
@@ -292,10 +325,8 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan):
     V = vc.shape[-1]
     b, decay = _gates(gc)
     intra = _Intra(qs, kc, gc, b, sub_chunk(b))
-    k_dec = intra.kf[0] * decay.unsqueeze(2) if intra.shape[2] == 1 else intra.k_state * kc  # k_j ⊙ e^{B - b_j}
-    h = k_dec.transpose(-1, -2) @ vc  # per-chunk state contribution, becomes the entering state
-    carry = h0.to(acc).clone() if h0 is not None else qs.new_zeros(plan.N, H, K, V)
-    final = _scan(h, decay, carry, plan, reverse=False)
+    carry = h0.to(acc) if h0 is not None else qs.new_zeros(plan.N, H, K, V)
+    h, final = _chain(intra.k_dec(kc), vc, decay, carry, plan, reverse=False)
     o = intra.add_output(intra.q_dec() @ h, vc)
     return _unpack(o, plan, v.dtype), final, h
 
@@ -304,19 +335,18 @@ def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
     """Gradients (dq, dk, dv, dg in the inputs' dtypes, dh0 in the state dtype) from the chunk states h of the
     forward; do or dfinal may be None (no gradient through o or through the final state)."""
     acc = state_dtype(q.dtype)
-    qc, kc, vc, gc = (_pack(x, plan, acc) for x in (q, k, v, g))
+    qs, vc = _pack(q, plan, acc, scale), _pack(v, plan, acc)
+    kc, gc = (_pack(x, plan, acc, copy=False) for x in (k, g))
     b, decay = _gates(gc)
-    qs = qc * scale
     doc = _pack(do, plan, acc) if do is not None else torch.zeros_like(vc)
-    q_dec = qs * b.exp()
-    dh = q_dec.transpose(-1, -2) @ doc
-    carry = dfinal.to(acc).clone() if dfinal is not None else vc.new_zeros(plan.N, *h.shape[1:])
-    dh0 = _scan(dh, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving chunk c
-    k_fac = (b[:, :, -1:] - b).exp_()
-    dqs, dk, dv, w = _Intra(qs, kc, gc, b, sub_chunk(b)).backward(doc, vc)
-    dqs += (doc @ h.transpose(-1, -2)) * b.exp()
-    dk_state = (vc @ dh.transpose(-1, -2)) * k_fac
-    dv += (kc * k_fac) @ dh
+    intra = _Intra(qs, kc, gc, b, sub_chunk(b))
+    carry = dfinal.to(acc) if dfinal is not None else vc.new_zeros(plan.N, *h.shape[1:])
+    dh, dh0 = _chain(intra.q_dec(), doc, decay, carry, plan, reverse=True)  # dh[c]: gradient of the state leaving c
+    dqs, dk, dv, w = intra.backward(doc, vc)
+    dqs.addcmul_(doc @ h.transpose(-1, -2), intra.eb)
+    dk_state = (vc @ dh.transpose(-1, -2)).mul_(intra.k_state)
+    NC, H, _, K = qs.shape
+    dv.view(-1, BT, dv.shape[-1]).baddbmm_(intra.k_dec(kc).view(-1, BT, K), dh.view(-1, K, dh.shape[-1]))
     # At each sequence's last token the state term of dk is k_T's own share of the final state; it cancels
     # exactly against part of S_T ⊙ dS_T, so both are left out of the gate gradient (see _final_term).
     has = plan.last_slot >= 0
@@ -373,6 +403,40 @@ def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     # contiguous, as the real outputs are (empty_like would keep a strided input's layout)
     return (*(x.new_empty(x.shape) for x in (q, k, v, g)), h.new_empty(N, *h.shape[1:]))
+
+
+SEGMENT = 1024
+"""Tokens per pass of the inference forward (``chunk_infer_op``): its temporaries, including the states of the
+segment's chunks, are then bounded by the segment whatever the prompt length, small enough to stay in the CPU's
+cache and in the allocator's free lists (a fresh buffer above the C allocator's mmap threshold, 32 MiB, is
+page-faulted in on every call), and large enough that the per-segment Python overhead stays small."""
+
+
+@torch.library.custom_op("gla::chunk_infer", mutates_args=())
+def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
+                   cu_seqlens: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunk_fwd_op`` without the per-chunk states (nothing will differentiate it): o [B, T, H, V] and the final
+    states [N, H, K, V]. Equal-length rows are processed SEGMENT tokens at a time, the state carried between
+    segments, so that a long prompt needs memory for one segment only."""
+    B, T = q.shape[:2]
+    with no_autocast(q.device.type):
+        if cu_seqlens is not None or T <= SEGMENT:
+            o, final, _ = _forward(q, k, v, g, h0, scale, _plan(B, T, cu_seqlens, q.device))
+            return o.contiguous(), final.contiguous()
+        o = v.new_empty(B, T, q.shape[2], v.shape[-1])
+        final = h0
+        for t0 in range(0, T, SEGMENT):
+            seg = slice(t0, t0 + SEGMENT)
+            plan = _plan(B, min(SEGMENT, T - t0), None, q.device)
+            o[:, seg], final, _ = _forward(q[:, seg], k[:, seg], v[:, seg], g[:, seg], final, scale, plan)
+        return o, final.contiguous()
+
+
+@chunk_infer_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(N, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
 
 
 def _setup(ctx, inputs, output):
@@ -434,5 +498,8 @@ def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=F
     S = short_chunk.plan(q, g, initial_state, output_final_state, cu_seqlens)
     if S is not None:  # one chunk, no states: a few dozen ops each way
         return short_chunk.short_chunk_gla(q, k, v, g, scale, S), None
-    o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
+    if wants_grad(q, k, v, g, initial_state):
+        o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
+    else:
+        o, final = chunk_infer_op(q, k, v, g, initial_state, cu_seqlens, scale)
     return o, (final if output_final_state else None)

@@ -170,3 +170,25 @@ def test_short_path_at_its_bounds(decay, route, monkeypatch):
     g = (g * ((decay or 29.5) / strongest)).requires_grad_()
     assert_close(compare_to_reference(q, k, v, g, backend="chunk", final_state=False))
     assert used == ([route] if route else [])
+
+
+@pytest.mark.parametrize("B,T,segment", [(2, 1000, 128), (1, 300, 64), (2, 192, 1024)])
+@pytest.mark.parametrize("normalizer", [16.0, 0.1])
+def test_inference_forward_in_segments(B, T, segment, normalizer, monkeypatch):
+    """Without gradients the forward runs ``gla::chunk_infer`` (no per-chunk states kept), SEGMENT tokens at a
+    time with the state carried between segments: output and final state against the float64 reference."""
+    import gla.ops.chunk as chunk
+    from gla.ops.recurrent import recurrent_gla
+    monkeypatch.setattr(chunk, "SEGMENT", segment)
+    real, calls = chunk._forward, []
+
+    def spy(*args):  # records each pass's length (its plan's T)
+        calls.append(args[-1].T)
+        return real(*args)
+    monkeypatch.setattr(chunk, "_forward", spy)
+    q, k, v, g, h0 = gla_inputs(B, T, 2, 60, 100, normalizer=normalizer, state=True, requires_grad=False, seed=T)
+    with torch.no_grad():
+        o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="chunk")
+    o_r, s_r = recurrent_gla(*(x.double() for x in (q, k, v, g)), 60 ** -0.5, h0.double(), True, None)
+    assert rel_err(o, o_r) <= FWD_TOL and rel_err(s, s_r) <= FWD_TOL
+    assert calls == ([min(segment, T - t) for t in range(0, T, segment)] if T > segment else [T])

@@ -1,7 +1,7 @@
 """The operators registered with torch.library pass ``torch.library.opcheck``: schema, fake (meta) implementation,
 autograd registration and AOT dispatch with dynamic shapes.
 
-CPU in CI: the chunk operators (gla::chunk_fwd / gla::chunk_bwd). ``GLA_TEST_GPU=1`` adds the Triton operators on CUDA
+CPU in CI: the chunk operators (gla::chunk_fwd / gla::chunk_bwd / gla::chunk_infer). ``GLA_TEST_GPU=1`` adds the Triton operators on CUDA
 (their fake implementations come from tracing the launches, which the CPU interpreter cannot do).
 """
 import os
@@ -27,9 +27,10 @@ def _args(case, device, dtype=torch.float32):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_chunk_ops(case):
-    from gla.ops.chunk import chunk_bwd_op, chunk_fwd_op
+    from gla.ops.chunk import chunk_bwd_op, chunk_fwd_op, chunk_infer_op
     q, k, v, g, h0, cu = _args(case, "cpu")
     opcheck(chunk_fwd_op, (q, k, v, g, h0, cu, 0.25))
+    opcheck(chunk_infer_op, tuple(x.detach() if x is not None else None for x in (q, k, v, g, h0, cu)) + (0.25,))
     opcheck(chunk_fwd_op, (q, k, v, g, None, cu, 0.25))
     _, final, h = chunk_fwd_op(q, k, v, g, h0, cu, 0.25)
     do, dfinal = torch.randn_like(v), torch.randn_like(final)
