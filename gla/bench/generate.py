@@ -84,9 +84,9 @@ def table(rows) -> str:
         return "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
     return md_table(["model", "mode", "B", "prompt", "tok/s", "decode ms/token", "first token ms", "peak GiB",
                      "first call s"],
-                    [[r["model"], r["mode"], str(r["B"]), str(r["prompt"]), f"{r['tok_s']:,.1f}",
-                      f"{r['ms_token']:.2f}", f"{r['ttft_s'] * 1e3:.1f}", gib(r), f"{r['first_s']:.1f}"]
-                     for r in rows])
+                    [[r["model"], r["mode"], str(r["B"]), str(r["prompt"])] + (["out of memory"] + ["-"] * 4
+                     if r.get("oom") else [f"{r['tok_s']:,.1f}", f"{r['ms_token']:.2f}", f"{r['ttft_s'] * 1e3:.1f}",
+                                           gib(r), f"{r['first_s']:.1f}"]) for r in rows])
 
 
 def main(argv=None) -> int:
@@ -124,7 +124,12 @@ def main(argv=None) -> int:
                 gc.collect()  # the previous row's model and captured graphs out of this row's peak memory
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                r = {**measure(*make(), B, a.new, device), "prompt": L}
+                name, mode, run = make()
+                try:
+                    r = {**measure(name, mode, run, B, a.new, device), "prompt": L}
+                except torch.OutOfMemoryError:  # a model that cannot hold this shape is a result, not a crash
+                    r = dict(model=name, mode=mode, B=B, prompt=L, oom=True)
+                del run
                 rows.append(r)
                 if not a.json:
                     print(table(rows[-1:]).splitlines()[-1], flush=True)

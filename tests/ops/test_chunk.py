@@ -98,8 +98,10 @@ def test_no_overflow_with_extreme_gates():
 def small_chunks(monkeypatch):
     """Chunks of 16 with sub-chunks of 8, so gradcheck's tiny inputs still span several chunks and sub-chunks."""
     import gla.ops.chunk as chunk
-    monkeypatch.setattr(chunk, "BT", 16)
-    monkeypatch.setattr(chunk, "BC", 8)
+    import gla.ops.chunk_intra as intra
+    for module in (chunk, intra):
+        monkeypatch.setattr(module, "BT", 16)
+    monkeypatch.setattr(intra, "BC", 8)
 
 
 @pytest.mark.parametrize("backend", ["chunk", "recurrent"])
