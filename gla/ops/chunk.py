@@ -52,34 +52,28 @@ class _Plan:
     tok_idx: torch.Tensor | None  # varlen only: [NC * BT] source token of each slot, T for padding
     inv_idx: torch.Tensor | None  # varlen only: [T] slot of each token
     steps: list  # per scan step: (chunk ids [n], sequence rows [n] or None when all N sequences take part)
-    seg_end: torch.Tensor  # [B * T] flat index one past the last token of each token's sequence
-    last_tok: torch.Tensor  # [N] flat index of each sequence's last token (-1 if empty)
-    last_slot: torch.Tensor  # [N] the same token's slot in chunk-aligned storage (NC * BT slots; -1 if empty)
+    last_slot: torch.Tensor  # [N] slot of each sequence's last token in chunk-aligned storage (-1 if empty)
 
 
 def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
     if cu_seqlens is None:
         nc = -(-T // BT)
         table = [list(range(b * nc, (b + 1) * nc)) for b in range(B)]
-        seg_end = torch.arange(1, B + 1).mul(T).repeat_interleave(T)
-        last_tok = torch.arange(1, B + 1) * T - 1 if T > 0 else torch.full((B,), -1)
         tok_idx = inv_idx = None
         NC = B * nc
         last_slot = torch.arange(B) * nc * BT + T - 1 if T > 0 else torch.full((B,), -1)
     else:
         offs = cu_seqlens.tolist()
-        tok, table, ends, last = [], [], [], []
+        tok, table, last = [], [], []
         for bos, eos in zip(offs, offs[1:]):
             n_chunks = -(-(eos - bos) // BT)
             table.append(list(range(len(tok) // BT, len(tok) // BT + n_chunks)))
+            last.append(len(tok) + eos - bos - 1 if eos > bos else -1)
             tok += list(range(bos, eos)) + [T] * (n_chunks * BT - (eos - bos))
-            ends += [eos] * (eos - bos)
-            last.append(eos - 1 if eos > bos else -1)
         tok_idx = torch.tensor(tok, dtype=torch.long)
         inv_idx = (tok_idx < T).nonzero().squeeze(1)
-        seg_end, last_tok = torch.tensor(ends, dtype=torch.long), torch.tensor(last, dtype=torch.long)
         NC = len(tok) // BT
-        last_slot = torch.where(last_tok >= 0, inv_idx[last_tok.clamp(min=0)] if T > 0 else -1, -1)
+        last_slot = torch.tensor(last, dtype=torch.long)
     steps = []  # only varlen scans index chunks; equal-length rows use strided views
     n_steps = 0 if cu_seqlens is None else max((len(r) for r in table), default=0)
     for c in range(n_steps):
@@ -87,8 +81,7 @@ def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
         ids = torch.tensor([table[n][c] for n in rows], dtype=torch.long, device=device)
         steps.append((ids, None if len(rows) == len(table) else torch.tensor(rows, device=device)))
     to = (lambda x: x if x is None else x.to(device))
-    return _Plan(B, T, NC, len(table), to(tok_idx), to(inv_idx), steps, seg_end.to(device), last_tok.to(device),
-                 last_slot.to(device))
+    return _Plan(B, T, NC, len(table), to(tok_idx), to(inv_idx), steps, last_slot.to(device))
 
 
 def _pack(x, plan: _Plan, acc, scale: float = 1.0, copy: bool = True):
@@ -113,12 +106,11 @@ def _pack(x, plan: _Plan, acc, scale: float = 1.0, copy: bool = True):
 def _unpack(y, plan: _Plan, dtype):
     """y: [NC, H, BT, D] -> [B, T, H, D] in dtype."""
     NC, H, _, D = y.shape
-    y = y.transpose(1, 2).reshape(NC * BT, H, D)
+    flat = torch.empty(NC, BT, H, D, dtype=dtype, device=y.device)
+    flat = flat.copy_(y.transpose(1, 2)).view(NC * BT, H, D)  # layout and dtype in one pass
     if plan.tok_idx is None:
-        y = y.view(plan.B, -1, H, D)[:, :plan.T]
-    else:
-        y = y[plan.inv_idx].unsqueeze(0)
-    return y.to(dtype)
+        return flat.view(plan.B, -1, H, D)[:, :plan.T]
+    return flat[plan.inv_idx].unsqueeze(0)
 
 
 def _chain(a, x, decay, carry, plan: _Plan, reverse: bool):
@@ -220,12 +212,12 @@ def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
     dk_state[c, :, p] = 0
     dk += dk_state
     fin = _final_term(kc, vc, h, b, dfinal[has].to(acc), c, p) if dfinal is not None else None
-    dg = _gate_grad(_unpack(qs * dqs - kc * dk, plan, acc), fin, plan)
+    dg = _gate_grad(qs * dqs - kc * dk, fin, c, p, plan)
     dk[c, :, p] += own
     w = w.unsqueeze(-1)
     dq = _unpack(dqs.addcmul_(w, kc).mul_(scale), plan, q.dtype)
     dk = _unpack(dk.addcmul_(w, qs), plan, q.dtype)
-    return dq, dk, _unpack(dv, plan, v.dtype), dg.to(g.dtype), dh0
+    return dq, dk, _unpack(dv, plan, v.dtype), _unpack(dg, plan, g.dtype), dh0
 
 
 @torch.library.custom_op("gla::chunk_fwd", mutates_args=())
@@ -337,20 +329,30 @@ def _final_term(k, v, h, b, dfinal, c, p):
     return (pre * dfinal).sum(-1)
 
 
-def _gate_grad(db, fin, plan: _Plan):
-    """dg_t = Σ_{t' >= t in t's sequence} db_{t'}, with db = q ⊙ dq − k ⊙ dk and the final-state term ``fin``
-    ([N', H, K] for the non-empty sequences, or None) added at each sequence's last token.
+def _gate_grad(db, fin, c, p, plan: _Plan):
+    """dg_t = Σ_{t' >= t in t's sequence} db_t', in float64: a reverse cumulative sum inside each chunk plus the sum
+    over the sequence's later chunks, each an ordered sum of the terms (no difference of two sums, which would lose
+    a small tail to the rounding error of a large head).
 
-    db: [B, T, H, K]. Returns [B, T, H, K] in float64.
+    db: [NC, H, BT, K] chunk-aligned (zero in padding slots), db = q ⊙ dq − k ⊙ dk; fin: the final-state term
+    [N', H, K] added at the last token of each non-empty sequence (chunk c, slot p), or None.
+    Returns [NC, H, BT, K] float64.
     """
-    B, T, H, K = db.shape
-    db = db.double().reshape(B * T, H, K)
+    NC, H, _, K = db.shape
+    # time as the contiguous dim: torch's CPU cumsum is many times faster along it than across it
+    x = torch.empty(NC, H, K, BT, dtype=torch.float64, device=db.device).copy_(db.transpose(-1, -2))
     if fin is not None:
-        db.index_add_(0, plan.last_tok[plan.last_tok >= 0], fin.double())
-    # the same sums in the same order along the last dim of a view: 3x faster than along dim 0 (B*T=768, H*K=128)
-    rc = db.permute(1, 2, 0).flip(-1).cumsum(-1).flip(-1).permute(2, 0, 1)
-    rc = torch.cat([rc, rc.new_zeros(1, H, K)])
-    return (rc[:-1] - rc[plan.seg_end]).view(B, T, H, K)
+        x[c, :, :, p] += fin.double()
+    x = x.flip(-1).cumsum(-1).flip(-1)
+    total = x[..., :1]  # [NC, H, K, 1]: each chunk's sum
+    if plan.tok_idx is None:
+        rows = total.view(plan.B, -1, H, K, 1)
+        later = torch.cat([rows[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(rows[:, :1])], 1)
+        later = later.view(NC, H, K, 1)
+    else:
+        later = total.clone()
+        _scan(later, torch.ones_like(later[..., 0]), x.new_zeros(plan.N, H, K, 1), plan, reverse=True)
+    return x.add_(later).transpose(-1, -2)
 
 
 def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=False, cu_seqlens=None):
