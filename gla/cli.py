@@ -59,6 +59,10 @@ def _train_parser(sub, name="train", short="train a GLA language model",
     a("--checkpoint-activations", action="store_true",
       help="keep only each layer's input and recompute the rest in the backward: less memory for long sequences, "
            "one more forward per step")
+    a("--memory-budget", type=float,
+      help="compiled layers keep this fraction of their activations for the backward and recompute the rest "
+           "(torch's activation_memory_budget; 1 = keep all): 0.5 measured -36%% memory for +7%% time at gla-340m "
+           "on an H100")
     a("--out", help="run directory (runs/gla)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--json", action="store_true", help="print a JSON summary instead of a progress bar")

@@ -53,6 +53,7 @@ class TrainConfig:
     compile: str = "auto"            # torch.compile each layer and the loss (compile_blocks); auto: on for CUDA
     parallel: str = "none"
     checkpoint_activations: bool = False  # recompute each layer's activations in the backward (long sequences)
+    memory_budget: float = 1.0       # compiled layers keep this fraction of their activations for the backward
     init_from: str | None = None     # a model directory whose architecture and weights start the run (gla distill)
     teacher: str | None = None       # distil: add kl_weight * KL(teacher || model) per token to the loss
     kl_weight: float = 3.0           # measured better than 1 for both demo students (docs/distill.md)
@@ -93,6 +94,8 @@ class TrainConfig:
         if self.init_from is not None and self.model_overrides():
             raise ValueError(f"--init-from takes its architecture from {self.init_from}: leave out "
                              f"{', '.join('--' + k.replace('_', '-') for k in self.model_overrides())}")
+        if not 0 < self.memory_budget <= 1:
+            raise ValueError(f"--memory-budget must be in (0, 1], got {self.memory_budget}")
         if self.kl_weight < 0 or self.transfer_steps < 0 or self.lora < 0:
             raise ValueError("--kl-weight, --transfer-steps and --lora must be >= 0")
         if self.lora and (self.init_from is None or self.parallel == "fsdp"):

@@ -133,6 +133,8 @@ class Trainer:
         self.plain.checkpoint_layers = cfg.checkpoint_activations
         if cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda"):
             self.plain.compile_blocks()
+        elif cfg.memory_budget < 1:
+            raise ValueError("--memory-budget applies to compiled layers: add --compile on (auto compiles on CUDA)")
         self.model = distributed.wrap(self.plain, d, self.device)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
@@ -267,11 +269,13 @@ class Trainer:
             group["lr"] = lr
         scale = distributed.loss_scale(d) / max(float(count), 1.0)
         total = torch.zeros((), device=self.device)
-        for i, b in enumerate(batches):
-            with distributed.grad_sync(self.model, d, i == len(batches) - 1):
-                nll = self._loss(b)
-                (nll * scale).backward()
-            total += nll.detach()
+        # read when a compiled layer's first training call partitions its graph into forward and backward
+        with torch._functorch.config.patch(activation_memory_budget=cfg.memory_budget):
+            for i, b in enumerate(batches):
+                with distributed.grad_sync(self.model, d, i == len(batches) - 1):
+                    nll = self._loss(b)
+                    (nll * scale).backward()
+                total += nll.detach()
         total = d.sum(total)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -217,6 +217,20 @@ def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text):
     assert max(abs(resumed[s] - compiled[s]) / compiled[s] for s in compiled) <= 1e-3
 
 
+def test_memory_budget_recomputes_without_changing_the_loss(tmp_path, small_text):
+    """--memory-budget 0.3 (compiled layers save part of their activations and recompute the rest): 8 steps
+    follow eager's loss curve to 1e-3 relative; without compiled layers the option is refused."""
+    train(_cfg(tmp_path / "eager", small_text, compile="off"), progress=False)
+    train(_cfg(tmp_path / "budget", small_text, compile="on", memory_budget=0.3), progress=False)
+    eager, budget = (dict(_losses(tmp_path / run)[0]) for run in ("eager", "budget"))
+    assert sorted(eager) == sorted(budget) == list(range(1, 9))
+    assert max(abs(budget[s] - eager[s]) / abs(eager[s]) for s in eager) <= 1e-3
+    with pytest.raises(ValueError, match="--memory-budget applies to compiled layers"):
+        Trainer(_cfg(tmp_path / "refused", small_text, compile="off", memory_budget=0.5), progress=False)
+    with pytest.raises(ValueError, match=r"--memory-budget must be in \(0, 1\]"):
+        TrainConfig(memory_budget=0)
+
+
 def test_packed_documents_train(tmp_path, small_docs):
     """Short documents: windows are cut at document starts (cu_seqlens) and training still learns."""
     t = Trainer(_cfg(tmp_path / "run", small_docs, steps=30, lr=1e-2, batch_size=8), progress=False)
