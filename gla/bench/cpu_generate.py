@@ -8,8 +8,10 @@ tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: e
 eager-compiled = the same with its decoding step compiled (`gla generate --compile`; the compilation falls in one
 early gap, outside the median), onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX
 Runtime). Time to first token = the prompt's prefill and the first token; decode = the median gap between later
-tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the exports). Memory against context
-is `gla bench decode`'s.
+tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the exports). Peak RSS = the
+process's peak resident memory while the variant loads and generates, the interpreter and libraries loaded so far
+included, with no other variant's model alive (Linux; "–" elsewhere). Memory against context is
+`gla bench decode`'s.
 """
 from __future__ import annotations
 
@@ -40,12 +42,17 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
     from gla.export import export, load_exported
     from gla.generation import generate
     from gla.models import from_pretrained
+    from .decode import peak_rss_bytes, reset_peak_rss
     model = from_pretrained(ckpt).eval()
+    params, vocab = model.num_parameters(), model.config.vocab_size
+    del model
     os.makedirs(workdir, exist_ok=True)
-    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rows = []
     for variant in variants:
         if variant.startswith("eager"):
+            measured = reset_peak_rss()
+            model = from_pretrained(ckpt).eval()
             size = os.path.getsize(os.path.join(ckpt, "model.safetensors"))
             ttft, gap = _timed(lambda cb: generate(model, prompt[None], new, temperature=0,
                                                    callback=lambda t: cb(int(t[0])),
@@ -54,10 +61,13 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
             out = os.path.join(workdir, variant)
             export(ckpt, out, quantize="int8" if variant == "onnx-int8" else None)
             size = os.path.getsize(os.path.join(out, "model.onnx"))
+            measured = reset_peak_rss()  # after the export, which a deployed model never runs
             m = load_exported(out, threads)
             ttft, gap = _timed(lambda cb: m.generate(prompt.tolist(), new, temperature=0, callback=cb))
-        rows.append(dict(model=name, params=model.num_parameters(), variant=variant, ttft_ms=ttft * 1e3,
-                         decode_ms=gap * 1e3, tok_s=1.0 / gap, file_mb=size / 2 ** 20))
+        peak = peak_rss_bytes() if measured else None
+        model = m = None  # out of the next variant's resident set
+        rows.append(dict(model=name, params=params, variant=variant, ttft_ms=ttft * 1e3, decode_ms=gap * 1e3,
+                         tok_s=1.0 / gap, file_mb=size / 2 ** 20, peak_rss_mb=None if peak is None else peak / 2 ** 20))
     return rows
 
 
@@ -65,9 +75,10 @@ def table(rows) -> str:
     base = {r["model"]: r["decode_ms"] for r in rows if r["variant"] == "eager"}
     cells = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["variant"], f"{r['ttft_ms']:.1f}", f"{r['decode_ms']:.2f}",
               f"{r['tok_s']:.1f}", f"{base[r['model']] / r['decode_ms']:.2f}" if r["model"] in base else "–",
-              f"{r['file_mb']:.1f}"] for r in rows]
+              f"{r['file_mb']:.1f}", "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"]
+             for r in rows]
     return md_table(["model", "params", "variant", "time to first token ms", "decode ms/token", "tok/s", "x eager",
-                     "file MB"], cells)
+                     "file MB", "peak RSS MiB"], cells)
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,27 @@ def rss_bytes() -> int | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: after handing freed memory back to the OS, "5" to /proc/self/clear_refs
+    resets the peak to the current resident set); False where that is not possible."""
+    rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size since start or the last reset_peak_rss (VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def build(kind: str, vocab: int, d_model: int, n_heads: int, n_layers: int, max_len: int, device, dtype):
     """The GLA model or its same-size softmax counterpart (every layer softmax attention), in eval mode."""
     torch.manual_seed(0)

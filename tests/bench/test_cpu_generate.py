@@ -20,6 +20,8 @@ def test_rows_table_and_report(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in rows] == list(cpu_generate.VARIANTS)
     assert all(r["model"] == "tiny" and r["decode_ms"] > 0 and r["ttft_ms"] > 0 and r["file_mb"] > 0 for r in rows)
+    # peak RSS per variant (Linux): at least the interpreter with torch, far below this machine's memory
+    assert all(100 < r["peak_rss_mb"] < 16 * 1024 for r in rows)
     md = (tmp_path / "o" / "cpu-generate.md").read_text()
     assert "| tiny |" in md and "| 1.00 |" in md  # eager against itself
     assert json.loads((tmp_path / "o" / "cpu-generate.json").read_text()) == rows
