@@ -173,7 +173,7 @@ def _max_chunks(B: int, T: int, N: int, varlen: bool) -> int:
     return T // BT + N if varlen else B * -(-T // BT)
 
 
-def _forward(q, k, v, g, h0, scale, plan: _Plan):
+def _forward(q, k, v, g, h0, scale, plan: _Plan, out=None):
     """Returns o [B, T, H, V], the final states [N, H, K, V] and the states entering each chunk [NC, H, K, V]."""
     acc = state_dtype(q.dtype)
     qs, vc = _pack(q, plan, acc, scale), _pack(v, plan, acc)
@@ -185,7 +185,12 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan):
     carry = h0.to(acc) if h0 is not None else qs.new_zeros(plan.N, H, K, V)
     h, final = _chain(intra.k_dec(kc), vc, decay, carry, plan, reverse=False)
     o = intra.add_output(intra.q_dec() @ h, vc)
-    return _unpack(o, plan, v.dtype), final, h
+    if out is not None and plan.tok_idx is None and plan.NC * BT == plan.B * plan.T:  # no padding: write in place
+        NC, H, _, V = o.shape
+        out.view(plan.B, -1, BT, H, V).copy_(o.view(plan.B, -1, H, BT, V).transpose(2, 3))
+        return out, final, h
+    o = _unpack(o, plan, v.dtype)
+    return (o if out is None else out.copy_(o)), final, h
 
 
 def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
@@ -285,7 +290,7 @@ def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         for t0 in range(0, T, SEGMENT):
             seg = slice(t0, t0 + SEGMENT)
             plan = _plan(B, min(SEGMENT, T - t0), None, q.device)
-            o[:, seg], final, _ = _forward(q[:, seg], k[:, seg], v[:, seg], g[:, seg], final, scale, plan)
+            _, final, _ = _forward(q[:, seg], k[:, seg], v[:, seg], g[:, seg], final, scale, plan, out=o[:, seg])
         return o, final.contiguous()
 
 

@@ -184,9 +184,9 @@ def test_inference_forward_in_segments(B, T, segment, normalizer, monkeypatch):
     monkeypatch.setattr(chunk, "SEGMENT", segment)
     real, calls = chunk._forward, []
 
-    def spy(*args):  # records each pass's length (its plan's T)
-        calls.append(args[-1].T)
-        return real(*args)
+    def spy(*args, **kwargs):  # records each pass's length (its plan's T)
+        calls.append(args[6].T)
+        return real(*args, **kwargs)
     monkeypatch.setattr(chunk, "_forward", spy)
     q, k, v, g, h0 = gla_inputs(B, T, 2, 60, 100, normalizer=normalizer, state=True, requires_grad=False, seed=T)
     with torch.no_grad():
