@@ -2,7 +2,7 @@
 
     gla train --data PATH --out DIR [--preset demo --steps N ...]     (torchrun ... gla train --parallel ddp|fsdp)
     gla generate --ckpt DIR --prompt TEXT                              (DIR: a checkpoint or a `gla export` directory)
-    gla export --ckpt DIR --out DIR [--quantize int8]
+    gla export --ckpt DIR --out DIR [--quantize int8|int4]
     gla convert --from HF_OR_GLA_DIR --out DIR --layers 3:1
     gla eval ppl --ckpt DIR --data PATH [--seq-len N] [--split val] --json
     gla bench ops [--T 4096 ... --json]
@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import json
 import sys
+
+QUANTIZE = ("int8", "int4")  # gla.export.to_onnx.QUANTIZE less None, named here so that the CLI imports no exporter
 
 S = argparse.SUPPRESS  # train flags not given keep the TrainConfig default, or the saved value on --resume
 
@@ -118,15 +120,15 @@ def _cmd_train(args) -> int:
 
 @contextlib.contextmanager
 def _quantized(args):
-    """--quantize int8 on a checkpoint: an int8 export in a temporary directory, run by ONNX Runtime (faster than
-    eager int8 here: benchmarks/NOTES.md); sets args.ckpt to it for the duration."""
+    """--quantize int8 / int4 on a checkpoint: such an export in a temporary directory, run by ONNX Runtime (faster
+    than eager int8 here: benchmarks/NOTES.md); sets args.ckpt to it for the duration."""
     import os
     import tempfile
     if getattr(args, "quantize", None) is None or os.path.isfile(os.path.join(args.ckpt, "export.json")):
         yield
         return
     from gla.export import export
-    with tempfile.TemporaryDirectory(prefix="gla-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gla-quantized-") as tmp:
         out = os.path.join(tmp, "export")
         export(args.ckpt, out, quantize=args.quantize)
         args.ckpt = out
@@ -307,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true", help="print the completion as JSON at the end")
-    g.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="int8 / int4 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
     g.add_argument("--stop", action="append", default=None,
                    help="stop when the completion contains this text, which is left out (repeatable)")
     g.add_argument("--compile", action="store_true",
@@ -329,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a checkpoint to a standalone ONNX directory (ONNX Runtime)")
     x.add_argument("--ckpt", required=True, help="run or checkpoint directory")
     x.add_argument("--out", required=True, help="new directory to write")
-    x.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights (fp32 recurrent state)")
+    x.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="int8 or int4 weights in blocks of 32 (fp32 recurrent state)")
     x.add_argument("--max-block", type=int, default=64, help="tokens per graph call when prefilling")
     x.set_defaults(func=_cmd_export)
 
@@ -343,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--val-fraction", type=float, default=0.1)
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true")
-    pp.add_argument("--quantize", choices=("int8",), default=None,
-                    help="int8 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
+    pp.add_argument("--quantize", choices=QUANTIZE, default=None,
+                    help="int8 / int4 weights: the checkpoint exported to ONNX Runtime for this run (CPU)")
     pp.set_defaults(func=_cmd_ppl)
     from gla.eval import mqar_report
     mq = ev.add_parser("mqar", help="multi-query associative recall across token mixers")

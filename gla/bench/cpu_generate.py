@@ -1,17 +1,18 @@
-"""CPU generation benchmark: PyTorch (eager, compiled step) vs the exported ONNX graph (fp32, int8), one process.
+"""CPU generation benchmark: PyTorch (eager, compiled step) vs the exported ONNX graph (fp32, int8, int4), one process.
 
     gla bench cpu-generate [--preset demo --preset gla-340m | --ckpt DIR ...] [--prompt-len 256] [--new 64]
-                           [--threads 2] [--variants eager,eager-compiled,onnx,onnx-int8] [--out DIR] [--json]
+                           [--threads 2] [--variants eager,eager-compiled,onnx,onnx-int8,onnx-int4] [--out DIR]
+                           [--json]
 
 For each model (a preset with random weights, or a checkpoint) and each variant, one greedy generation of --new
 tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: eager = gla.generate (fp32),
 eager-compiled = the same with its decoding step compiled (`gla generate --compile`; the compilation falls in one
-early gap, outside the median), onnx / onnx-int8 = the `gla export` directory run by gla.load_exported (ONNX
-Runtime). Time to first token = the prompt's prefill and the first token; decode = the median gap between later
-tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the exports). Peak RSS = the
-process's peak resident memory while the variant loads and generates, the interpreter and libraries loaded so far
-included, with no other variant's model alive (Linux; "–" elsewhere). Memory against context is
-`gla bench decode`'s.
+early gap, outside the median), onnx / onnx-int8 / onnx-int4 = the `gla export` directory run by
+gla.load_exported (ONNX Runtime). Time to first token = the prompt's prefill and the first token; decode = the
+median gap between later tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the
+exports). Peak RSS = the process's peak resident memory while the variant loads and generates, the interpreter and
+libraries loaded so far included, with no other variant's model alive (Linux; "–" elsewhere). Memory against
+context is `gla bench decode`'s.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from gla.bench import md_table, write_report
 
-VARIANTS = ("eager", "eager-compiled", "onnx", "onnx-int8")
+VARIANTS = ("eager", "eager-compiled", "onnx", "onnx-int8", "onnx-int4")
 
 
 def _timed(run) -> tuple[float, float]:
@@ -59,7 +60,7 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
                                                    compile_step=variant == "eager-compiled"))
         else:
             out = os.path.join(workdir, variant)
-            export(ckpt, out, quantize="int8" if variant == "onnx-int8" else None)
+            export(ckpt, out, quantize=variant.split("-")[1] if "-" in variant else None)
             size = os.path.getsize(os.path.join(out, "model.onnx"))
             measured = reset_peak_rss()  # after the export, which a deployed model never runs
             m = load_exported(out, threads)
