@@ -4,11 +4,13 @@ For a GLA-only model the memory used does not grow with the context: each layer 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
 
 from gla.decoding import decoder_for, graphable, static_state
+from gla.layers.gemv import gemv_linears
 
 EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
 
@@ -93,7 +95,10 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     prefill_chunk = prefill_chunk or prefill_tokens(ids)
     was_training = model.training
     model.eval()
+    linears = contextlib.ExitStack()
     try:
+        if ids.device.type == "cpu":  # decoding's few-row linear layers at the memory's speed (gla.layers.gemv)
+            linears.enter_context(gemv_linears(model))
         state, logits = None, None
         for s in range(0, ids.shape[1], prefill_chunk):  # through forward (wrappers such as FSDP hook it)
             piece = slice(s, s + prefill_chunk)
@@ -124,6 +129,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
                 logits, state = model(nxt.unsqueeze(1), state)
                 logits = logits[:, -1]
     finally:
+        linears.close()
         model.train(was_training)
 
 

@@ -104,8 +104,9 @@ def measure(model, context: int, steps: int, batch: int = 1, prefill_chunk: int 
 
     Returns {context, ms_per_token, prefill_s, state_bytes, rss_delta_bytes, decode_peak_bytes}.
     """
+    from gla.layers.gemv import gemv_linears
     device = next(model.parameters()).device
-    with _sdpa_backends(device, allow_cudnn):
+    with _sdpa_backends(device, allow_cudnn), gemv_linears(model):  # as gla.generate decodes on a CPU
         return _measure(model, device, context, steps, batch, prefill_chunk, warmup)
 
 

@@ -1,0 +1,66 @@
+"""gla.layers.gemv: few-row linear layers as a batched product over the weight's row blocks, equal to F.linear."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gla.layers.gemv import MIN_WEIGHT, ROWS_MAX, _blocks, _x86_mkl, gemv_linears, linear
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (2, 1, 1024), (ROWS_MAX, 1024), (3, 1, 1024)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_route_equals_f_linear(shape, bias, two_threads):
+    g = torch.Generator().manual_seed(len(shape) + shape[0])
+    w = torch.randn(MIN_WEIGHT // 1024 + 6, 1024, generator=g)  # 1030 rows: even, over the size threshold
+    b = torch.randn(w.shape[0], generator=g) if bias else None
+    x = torch.randn(*shape, generator=g)
+    assert _blocks(x, w) == (2 if _x86_mkl() else 0)  # the batched route is the one under test on x86
+    y = linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["rows", "small", "odd_rows", "bf16", "strided", "one_thread"])
+def test_other_inputs_are_plain_f_linear(case, two_threads):
+    w, x = torch.randn(1030, 1024), torch.randn(1, 1024)
+    if case == "rows":
+        x = torch.randn(ROWS_MAX + 1, 1024)
+    elif case == "small":
+        w = torch.randn(256, 128)
+        x = torch.randn(1, 128)
+    elif case == "odd_rows":
+        w = torch.randn(1031, 1024)
+    elif case == "bf16":
+        w, x = w.bfloat16(), x.bfloat16()
+    elif case == "strided":
+        w = torch.randn(1024, 1030).t()
+    else:
+        torch.set_num_threads(1)
+    assert _blocks(x, w) == 0
+    assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_context_patches_plain_linears_and_restores_them(two_threads):
+    class Scaled(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(1024, 1030), nn.ReLU(), Scaled(1030, 1024), nn.Linear(1024, 1030))
+    own = model[3]
+    own.forward = lambda x: x  # an instance that already has its own forward keeps it
+    x = torch.randn(1, 1024)
+    with torch.no_grad():
+        want = model[0](x)
+        with gemv_linears(model):
+            assert "forward" in model[0].__dict__ and "forward" not in model[2].__dict__
+            torch.testing.assert_close(model[0](x), want, rtol=1e-5, atol=1e-4)
+            assert model[3](x) is x
+    assert "forward" not in model[0].__dict__ and model[3].forward(x) is x
