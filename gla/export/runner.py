@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 FORMAT = 1
+BLOCKWISE_ORT = (1, 22)  # the first onnxruntime with 8-bit MatMulNBits (blockwise int8 / int4 exports)
 
 
 class ByteCodec:
@@ -62,6 +63,11 @@ class ExportedModel:
         graph = os.path.join(path, self.meta["graph"])
         if not os.path.isfile(graph):
             raise FileNotFoundError(f"the graph file is missing: {graph}")
+        found = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+        if self.meta.get("quant_block") and found < BLOCKWISE_ORT:
+            raise RuntimeError(f"{path} holds blockwise {self.meta.get('quantize')} weights, which need onnxruntime >= "
+                               f"{'.'.join(map(str, BLOCKWISE_ORT))} (found {ort.__version__}): "
+                               "pip install -U onnxruntime")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -111,7 +111,8 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
             with _quiet():
                 _quantize(graph, quantize)
         meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
-                "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt)}
+                "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt),
+                "quant_block": QUANT_BLOCK if quantize else None}
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     O, I = weight.shape
     rows = x.reshape(-1, I)
     y = torch.bmm(weight.view(n, O // n, I), rows.t().unsqueeze(0).expand(n, I, rows.shape[0]))  # [n, O / n, R]
-    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], O)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], O).contiguous()  # F.linear's layout (a copy for 2+ rows)
     return y if bias is None else y.add_(bias)
 
 

@@ -54,6 +54,11 @@ class _Plan:
     steps: list  # per scan step: (chunk ids [n], sequence rows [n] or None when all N sequences take part)
     last_slot: torch.Tensor  # [N] slot of each sequence's last token in chunk-aligned storage (-1 if empty)
 
+    @property
+    def row_chunks(self) -> int:
+        """Chunks per row (equal lengths; also for an empty batch, where NC // B is undefined)."""
+        return -(-self.T // BT)
+
 
 def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
     if cu_seqlens is None:
@@ -92,7 +97,7 @@ def _pack(x, plan: _Plan, acc, scale: float = 1.0, copy: bool = True):
     """
     B, T, H, D = x.shape
     if plan.tok_idx is None:
-        Tp = plan.NC // B * BT
+        Tp = -(-T // BT) * BT
         x = F.pad(x, (0, 0, 0, 0, 0, Tp - T)) if Tp != T else x
     else:
         x = torch.cat([x.reshape(T, H, D), x.new_zeros(1, H, D)])[plan.tok_idx]
@@ -109,7 +114,7 @@ def _unpack(y, plan: _Plan, dtype):
     flat = torch.empty(NC, BT, H, D, dtype=dtype, device=y.device)
     flat = flat.copy_(y.transpose(1, 2)).view(NC * BT, H, D)  # layout and dtype in one pass
     if plan.tok_idx is None:
-        return flat.view(plan.B, -1, H, D)[:, :plan.T]
+        return flat.view(plan.B, plan.row_chunks * BT, H, D)[:, :plan.T]
     return flat[plan.inv_idx].unsqueeze(0)
 
 
@@ -126,7 +131,7 @@ def _chain(a, x, decay, carry, plan: _Plan, reverse: bool):
         return local, _scan(local, decay, carry.clone(), plan, reverse)
     NC, H, _, K = a.shape
     B, V = plan.B, x.shape[-1]
-    nc = NC // B
+    nc = plan.row_chunks
     buf = a.new_empty(B, nc + 1, H, K, V)
     first = 0 if reverse else 1  # where the products go; the carry takes the other end
     a, x = a.view(B, nc * H, BT, K), x.view(B, nc * H, BT, V)
@@ -186,8 +191,9 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan, out=None):
     h, final = _chain(intra.k_dec(kc), vc, decay, carry, plan, reverse=False)
     o = intra.add_output(intra.q_dec() @ h, vc)
     if out is not None and plan.tok_idx is None and plan.NC * BT == plan.B * plan.T:  # no padding: write in place
-        NC, H, _, V = o.shape
-        out.view(plan.B, -1, BT, H, V).copy_(o.view(plan.B, -1, H, BT, V).transpose(2, 3))
+        _, H, _, V = o.shape
+        nc = plan.row_chunks
+        out.view(plan.B, nc, BT, H, V).copy_(o.view(plan.B, nc, H, BT, V).transpose(2, 3))
         return out, final, h
     o = _unpack(o, plan, v.dtype)
     return (o if out is None else out.copy_(o)), final, h
@@ -351,7 +357,7 @@ def _gate_grad(db, fin, c, p, plan: _Plan):
     x = x.flip(-1).cumsum(-1).flip(-1)
     total = x[..., :1]  # [NC, H, K, 1]: each chunk's sum
     if plan.tok_idx is None:
-        rows = total.view(plan.B, -1, H, K, 1)
+        rows = total.view(plan.B, plan.row_chunks, H, K, 1)
         later = torch.cat([rows[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(rows[:, :1])], 1)
         later = later.view(NC, H, K, 1)
     else:

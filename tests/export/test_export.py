@@ -80,7 +80,7 @@ def test_runs_without_torch(exported):
 # Logits of the tiny random model against fp32: int4's symmetric step over a block of 32 Gaussian weights is about
 # max/7 ~ 0.3 sigma, a rounding error of ~0.09 sigma per weight (int8: ~0.005 sigma), so int4 keeps less correlation.
 @pytest.mark.parametrize("kind,bits,corr", [("int8", 8, 0.99), ("int4", 4, 0.97)])
-def test_quantized_export_keeps_a_float_state(tmp_path, kind, bits, corr):
+def test_quantized_export_keeps_a_float_state(tmp_path, kind, bits, corr, monkeypatch):
     import onnx
     m, path = _ckpt(tmp_path)
     meta = export(path, str(tmp_path / kind), quantize=kind)
@@ -90,6 +90,11 @@ def test_quantized_export_keeps_a_float_state(tmp_path, kind, bits, corr):
     assert quantized and all(a.i == bits for n in quantized for a in n.attribute if a.name == "bits")
     floats = {i.name: i.type.tensor_type.elem_type for i in list(graph.graph.input) + list(graph.graph.output)}
     assert all(floats[n] == onnx.TensorProto.FLOAT for n in ("l0.state", "l0.state_out", "logits"))
+    import onnxruntime
+    with monkeypatch.context() as patch:  # an onnxruntime without 8-bit MatMulNBits: a clear error
+        patch.setattr(onnxruntime, "__version__", "1.21.1")
+        with pytest.raises(RuntimeError, match=r"need onnxruntime >= 1\.22"):
+            load_exported(str(tmp_path / kind))
     e = load_exported(str(tmp_path / kind))
     prompt = list(b"hello")
     logits, _ = e.forward([prompt], e.new_state(1))

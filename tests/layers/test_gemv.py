@@ -25,7 +25,7 @@ def test_batched_route_equals_f_linear(shape, bias, two_threads):
     assert _blocks(x, w) == (2 if _x86_mkl() else 0)  # the batched route is the one under test on x86
     y = linear(x, w, b)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
-    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()  # F.linear's layout
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 

@@ -63,6 +63,18 @@ def test_varlen_equals_loop_over_sequences():
         assert rel_err(s[n:n + 1], s_n) <= FWD_TOL
 
 
+@pytest.mark.parametrize("T", [0, 100, 128])
+def test_empty_batch(T):
+    """B = 0 (with and without gradients): empty outputs and gradients of the inputs' shapes, no error."""
+    q, k, v, g, _ = gla_inputs(0, T, 2, 16, 24)
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="chunk")
+    assert o.shape == (0, T, 2, 24) and s.shape == (0, 2, 16, 24)
+    grads = torch.autograd.grad(o.sum() + s.sum(), (q, k, v, g))
+    assert [x.shape for x in grads] == [q.shape, k.shape, v.shape, g.shape]
+    with torch.no_grad():
+        assert gated_linear_attention(q, k, v, g, backend="chunk")[0].shape == (0, T, 2, 24)
+
+
 def test_empty_sequence_keeps_initial_state():
     cu = torch.tensor([0, 0, 10])
     q, k, v, g, h0 = gla_inputs(1, 10, 1, 8, 8, state=True, N=2, requires_grad=False)
