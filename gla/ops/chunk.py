@@ -79,7 +79,7 @@ def _plan(B: int, T: int, cu_seqlens, device) -> _Plan:
         inv_idx = (tok_idx < T).nonzero().squeeze(1)
         NC = len(tok) // BT
         last_slot = torch.tensor(last, dtype=torch.long)
-    steps = []  # only varlen scans index chunks; equal-length rows use strided views
+    steps = []  # only packed sequences gather chunks per step (_scan); equal-length rows chain in one buffer (_chain)
     n_steps = 0 if cu_seqlens is None else max((len(r) for r in table), default=0)
     for c in range(n_steps):
         rows = [n for n, r in enumerate(table) if c < len(r)]
