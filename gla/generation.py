@@ -64,8 +64,9 @@ def _prepare(model, input_ids, attention_mask):
 
 PREFILL_CUDA_TOKENS = 32768
 """Tokens (batch x positions) per prefill forward on a GPU. A forward at B=1 costs about the same up to thousands
-of positions (gla-340m on an H100: 30 ms to the first token after 512 tokens, 392 ms after 32,768 in 2,048-token
-pieces), so few long pieces beat many short ones; the cap bounds the activations of a large batch."""
+of positions (gla-340m on an H100: 30 ms to the first token after 512 tokens; after 32,768, 392 ms in 2,048-token
+pieces and 107 ms in one), so few long pieces beat many short ones; the cap bounds the activations of a large
+batch."""
 
 
 def prefill_tokens(ids) -> int:
