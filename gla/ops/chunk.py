@@ -108,14 +108,20 @@ def _pack(x, plan: _Plan, acc, scale: float = 1.0, copy: bool = True):
     return torch.mul(x, scale, out=out) if scale != 1 else out.copy_(x)
 
 
-def _unpack(y, plan: _Plan, dtype):
-    """y: [NC, H, BT, D] -> [B, T, H, D] in dtype."""
+def _unpack(y, plan: _Plan, dtype, out=None):
+    """y: [NC, H, BT, D] -> [B, T, H, D] in dtype; or written into ``out`` [B, T, H, D] (returned)."""
     NC, H, _, D = y.shape
+    if out is not None and plan.tok_idx is None and NC * BT == plan.B * plan.T:  # no padding: one copy, in place
+        nc = plan.row_chunks
+        out.view(plan.B, nc, BT, H, D).copy_(y.view(plan.B, nc, H, BT, D).transpose(2, 3))
+        return out
     flat = torch.empty(NC, BT, H, D, dtype=dtype, device=y.device)
     flat = flat.copy_(y.transpose(1, 2)).view(NC * BT, H, D)  # layout and dtype in one pass
     if plan.tok_idx is None:
-        return flat.view(plan.B, plan.row_chunks * BT, H, D)[:, :plan.T]
-    return flat[plan.inv_idx].unsqueeze(0)
+        res = flat.view(plan.B, plan.row_chunks * BT, H, D)[:, :plan.T]
+    else:
+        res = flat[plan.inv_idx].unsqueeze(0)
+    return res if out is None else out.copy_(res)
 
 
 def _chain(a, x, decay, carry, plan: _Plan, reverse: bool):
@@ -179,7 +185,8 @@ def _max_chunks(B: int, T: int, N: int, varlen: bool) -> int:
 
 
 def _forward(q, k, v, g, h0, scale, plan: _Plan, out=None):
-    """Returns o [B, T, H, V], the final states [N, H, K, V] and the states entering each chunk [NC, H, K, V]."""
+    """Returns o [B, T, H, V] (written into ``out`` when given), the final states [N, H, K, V] and the states entering
+    each chunk [NC, H, K, V]."""
     acc = state_dtype(q.dtype)
     qs, vc = _pack(q, plan, acc, scale), _pack(v, plan, acc)
     kc, gc = (_pack(x, plan, acc, copy=False) for x in (k, g))
@@ -190,13 +197,7 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan, out=None):
     carry = h0.to(acc) if h0 is not None else qs.new_zeros(plan.N, H, K, V)
     h, final = _chain(intra.k_dec(kc), vc, decay, carry, plan, reverse=False)
     o = intra.add_output(intra.q_dec() @ h, vc)
-    if out is not None and plan.tok_idx is None and plan.NC * BT == plan.B * plan.T:  # no padding: write in place
-        _, H, _, V = o.shape
-        nc = plan.row_chunks
-        out.view(plan.B, nc, BT, H, V).copy_(o.view(plan.B, nc, H, BT, V).transpose(2, 3))
-        return out, final, h
-    o = _unpack(o, plan, v.dtype)
-    return (o if out is None else out.copy_(o)), final, h
+    return _unpack(o, plan, v.dtype, out), final, h
 
 
 def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
@@ -213,7 +214,7 @@ def _backward(q, k, v, g, h, do, dfinal, scale, plan: _Plan):
     dqs, dk, dv, w = intra.backward(doc, vc)
     dqs.addcmul_(doc @ h.transpose(-1, -2), intra.eb)
     dk_state = (vc @ dh.transpose(-1, -2)).mul_(intra.k_state)
-    NC, H, _, K = qs.shape
+    K = qs.shape[-1]
     dv.view(-1, BT, dv.shape[-1]).baddbmm_(intra.k_dec(kc).view(-1, BT, K), dh.view(-1, K, dh.shape[-1]))
     # At each sequence's last token the state term of dk is k_T's own share of the final state; it cancels
     # exactly against part of S_T ⊙ dS_T, so both are left out of the gate gradient (see _final_term).

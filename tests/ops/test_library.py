@@ -1,8 +1,9 @@
 """The operators registered with torch.library pass ``torch.library.opcheck``: schema, fake (meta) implementation,
 autograd registration and AOT dispatch with dynamic shapes.
 
-CPU in CI: the chunk operators (gla::chunk_fwd / gla::chunk_bwd / gla::chunk_infer). ``GLA_TEST_GPU=1`` adds the Triton operators on CUDA
-(their fake implementations come from tracing the launches, which the CPU interpreter cannot do).
+CPU in CI: the chunk operators (gla::chunk_fwd / gla::chunk_bwd / gla::chunk_infer). ``GLA_TEST_GPU=1`` adds the
+Triton operators on CUDA (their fake implementations come from tracing the launches, which the CPU interpreter
+cannot do).
 """
 import os
 
