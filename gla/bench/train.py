@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -189,11 +190,18 @@ def main(argv=None) -> int:
                 "--steps must be >= 1, --memory-budgets in (0, 1]")
     cfg = GLAConfig.preset(a.preset, max_seq_len=max(a.seq_len, 1), tie_embeddings=True)
     device = resolve_device(a.device)
-    rows = [time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile, a.checkpoint_activations, b)
-            for kind in models for w in weights for m in modes if kind != "fla" or m == "eager"
-            for b in (budgets if m != "eager" else [1.0])]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     title = f"{a.preset} (tied embeddings) training step, B={a.batch} T={a.seq_len}, {name}, torch {torch.__version__}"
+    rows = []
+    for kind in models:
+        for w in weights:
+            for m in modes:
+                for b in (budgets if m != "eager" else [1.0]) if kind != "fla" or m == "eager" else []:
+                    rows.append(time_mode(cfg, m, a.batch, a.seq_len, a.steps, device, kind, w, a.profile,
+                                          a.checkpoint_activations, b))
+                    # each row as it is measured: a run stopped by a time limit keeps the rows it finished
+                    row = {k: v for k, v in rows[-1].items() if k != "profile"}
+                    print(format_table([row], title).splitlines()[-1], file=sys.stderr, flush=True)
     table = format_table(rows, title)
     print(table)
     if a.out:
