@@ -52,8 +52,10 @@ def dqk_logspace(b_dq, b_dk, b_dA, b_q, b_k, b_gc, BT: tl.constexpr):
 @triton.jit
 def chunk_dv_bwd_kernel(k, g, v, do, A, dhs, dv, dA, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """k, g: [B*T, H, K]; v, do, dv: [B*T, H, V]; A, dA: [B*T, H, BT]; dhs: [NC, H, K, V]."""
+                        BK: tl.constexpr, BV: tl.constexpr, BA: tl.constexpr, DOT16: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
+    """k, g: [B*T, H, K]; v, do, dv: [B*T, H, V]; A, dA: [B*T, H, BT]; dhs: [NC, H, K, V]. BA: columns of do and v
+    per step of the dA sum."""
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, _slot = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
@@ -80,13 +82,13 @@ def chunk_dv_bwd_kernel(k, g, v, do, A, dhs, dv, dA, scale, cu_seqlens, chunk_in
     b_dv += tl.dot(to_dot(b_At, DOT16), to_dot(b_do, DOT16), input_precision="ieee")
     p_dv, _ = tile(dv + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_do)
-    if i_v == 0:  # dA needs all of V: the chunk's first V-tile program sums it (V <= BV: the tile just loaded)
+    if i_v == 0:  # dA needs all of V: the chunk's first V-tile program sums it, BA columns at a time
         b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-        for j_v in range(0, tl.cdiv(V, BV)):
-            p_do, m_do = tile(do + o_v, t0, L, j_v * BV, V, H * V, 1, BT, BV)
-            p_v, _ = tile(v + o_v, t0, L, j_v * BV, V, H * V, 1, BT, BV)
-            b_doj = to_dot(tl.load(p_do, mask=m_do, other=0.), DOT16)
-            b_vj = to_dot(tl.load(p_v, mask=m_do, other=0.), DOT16)
+        for j_v in range(0, tl.cdiv(V, BA)):
+            p_doj, m_j = tile(do + o_v, t0, L, j_v * BA, V, H * V, 1, BT, BA)
+            p_vj = tile(v + o_v, t0, L, j_v * BA, V, H * V, 1, BT, BA)[0]
+            b_doj = to_dot(tl.load(p_doj, mask=m_j, other=0.), DOT16)
+            b_vj = to_dot(tl.load(p_vj, mask=m_j, other=0.), DOT16)
             b_dA += tl.dot(b_doj, tl.trans(b_vj), input_precision="ieee")
         o_t = tl.arange(0, BT)
         b_dA = tl.where(o_t[:, None] >= o_t[None, :], (b_dA * scale).to(tl.float32), 0.)
@@ -165,9 +167,12 @@ def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     dv = torch.empty_like(v)
     dA = q.new_empty(B, T, H, BT, dtype=kept_dtype(q.dtype))
     c = config("dv", K, V)
+    # the dA sum in full-width [BT, BV] steps, except for fp32 inputs, whose fp32 tiles then spilled 16 KB per
+    # thread (sm_90; BK-wide steps: 1.3 KB, and 80-168 B spilled for bf16, which full width does not)
+    BA = c["BK"] if DOT16 == 0 else c["BV"]
     wrap_triton(chunk_dv_bwd_kernel)[(meta.NC * cdiv(V, c["BV"]), H)](
         k, g, v, do, A, dhs, dv, dA, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
+        H=H, K=K, V=V, BT=BT, BA=BA, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     c = config("dqkg", K, V)
     # Square tiles: with BV != BK, Triton 3.6 miscompiles this kernel's bf16 products on the H200 whenever the V loop

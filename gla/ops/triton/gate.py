@@ -4,9 +4,9 @@
     gl    = gc at the chunk's last token                      (the chunk's total log-decay)
 
 Each stage loads its [BT, BK] tile of g (whatever g's dtype) and sums it in registers: no stage reads a
-precomputed gc. A separate pass that wrote gc moved 8 bytes per gate value each way (read g, write gc) before the
-stages read it again, twice per forward+backward (benchmarks/NOTES.md, v7); summed here, the model's fp32 gates cost
-what bf16 gates cost, plus their wider load.
+precomputed gc. A separate pass that wrote gc read g and wrote gc (4 bytes each per fp32 gate value) before the
+stages read gc again, once in the forward and once in the backward (benchmarks/NOTES.md, v7); summed here, the
+model's fp32 gates cost what bf16 gates cost, plus their wider load.
 """
 from __future__ import annotations
 
