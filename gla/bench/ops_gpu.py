@@ -130,17 +130,20 @@ def stage_rows(shape, gate):
     from gla.ops.triton.chunk_bwd import chunk_bwd
     from gla.ops.triton.chunk_output import chunk_output_fwd
     from gla.ops.triton.chunk_state import chunk_state_bwd, chunk_state_fwd
+    from gla.ops.triton.gate import chunk_cumsum
     from gla.ops.triton.utils import chunk_meta
     q, k, v, g, do = (x.detach() for x in inputs(*shape, gate=gate))
     scale = shape[3] ** -0.5
     meta = chunk_meta(shape[0], shape[1], None)
-    hs, _ = chunk_state_fwd(k, v, g, None, meta, False)
-    _, A = chunk_output_fwd(q, k, v, g, hs, scale, meta, True)
-    dhs, _ = chunk_state_bwd(q, g, do, None, scale, meta, False)
-    stages = {"state_fwd": lambda: chunk_state_fwd(k, v, g, None, meta, False),
-              "output_fwd": lambda: chunk_output_fwd(q, k, v, g, hs, scale, meta, True),
-              "state_bwd": lambda: chunk_state_bwd(q, g, do, None, scale, meta, False),
-              "dv+dqkg": lambda: chunk_bwd(q, k, v, g, do, A, hs, dhs, scale, meta)}
+    gc = chunk_cumsum(g, meta)
+    hs, _ = chunk_state_fwd(k, v, gc, None, meta, False)
+    _, A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, True)
+    dhs, _ = chunk_state_bwd(q, gc, do, None, scale, meta, False)
+    stages = {"cumsum": lambda: chunk_cumsum(g, meta),
+              "state_fwd": lambda: chunk_state_fwd(k, v, gc, None, meta, False),
+              "output_fwd": lambda: chunk_output_fwd(q, k, v, gc, hs, scale, meta, True),
+              "state_bwd": lambda: chunk_state_bwd(q, gc, do, None, scale, meta, False),
+              "dv+dqkg": lambda: chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)}
     # one launch alone is often shorter than its host overhead: the graph replay is the stage's device time
     return {name: (bench(fn), None, bench_graph(fn), None) for name, fn in stages.items()}
 

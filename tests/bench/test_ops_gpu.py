@@ -40,4 +40,4 @@ def test_run_smoke_on_the_interpreter(monkeypatch):
                        log=lambda line: None, decode_shape=(2, 2, 16, 32))
     ops = [r["op"] for r in rows]
     assert ops[:2] == ["ours", "ours, o16"]
-    assert {"ours stage state_fwd", "ours stage dv+dqkg", "SDPA causal", "ours decode (in place)"} <= set(ops)
+    assert {"ours stage cumsum", "ours stage dv+dqkg", "SDPA causal", "ours decode (in place)"} <= set(ops)

@@ -48,10 +48,10 @@ class _Grid:
 
 def record() -> list:
     """Run every launcher (forward, backward, decode) over CASES; returns the launches."""
-    from gla.ops.triton import chunk_bwd, chunk_output, chunk_state, decode
+    from gla.ops.triton import chunk_bwd, chunk_output, chunk_state, decode, gate
     from gla.ops.triton.utils import chunk_meta
     rec = Recorder()
-    for mod in (chunk_bwd, chunk_output, chunk_state, decode):
+    for mod in (chunk_bwd, chunk_output, chunk_state, decode, gate):
         mod.wrap_triton = rec
     T = 150
     for dtype, g_dtype, varlen, h0, B, H, K, V in CASES:
@@ -63,12 +63,13 @@ def record() -> list:
             q, k, v, do, g = (x.reshape(1, B * T, H, -1) for x in (q, k, v, do, g))
         meta = chunk_meta(q.shape[0], q.shape[1], cu)
         state = torch.randn(meta.N, H, K, V) if h0 else None
+        gc = gate.chunk_cumsum(g, meta)
         hs = torch.zeros(meta.n_slots, H, K, V)
-        chunk_state.chunk_state_fwd(k, v, g, state, meta, output_final_state=True)
-        A = chunk_output.chunk_output_fwd(q, k, v, g, hs, 0.1, meta, store_A=True)[1]
-        chunk_state.chunk_state_bwd(q, g, do, state, 0.1, meta, need_dh0=h0)
+        chunk_state.chunk_state_fwd(k, v, gc, state, meta, output_final_state=True)
+        A = chunk_output.chunk_output_fwd(q, k, v, gc, hs, 0.1, meta, store_A=True)[1]
+        chunk_state.chunk_state_bwd(q, gc, do, state, 0.1, meta, need_dh0=h0)
         dhs = torch.zeros(meta.NC, H, K, V)
-        chunk_bwd.chunk_bwd(q, k, v, g, do, A, hs, dhs, 0.1, meta)
+        chunk_bwd.chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, 0.1, meta)
         decode._launch(q[:, 0], k[:, 0], v[:, 0], g[:, 0].float(), torch.zeros(q.shape[0], H, K, V),
                        torch.zeros(q.shape[0], H, K, V), 0.1)
     return rec.launches

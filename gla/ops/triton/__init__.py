@@ -1,8 +1,8 @@
 """Triton GPU kernels for GLA: chunkwise forward/backward (``triton_gla``) and the decode step.
 
-One file per stage: chunk_state.py (inter-chunk states, fwd/bwd), chunk_output.py (outputs), chunk_bwd.py (dq, dk, dv,
-dg), decode.py (one token), chunk.py (the torch.library operators and their autograd); gate.py (the in-chunk
-cumulative gates, summed inside each stage) and utils.py (tile addressing, chunk bookkeeping) serve them.
+One file per stage: gate.py (in-chunk cumulative gates), chunk_state.py (inter-chunk states, fwd/bwd), chunk_output.py
+(outputs), chunk_bwd.py (dq, dk, dv, dg), decode.py (one token), chunk.py (the torch.library operators and their
+autograd), utils.py (tile addressing, chunk bookkeeping).
 On CPU tensors they run under the Triton interpreter (TRITON_INTERPRET=1), which is how CI tests them.
 """
 import os

@@ -1,13 +1,13 @@
 """Chunkwise GLA on the GPU: the Triton stages chained into two ``torch.library`` operators with registered autograd.
 
-forward  ``gla::chunk_fwd_triton``: chunk_state_fwd (states entering each chunk) -> chunk_output_fwd (o, and the
-         intra scores A)
-backward ``gla::chunk_bwd_triton``: chunk_state_bwd (gradients of the states leaving each chunk, dh0) -> chunk_bwd
-         (dv and dA; dq, dk, dg)
+forward  ``gla::chunk_fwd_triton``: chunk_cumsum (gc) -> chunk_state_fwd (states entering each chunk) ->
+         chunk_output_fwd (o, and the intra scores A)
+backward ``gla::chunk_bwd_triton``: chunk_cumsum -> chunk_state_bwd (gradients of the states leaving each chunk, dh0)
+         -> chunk_bwd (dv; dq, dk, dg)
 Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
 a value back to the host, so they can be captured in CUDA graphs. The per-chunk states and intra-chunk scores are kept
-from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype). Each stage sums the gate within its
-chunk itself (gate.py).
+from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype); gc is recomputed in the backward (one cheap pass, where keeping it
+would hold 4 bytes per gate value for the whole step).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .. import wants_grad
 from .chunk_bwd import chunk_bwd
 from .chunk_output import chunk_output_fwd
 from .chunk_state import chunk_state_bwd, chunk_state_fwd
+from .gate import chunk_cumsum
 from .utils import chunk_meta
 
 
@@ -33,8 +34,9 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
-    hs, ht = chunk_state_fwd(k, v, g, h0, meta, output_final_state)
-    o, A = chunk_output_fwd(q, k, v, g, hs, scale, meta, store_A=store_A)
+    gc = chunk_cumsum(g, meta)
+    hs, ht = chunk_state_fwd(k, v, gc, h0, meta, output_final_state)
+    o, A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=store_A)
     return o, ht if ht is not None else hs.new_empty(0), A if A is not None else q.new_empty(0), hs
 
 
@@ -49,10 +51,11 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     # an empty dht is the gradient of the empty placeholder that a forward without output_final_state returns
     dht = dht.to(torch.float32).contiguous() if dht is not None and dht.numel() else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
+    gc = chunk_cumsum(g, meta)
     if A.numel() == 0:  # a shape, not a value: no host sync
-        A = chunk_output_fwd(q, k, v, g, hs, scale, meta, store_A=True)[1]
-    dhs, dh0 = chunk_state_bwd(q, g, do, dht, scale, meta, need_dh0=need_dh0)
-    dq, dk, dv, dg = chunk_bwd(q, k, v, g, do, A, hs, dhs, scale, meta)
+        A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=True)[1]
+    dhs, dh0 = chunk_state_bwd(q, gc, do, dht, scale, meta, need_dh0=need_dh0)
+    dq, dk, dv, dg = chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)
     return dq, dk, dv, dg, dh0 if dh0 is not None else hs.new_empty(0)
 
 

@@ -1,8 +1,7 @@
-"""Chunk gradients: dv and dA, then dq, dk and dg, from the states (hs) and state gradients (dhs) of the chunk pass.
+"""Chunk gradients: dv, then dq, dk and dg, from the states (hs) and state gradients (dhs) of the chunk pass.
 
 GLA paper (Yang et al. 2024), §4.2 and App. (backward). Per chunk, with scaled scores A (from the forward),
-S / S' the states entering / leaving it, dS' the gradient of S', dA = scale * do @ v^T (lower triangle; computed
-once per chunk beside dv and stored, where every K tile of the dq/dk/dg kernel used to recompute it):
+S / S' the states entering / leaving it, dS' the gradient of S', dA = scale * do @ v^T (lower triangle):
 
     dv = A^T @ do + (k * exp(gl - gc)) @ dS'
     dq = scale * (do @ S^T) * exp(gc)        + sum_{j<=i} dA_ij k_j exp(gc_i - gc_j)
@@ -27,8 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .gate import load_gate
-from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, kept_dtype, tile, to_dot
+from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, last_row, tile, to_dot
 
 
 @triton.jit
@@ -50,12 +48,10 @@ def dqk_logspace(b_dq, b_dk, b_dA, b_q, b_k, b_gc, BT: tl.constexpr):
 
 
 @triton.jit
-def chunk_dv_bwd_kernel(k, g, v, do, A, dhs, dv, dA, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
+def chunk_dv_bwd_kernel(k, gc, do, A, dhs, dv, cu_seqlens, chunk_indices, chunk_offsets, T,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, BA: tl.constexpr, DOT16: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
-    """k, g: [B*T, H, K]; v, do, dv: [B*T, H, V]; A, dA: [B*T, H, BT]; dhs: [NC, H, K, V]. BA: columns of do and v
-    per step of the dA sum."""
+                        BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """k: [B*T, H, K]; gc: [B*T, H, K] fp32; do, dv: [B*T, H, V]; A: [B*T, H, BT]; dhs: [NC, H, K, V]."""
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, _slot = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
@@ -68,10 +64,12 @@ def chunk_dv_bwd_kernel(k, g, v, do, A, dhs, dv, dA, scale, cu_seqlens, chunk_in
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         p_k, m_k = tile(k + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+        p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
         p_dhk, m_h = tile(p_dh, i_k * BK, K_ok, i_v * BV, V, V, 1, BK, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.)
-        b_gc, b_gl, _ = load_gate(g, o_k, t0, L, i_k * BK, H, K, BT, BK)
+        b_gc = tl.load(p_g, mask=m_k, other=0.)
         b_dh = tl.load(p_dhk, mask=m_h, other=0.)
+        b_gl = last_row(gc + o_k, tl.minimum(t0 + BT, L), i_k * BK, K, H * K, BK)
         b_kd = to_dot(b_k * tl.exp(b_gl[None, :] - b_gc), DOT16)
         b_dv += tl.dot(b_kd, to_dot(b_dh, DOT16), input_precision="ieee")
     # A^T, read through transposed strides
@@ -82,32 +80,21 @@ def chunk_dv_bwd_kernel(k, g, v, do, A, dhs, dv, dA, scale, cu_seqlens, chunk_in
     b_dv += tl.dot(to_dot(b_At, DOT16), to_dot(b_do, DOT16), input_precision="ieee")
     p_dv, _ = tile(dv + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_do)
-    if i_v == 0:  # dA needs all of V: the chunk's first V-tile program sums it, BA columns at a time
-        b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-        for j_v in range(0, tl.cdiv(V, BA)):
-            p_doj, m_j = tile(do + o_v, t0, L, j_v * BA, V, H * V, 1, BT, BA)
-            p_vj = tile(v + o_v, t0, L, j_v * BA, V, H * V, 1, BT, BA)[0]
-            b_doj = to_dot(tl.load(p_doj, mask=m_j, other=0.), DOT16)
-            b_vj = to_dot(tl.load(p_vj, mask=m_j, other=0.), DOT16)
-            b_dA += tl.dot(b_doj, tl.trans(b_vj), input_precision="ieee")
-        o_t = tl.arange(0, BT)
-        b_dA = tl.where(o_t[:, None] >= o_t[None, :], (b_dA * scale).to(tl.float32), 0.)
-        p_dA, m_dA = tile(dA + (bos * H + i_h) * BT, t0, L, 0, BT, H * BT, 1, BT, BT)
-        tl.store(p_dA, to_dot(b_dA, DOT16).to(dA.dtype.element_ty), mask=m_dA)
 
 
 @triton.jit
-def chunk_dqkg_bwd_kernel(q, k, v, g, do, dA, hs, dhs, dq, dk, dg, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
+def chunk_dqkg_bwd_kernel(q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr,
                           SAFE: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """q, k, g, dq, dk, dg: [B*T, H, K]; v, do: [B*T, H, V]; dA: [B*T, H, BT]; hs: [slots, H, K, V];
+    """q, k, dq, dk, dg: [B*T, H, K]; gc: [B*T, H, K] fp32; v, do: [B*T, H, V]; hs: [slots, H, K, V];
     dhs: [NC, H, K, V]."""
     # K tiles of one chunk are adjacent program ids, so they share v, do through L2
     i_k, i_c, i_h = tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     t0 = i_t * BT
+    o_t = tl.arange(0, BT)
     o_v = (bos * H + i_h) * V
     p_h = hs + ((boh + i_t) * H + i_h) * K * V
     p_dh = dhs + (i_c.to(tl.int64) * H + i_h) * K * V
@@ -115,6 +102,7 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, dA, hs, dhs, dq, dk, dg, scale, cu_seq
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         p_v, m_v = tile(v + o_v, t0, L, i_v * BV, V, H * V, 1, BT, BV)
@@ -125,18 +113,20 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, dA, hs, dhs, dq, dk, dg, scale, cu_seq
         b_do = to_dot(tl.load(p_do, mask=m_v, other=0.), DOT16)
         b_ht = to_dot(tl.load(p_h + o_ht, mask=m_ht, other=0.), DOT16)
         b_dht = to_dot(tl.load(p_dh + o_ht, mask=m_ht, other=0.), DOT16)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
         b_dq += tl.dot(b_do, b_ht, input_precision="ieee")
         b_dk += tl.dot(b_v, b_dht, input_precision="ieee")
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
-    # q, k, g, dA are loaded only now: keeping them live through the V loop costs registers
+    # q, k, gc are loaded only now: keeping them live through the V loop costs registers
     o_k = (bos * H + i_h) * K
     p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
     p_k, _ = tile(k + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
-    p_dA, m_dA = tile(dA + (bos * H + i_h) * BT, t0, L, 0, BT, H * BT, 1, BT, BT)
+    p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
     b_q = tl.load(p_q, mask=m_q, other=0.).to(tl.float32)
     b_k = tl.load(p_k, mask=m_q, other=0.).to(tl.float32)
-    b_gc, b_gl, _ = load_gate(g, o_k, t0, L, i_k * BK, H, K, BT, BK)
-    b_dA = tl.load(p_dA, mask=m_dA, other=0.).to(tl.float32)
+    b_gc = tl.load(p_g, mask=m_q, other=0.)
+    b_gl = last_row(gc + o_k, tl.minimum(t0 + BT, L), i_k * BK, K, H * K, BK)
+    b_dA = tl.where(o_t[:, None] >= o_t[None, :], (b_dA * scale).to(tl.float32), 0.)
     b_dq = (b_dq * scale).to(tl.float32) * tl.exp(b_gc)
     b_dk = b_dk * tl.exp(b_gl[None, :] - b_gc)
     b_dgl = b_dgl * tl.exp(b_gl) + tl.sum(b_k * b_dk, 0)  # exp(gl) sum_v S * dS' + sum_t k * dk_inter
@@ -158,21 +148,17 @@ def chunk_dqkg_bwd_kernel(q, k, v, g, do, dA, hs, dhs, dq, dk, dg, scale, cu_seq
     tl.store(p_dg, b_dg.to(dg.dtype.element_ty), mask=m_q)
 
 
-def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
-    """All inputs [B, T, H, *] contiguous; A, hs from the forward, dhs from ``chunk_state_bwd``. Returns dq, dk, dv,
-    dg in the dtypes of q, k, v, g."""
-    B, T, H, K = q.shape
+def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
+    """All inputs [B, T, H, *] contiguous; gc: the fp32 in-chunk cumsum of g; A, hs from the forward, dhs from
+    ``chunk_state_bwd``. Returns dq, dk, dv, dg in the dtypes of q, k, v, g."""
+    H, K = q.shape[2], q.shape[3]
     V = v.shape[3]
     DOT16 = dot16(q.dtype)
     dv = torch.empty_like(v)
-    dA = q.new_empty(B, T, H, BT, dtype=kept_dtype(q.dtype))
     c = config("dv", K, V)
-    # the dA sum in full-width [BT, BV] steps, except for fp32 inputs, whose fp32 tiles then spilled 16 KB per
-    # thread (sm_90; BK-wide steps: 1.3 KB, and 80-168 B spilled for bf16, which full width does not)
-    BA = c["BK"] if DOT16 == 0 else c["BV"]
     wrap_triton(chunk_dv_bwd_kernel)[(meta.NC * cdiv(V, c["BV"]), H)](
-        k, g, v, do, A, dhs, dv, dA, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
-        H=H, K=K, V=V, BT=BT, BA=BA, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
+        k, gc, do, A, dhs, dv, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
+        H=H, K=K, V=V, BT=BT, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     c = config("dqkg", K, V)
     # Square tiles: with BV != BK, Triton 3.6 miscompiles this kernel's bf16 products on the H200 whenever the V loop
@@ -180,6 +166,6 @@ def chunk_bwd(q, k, v, g, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     # faulted. BK = BV = 32 costs < 1% at K=V=128 (benchmarks/NOTES.md).
     c["BK"] = c["BV"] = min(c["BK"], c["BV"])
     wrap_triton(chunk_dqkg_bwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
-        q, k, v, g, do, dA, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
+        q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
         meta.T, H=H, K=K, V=V, BT=BT, DOT16=DOT16, SAFE=SAFE_DECAY, IS_VARLEN=meta.varlen, num_stages=2, **c)
     return dq, dk, dv, dg

@@ -8,7 +8,7 @@ The intra block A is one matrix product (q * exp(gc)) @ (k * exp(-gc))^T when th
 SAFE_DECAY (exp(-gc) <= exp(60) cannot overflow); with stronger gates it is built in log space one key column at a
 time, where every exponent gc_ik - gc_jk (i >= j) is <= 0. This plays the role of the paper's secondary-level
 chunking (§4.3): full precision where the decay is large, tensor cores where it is safe. The check is per chunk and
-K-tile (gc summed from g in registers: gate.py), so ordinary gates (log-decay of a few units per chunk) always take the
+K-tile (gc comes from gate.py), so ordinary gates (log-decay of a few units per chunk) always take the
 matrix-product path.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .gate import load_gate
 from .utils import BT, SAFE_DECAY, ChunkMeta, cdiv, chunk_bounds, config, dot16, kept_dtype, tile, to_dot
 
 
@@ -37,13 +36,13 @@ def attn_logspace(b_A, b_q, b_k, b_gc, BT: tl.constexpr):
 
 
 @triton.jit
-def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
+def chunk_output_fwd_kernel(q, k, v, gc, hs, o, A, scale, cu_seqlens, chunk_indices, chunk_offsets, T,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, DOT16: tl.constexpr,
                             SAFE: tl.constexpr, STORE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """q, k, g: [B*T, H, K]; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled,
+    """q, k: [B*T, H, K]; gc: [B*T, H, K] fp32; v, o: [B*T, H, V]; hs: [slots, H, K, V]; A: [B*T, H, BT] (scaled,
     lower-triangular)."""
-    # V tiles of one chunk are adjacent program ids, so they share q, k, g through L2
+    # V tiles of one chunk are adjacent program ids, so they share q, k, gc through L2
     i_v, i_c, i_h = tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(1)
     i_t, bos, eos, boh = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
@@ -59,10 +58,11 @@ def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indic
     for i_k in range(0, tl.cdiv(K, BK)):
         p_q, m_q = tile(q + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
         p_k, _ = tile(k + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
+        p_g, _ = tile(gc + o_k, t0, L, i_k * BK, K, H * K, 1, BT, BK)
         p_hk, m_h = tile(p_h, i_k * BK, K_ok, i_v * BV, V, V, 1, BK, BV)
         b_q = (tl.load(p_q, mask=m_q, other=0.).to(tl.float32) * scale).to(tl.float32)
         b_k = tl.load(p_k, mask=m_q, other=0.).to(tl.float32)
-        b_gc, _, _ = load_gate(g, o_k, t0, L, i_k * BK, H, K, BT, BK)
+        b_gc = tl.load(p_g, mask=m_q, other=0.)
         b_h = tl.load(p_hk, mask=m_h, other=0.)
         b_qg = b_q * tl.exp(b_gc)
         b_o += tl.dot(to_dot(b_qg, DOT16), to_dot(b_h, DOT16), input_precision="ieee")
@@ -83,8 +83,8 @@ def chunk_output_fwd_kernel(q, k, v, g, hs, o, A, scale, cu_seqlens, chunk_indic
             tl.store(p_A, to_dot(b_A, DOT16).to(A.dtype.element_ty), mask=m_A)
 
 
-def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: bool):
-    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; hs from ``chunk_state_fwd``.
+def chunk_output_fwd(q, k, v, gc, hs, scale: float, meta: ChunkMeta, store_A: bool):
+    """q, k: [B, T, H, K]; gc: [B, T, H, K] fp32; v: [B, T, H, V]; hs from ``chunk_state_fwd``.
     Returns o [B, T, H, V] (v's dtype) and A [B, T, H, BT] (the scaled intra-chunk scores, for the backward) or None."""
     B, T, H, K = q.shape
     V = v.shape[3]
@@ -93,7 +93,7 @@ def chunk_output_fwd(q, k, v, g, hs, scale: float, meta: ChunkMeta, store_A: boo
     c = config("output", K, V)
     grid = (meta.NC * cdiv(V, c["BV"]), H)
     wrap_triton(chunk_output_fwd_kernel)[grid](
-        q, k, v, g, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
+        q, k, v, gc, hs, o, A, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=dot16(q.dtype), SAFE=SAFE_DECAY, STORE_A=store_A,
         IS_VARLEN=meta.varlen, num_stages=2, **c)
     return o, A

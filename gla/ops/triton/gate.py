@@ -1,36 +1,40 @@
-"""The in-chunk cumulative log-decay, summed in fp32 inside every stage that needs it:
+"""The in-chunk cumulative log-decay, computed once per call in fp32 and read by every other stage.
 
     gc[t] = sum of g[j] for j <= t within t's chunk          (GLA paper, Yang et al. 2024, §4.2: b_t)
-    gl    = gc at the chunk's last token                      (the chunk's total log-decay)
 
-Each stage loads its [BT, BK] tile of g (whatever g's dtype) and sums it in registers: no stage reads a
-precomputed gc. A separate pass that wrote gc read g and wrote gc (4 bytes each per fp32 gate value) before the
-stages read gc again, once in the forward and once in the backward (benchmarks/NOTES.md, v7); summed here, the
-model's fp32 gates cost what bf16 gates cost, plus their wider load.
+Summing here, in fp32 whatever g's dtype, keeps the other kernels independent of the gate's dtype: the model's fp32
+gates cost what bf16 gates cost (one extra read of 4 bytes per gate value), and no stage redoes the sum.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .utils import tile
-
-
-@triton.jit
-def gate_sums(b_g, n, BT: tl.constexpr):
-    """b_g: [BT, BC] tile of g whose rows from n on are zeros (masked loads) -> gc [BT, BC] fp32 (cumulative sum
-    along the rows) and gl [BC] (gc's row n - 1, taken exactly: it must equal that token's gc, so that the last
-    token's factor exp(gl - gc) is 1; zeros when n <= 0)."""
-    b_gc = tl.cumsum(b_g.to(tl.float32), 0)
-    last = tl.minimum(n, BT) - 1
-    b_gl = tl.sum(tl.where((tl.arange(0, BT) == last)[:, None], b_gc, 0.), 0)
-    return b_gc, b_gl
+from .utils import BT, ChunkMeta, cdiv, chunk_bounds, config, tile
 
 
 @triton.jit
-def load_gate(g, o_k, t0, L, c0, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """gc [BT, BK] and gl [BK] of the chunk starting at token t0 (of L), K columns from c0; g: [.., H, K] rows
-    starting at o_k. Also returns the tile's mask."""
-    p_g, m = tile(g + o_k, t0, L, c0, K, H * K, 1, BT, BK)
-    b_gc, b_gl = gate_sums(tl.load(p_g, mask=m, other=0.), L - t0, BT)
-    return b_gc, b_gl, m
+def chunk_cumsum_fwd_kernel(g, gc, cu_seqlens, chunk_indices, chunk_offsets, T,
+                            H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                            IS_VARLEN: tl.constexpr):
+    """g: [B*T, H, K] any float dtype; gc: [B*T, H, K] fp32."""
+    i_k, i_c, i_h = tl.program_id(0) % tl.cdiv(K, BK), tl.program_id(0) // tl.cdiv(K, BK), tl.program_id(1)
+    i_t, bos, eos, _ = chunk_bounds(i_c, cu_seqlens, chunk_indices, chunk_offsets, T, BT, IS_VARLEN)
+    L = (eos - bos).to(tl.int32)
+    o_x = (bos * H + i_h) * K
+    p_g, m = tile(g + o_x, i_t * BT, L, i_k * BK, K, H * K, 1, BT, BK)
+    p_gc, _ = tile(gc + o_x, i_t * BT, L, i_k * BK, K, H * K, 1, BT, BK)
+    tl.store(p_gc, tl.cumsum(tl.load(p_g, mask=m, other=0.).to(tl.float32), 0), mask=m)
+
+
+def chunk_cumsum(g, meta: ChunkMeta):
+    """g: [B, T, H, K] -> gc [B, T, H, K] fp32, the cumulative sum of g within each chunk."""
+    H, K = g.shape[2], g.shape[3]
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    c = config("cumsum", K, 0)
+    wrap_triton(chunk_cumsum_fwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
+        g, gc, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
+        H=H, K=K, BT=BT, IS_VARLEN=meta.varlen, **c)
+    return gc

@@ -84,6 +84,14 @@ def seq_bounds(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: t
     return bos, eos, boc, boc + i_n
 
 
+@triton.jit
+def last_row(base, t_end, c0, n_c, s_r, BC: tl.constexpr):
+    """Row t_end - 1 of a row-major matrix with row stride s_r: [BC] entries from column c0, zeros past n_c.
+    Used for the cumulative log-decay at a chunk's last token (t_end = min(chunk start + BT, L))."""
+    o_c = c0 + tl.arange(0, BC)
+    return tl.load(base + (t_end - 1).to(tl.int64) * s_r + o_c, mask=o_c < n_c, other=0.)
+
+
 @dataclass
 class ChunkMeta:
     """Host-side view of the chunking. ``cu_seqlens``/``chunk_indices``/``chunk_offsets`` are None for equal lengths.
@@ -168,6 +176,7 @@ CONFIGS = {
     "output": dict(BK=32, BV=128, num_warps=4),
     "dv": dict(BK=32, BV=128, num_warps=4),
     "dqkg": dict(BK=32, BV=32, num_warps=4),  # square: see chunk_bwd.chunk_bwd
+    "cumsum": dict(BK=64, num_warps=4),
 }
 
 
