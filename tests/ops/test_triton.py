@@ -58,7 +58,7 @@ else:
         (3, 1, 2, 16, 16, 16.0, None),
         # short sequences and an empty last one: 4 chunks in a buffer bounded at 190 // 64 + 5 = 7, so 3 spare ids
         (1, 190, 2, 16, 16, 1.0, [0, 63, 64, 127, 190, 190]),
-        # V wider than one value tile (two programs per chunk; the first sums dA over both)
+        # V wider than one value tile: two value-tile programs per chunk in the output and dv kernels
         (1, 80, 1, 16, 160, 16.0, None),
     ]
 
