@@ -70,7 +70,7 @@ class _ShortChunk(torch.autograd.Function):
             reach = torch.arange(Tp, device=q.device) < (torch.arange(1, n + 1, device=q.device) * S).unsqueeze(1)
             keys = torch.where(reach[:, :, None], r - G.unsqueeze(2), float("-inf")).exp()  # [B, H, n, Tp, K]
         qt, kt = qh * up * scale, kh.unsqueeze(2) * keys
-        A = (_blocks(qt, n) @ kt.transpose(-1, -2)).flatten(2, 3).tril()  # [B, H, Tp, Tp]
+        A = (_blocks(qt, n) @ kt.transpose(-1, -2)).flatten(2, 3).tril_()  # [B, H, Tp, Tp]
         ctx.save_for_backward(qt, kt, vh, A, up, keys)
         ctx.meta = (scale, n, T, (q.dtype, k.dtype, v.dtype, g.dtype))
         return (A @ vh)[:, :, :T].transpose(1, 2).to(v.dtype)
@@ -86,10 +86,10 @@ class _ShortChunk(torch.autograd.Function):
         scale, n, T, (qd, kd, vd, gd) = ctx.meta
         Tp = vh.shape[2]
         do = F.pad(do.to(vh.dtype), (0, 0, 0, 0, 0, Tp - T)).transpose(1, 2)
-        dA = (do @ vh.transpose(-1, -2)).tril()
+        dA = do @ vh.transpose(-1, -2)
         dv = A.transpose(-1, -2) @ do
-        own = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, H, Tp, 1]: each token's score with itself
-        dA = _blocks(dA.tril(-1), n)  # [B, H, n, S, Tp], without the own scores
+        own = dA.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clone()  # [B, H, Tp, 1]: each token's score with itself
+        dA = _blocks(dA.tril_(-1), n)  # [B, H, n, S, Tp], without the own scores
         dqt = (dA @ kt).flatten(2, 3)  # [B, H, Tp, K]
         dkt = dA.transpose(-1, -2) @ _blocks(qt, n)  # [B, H, n, Tp, K]
         dg = (qt * dqt - (kt * dkt).sum(2)).double().flip(2).cumsum(2).flip(2)
