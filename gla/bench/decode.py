@@ -34,16 +34,19 @@ CPU_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 MODELS = ("gla", "softmax")
 
 
-def rss_bytes() -> int | None:
-    """Current resident set size of this process, or None where it cannot be read.
-
-    Freed memory is first handed back to the OS (glibc malloc_trim), so the figure counts live data, not the
-    allocator's cache of earlier (prefill) buffers."""
+def _release_freed() -> None:
+    """Hand freed memory back to the OS (garbage collection, then glibc's malloc_trim where there is one), so that
+    resident-set figures count live data, not the allocator's cache of earlier (prefill) buffers."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size of this process (after ``_release_freed``), or None where it cannot be read."""
+    _release_freed()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -59,7 +62,7 @@ def rss_bytes() -> int | None:
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux: after handing freed memory back to the OS, "5" to /proc/self/clear_refs
     resets the peak to the current resident set); False where that is not possible."""
-    rss_bytes()
+    _release_freed()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
