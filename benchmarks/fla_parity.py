@@ -84,7 +84,8 @@ def run_case(name, device, workdir):
     torch.manual_seed(0)
     # FLA's chunk kernels do not run in Triton's interpreter; its fused_recurrent kernel computes the same thing.
     mode = {"attn_mode": "fused_recurrent"} if device == "cpu" else {}
-    fla_model = GLAForCausalLM(FLAConfig(**{**BASE, **mode, **CASES[name]})).to(device=device, dtype=torch.float32).eval()
+    fla_config = FLAConfig(**{**BASE, **mode, **CASES[name]})
+    fla_model = GLAForCausalLM(fla_config).to(device=device, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in fla_model.parameters():  # off the init values, so every weight's mapping matters
             p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.02))

@@ -77,7 +77,8 @@ def run_gla(data: str, steps: int, work: str) -> dict:
 
 def table(rows: list[dict], title: str) -> str:
     base = rows[0]["wall_s"]
-    lines = [title, "", "| run | last evaluation (step) | wall s | vs nanoGPT | val loss (nats/char) |", "|---|---|---|---|---|"]
+    lines = [title, "", "| run | last evaluation (step) | wall s | vs nanoGPT | val loss (nats/char) |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['step']} | {r['wall_s']:.1f} | {r['wall_s'] / base:.2f}x | {r['val_loss']:.4f} |"
               for r in rows]
     return "\n".join(lines)

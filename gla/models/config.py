@@ -32,7 +32,8 @@ class GLAConfig:
     limits its input to it (GLA has no positions, RoPE no table); Hugging Face generate() reads it as
     max_position_embeddings, which caps its default max_length.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
-    layers (heads default to n_heads, head_dim to d_model / heads). backend ("auto" picks the operator by device at each call) is saved with
+    layers (heads default to n_heads, head_dim to d_model / heads). backend ("auto" picks the operator by device at
+    each call) is saved with
     the config, so a checkpoint saved with "triton" needs CUDA wherever it runs.
     """
     vocab_size: int = 256

@@ -4,6 +4,8 @@ their gradients, and the decay factors the state terms share with them.
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from .constants import BC, BT, SAFE_SPAN  # beside the Triton path's; constants.py says why the thresholds differ
@@ -13,9 +15,10 @@ class Intra:
     """Factored intra-chunk blocks for one chunked input (see the module docstring), one row block at a time, and
     the decay factors of the state terms.
 
-    qs, k, g: [NC, H, BT, K] (qs = q * scale; k and g may be strided views); b: [NC, H, BT, K] cumulative log decay;
-    bc: the sub-chunk length (``sub_chunk``). Row block i (sub-chunk i) sees keys 0 .. (i+1)*bc - 1; its scores are
-    qa[i] @ kf[i]^T. The state terms use eb = e^b (the queries' factor) and k_state = e^{B - b} (the keys').
+    qs, k, g: [NC, H, BT, K] (qs: the queries, scaled or not, see ``add_output``; each may be a strided view);
+    b: [NC, H, BT, K] cumulative log decay; bc: the sub-chunk length (``sub_chunk``). Row block i (sub-chunk i) sees
+    keys 0 .. (i+1)*bc - 1; its scores are qa[i] @ kf[i]^T. The state terms use eb = e^b (the queries' factor) and
+    k_state = e^{B - b} (the keys').
     """
 
     def __init__(self, qs, k, g, b, bc: int = BC):
@@ -30,7 +33,6 @@ class Intra:
             self.k_fac = [self.eb.reciprocal()]  # e^{-b} <= e^SAFE_SPAN (sub_chunk checked)
             self.kf = [self.k_fac[0] * k]
             self.qa = self.q_fac * qs.view(NC, H, 1, BT, K)
-            self.k_state = self.k_fac[0] * self.eb[:, :, -1:]
             self.unsafe = ()
             return
         self.k_state = (b[:, :, -1:] - b).exp_()
@@ -59,6 +61,11 @@ class Intra:
             self.qd = qs.view(NC, H, NS, BC, K)[c, h, s]
             self.kd = k.view(NC, H, NS, BC, K)[c, h, s]
 
+    @cached_property
+    def k_state(self):
+        """e^{B - b} [NC, H, BT, K] (sub-chunks set it in __init__; one block forms it here, for the backward)."""
+        return self.k_fac[0] * self.eb[:, :, -1:]
+
     def k_dec(self, k):
         """k ⊙ e^{B - b} [NC, H, BT, K]: the keys' contributions to the state leaving the chunk."""
         return self.kf[0] * self.eb[:, :, -1:] if self.shape[2] == 1 else self.k_state * k
@@ -77,7 +84,7 @@ class Intra:
         return self.unsafe[0][sel], self.unsafe[1][sel], sel
 
     def scores(self, i):
-        """Causal scores of row block i (scale included): [NC, H, bc, (i+1)*bc]."""
+        """Causal scores of row block i (scaled if the queries were): [NC, H, bc, (i+1)*bc]."""
         BC = self.bc
         A = self.qa[:, :, i] @ self.kf[i].transpose(-1, -2)
         diag = A[:, :, :, i * BC:]
@@ -87,14 +94,16 @@ class Intra:
             A[c, h, :, i * BC:] = torch.einsum("ntk,njk,ntjk->ntj", self.qd[sel], self.kd[sel], self.D[sel])
         return A
 
-    def add_output(self, o, v):
-        """Adds the intra-chunk output Σ_{j<=t} A_tj v_j to o: v, o [NC, H, BT, V]; returns o."""
+    def add_output(self, o, v, scale: float = 1.0):
+        """Returns scale * (o + Σ_{j<=t} A_tj v_j): v, o [NC, H, BT, V]; o may be overwritten. A scale other than 1
+        is for queries given unscaled (the forward: no pass over q to scale it)."""
         BC = self.bc
-        if self.shape[2] == 1:  # one block: the add fused into the product
+        if self.shape[2] == 1:  # one block: the add and the scale fused into the product
             return torch.baddbmm(o.view(-1, BT, o.shape[-1]), self.scores(0).view(-1, BT, BT),
-                                 v.view(-1, BT, v.shape[-1])).view(o.shape)
+                                 v.view(-1, BT, v.shape[-1]), beta=scale, alpha=scale).view(o.shape)
+        o.mul_(scale)
         for i in range(self.shape[2]):
-            o[:, :, i * BC:(i + 1) * BC] += self.scores(i) @ v[:, :, :(i + 1) * BC]
+            o[:, :, i * BC:(i + 1) * BC].add_(self.scores(i) @ v[:, :, :(i + 1) * BC], alpha=scale)
         return o
 
     def backward(self, do, v):

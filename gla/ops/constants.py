@@ -28,5 +28,6 @@ SAFE_DECAY = 60.0
 """Triton path: the largest log decay over a whole 64-token chunk (per chunk, head and K tile: min(gc) >= -60) for
 which its [BT, BT] block is one tensor-core product of (q * exp(gc)) and (k * exp(-gc)), gc counted from the chunk's
 start. The kernels decide per chunk and K tile and never fall back to sub-chunks (a chunk over the bound is computed
-in log space), so their bound is set higher than SAFE_SPAN: key factors up to exp(60) are still far inside the range of the operand dtypes, fp32
-and bf16 (~exp(88)), and gates up to about 60 / 64 ≈ 0.94 nats of decay per token take the tensor-core path."""
+in log space), so their bound is set higher than SAFE_SPAN: key factors up to exp(60) are still far inside the
+range of the operand dtypes, fp32 and bf16 (~exp(88)), and gates up to about 60 / 64 ≈ 0.94 nats of decay per token
+take the tensor-core path."""
