@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from gla.device import hold_freed_host_memory
+    hold_freed_host_memory()  # this process is ours: CPU steps stop page-faulting their buffers in (gla/device.py)
     if argv[:1] == ["bench"] and argv[1:2] in (["ops"], ["decode"], ["train"], ["nanogpt"], ["cpu-generate"],
                                                  ["generate"]):
         import importlib  # these have their own parsers

@@ -152,6 +152,13 @@ def test_device_auto_is_the_gpu_when_there_is_one(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
 
 
+def test_host_allocator_is_tuned_where_glibc_is():
+    """The `gla` command keeps freed host memory for reuse (gla/device.py); elsewhere than glibc it does nothing."""
+    import platform
+    from gla.device import hold_freed_host_memory
+    assert hold_freed_host_memory() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_diverged_run_exits_3_with_one_line(run, tmp_path, capsys, monkeypatch):
     """The issue's case (lr 50, no clipping) as the CLI reports it, with the divergence made immediate: every loss
     from the third step on is infinite. Exit status 3, one line naming the remedy, no traceback."""

@@ -7,9 +7,9 @@ CUDA (``--device cuda``): ours vs FLA 0.6.0 chunk_gla vs SDPA causal at the mode
         [--variant NAME=JSON ...] [--baseline DIR] [--out DIR]
 
 CPU times are medians of wall-clock repetitions (forward under no_grad; forward+backward with a sum loss). The floor
-row is the recurrence's arithmetic at the machine's fp32 matmul rate, measured in the same run on a 1024^3 product:
-4*K*V flops per token and head forward (the state update and the output read, 2*K*V each), three times that for
-forward+backward; each row's time is also given as a multiple of it.
+row is the recurrence's arithmetic, 4*K*V flops per token and head forward (the state update and the output read,
+2*K*V each) and three times that for forward+backward, at the machine's fp32 matmul rate: the median of a 1024^3
+product timed three times before each set of repetitions. Each row's time is also given as a multiple of it.
 """
 from __future__ import annotations
 
@@ -25,15 +25,30 @@ import torch.nn.functional as F
 from gla.ops import gated_linear_attention
 
 
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Timer:
+    """Medians of wall-clock repetitions, each set preceded by timings of an n^3 fp32 matmul, so that the floor's rate
+    is measured beside the operators (a shared CPU's speed drifts over a run). The products run before the warm-up:
+    one between repetitions would evict the operator's data from the caches and slow it by ~10%."""
+
+    def __init__(self, n: int = 1024, products: int = 3):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        self.product, self.flops, self.products, self.matmul_s = (lambda: a @ b), 2 * n ** 3, products, []
+
+    def median_ms(self, fn, reps: int, warmup: int = 1) -> float:
+        self.matmul_s += [_seconds(self.product) for _ in range(self.products)]
+        for _ in range(warmup):
+            fn()
+        return statistics.median(_seconds(fn) for _ in range(reps)) * 1e3
+
+    def gflops(self) -> float:
+        """The fp32 matmul rate over every repetition so far, GFLOP/s (median time)."""
+        return self.flops / statistics.median(self.matmul_s) / 1e9
 
 
 def _gla_fns(B, T, H, K, V, backend, device):
@@ -68,25 +83,21 @@ def _sdpa_fns(B, T, H, K, V, device):
     return fwd, fwd_bwd
 
 
-def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """The CPU's fp32 matmul rate: median over ``reps`` of one n^3 product, GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / median_ms(lambda: a @ b, reps) / 1e6
-
-
 def run(B=1, T=4096, H=4, K=128, V=256, threads=2, reps=5, ref_reps=1, device="cpu"):
     """Returns rows {name, fwd_ms, fwd_bwd_ms} for the matmul floor, recurrent, chunk and SDPA at one shape."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rate = matmul_gflops()
-    floor = 4 * K * V * B * T * H / rate / 1e6  # ms
-    rows = [{"name": f"floor ({rate:.0f} GFLOP/s fp32 matmul)", "fwd_ms": floor, "fwd_bwd_ms": 3 * floor,
-             "gflops": rate}]
+    timer = Timer()
+    rows = []
     for name, fns, n in (("recurrent (reference)", _gla_fns(B, T, H, K, V, "recurrent", device), ref_reps),
                          ("chunk", _gla_fns(B, T, H, K, V, "chunk", device), reps),
                          ("SDPA causal", _sdpa_fns(B, T, H, K, V, device), reps)):
-        rows.append({"name": name, "fwd_ms": median_ms(fns[0], n), "fwd_bwd_ms": median_ms(fns[1], n, warmup=1)})
-    return rows
+        rows.append({"name": name, "fwd_ms": timer.median_ms(fns[0], n),
+                     "fwd_bwd_ms": timer.median_ms(fns[1], n, warmup=1)})
+    rate = timer.gflops()
+    floor = 4 * K * V * B * T * H / rate / 1e6  # ms
+    return [{"name": f"floor ({rate:.0f} GFLOP/s fp32 matmul)", "fwd_ms": floor, "fwd_bwd_ms": 3 * floor,
+             "gflops": rate}] + rows
 
 
 def format_table(rows, shape: str) -> str:

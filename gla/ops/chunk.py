@@ -138,13 +138,13 @@ def _chain(a, x, decay, carry, plan: _Plan, reverse: bool):
     for r in range(B):  # bmm into a contiguous slice writes in place (matmul's out= may copy)
         torch.bmm(a[r].transpose(-1, -2), x[r], out=buf[r, first:first + nc].view(nc * H, K, V))
     buf[:, nc if reverse else 0] = carry
-    dec = decay.view(B, nc, H, K, 1)
+    slot, dec = buf.unbind(1), decay.view(B, nc, H, K, 1).unbind(1)  # views made once: one op per step below
     if reverse:
         for c in range(nc - 1, -1, -1):
-            buf[:, c].addcmul_(buf[:, c + 1], dec[:, c])
+            slot[c].addcmul_(slot[c + 1], dec[c])
         return buf[:, 1:].reshape(NC, H, K, V).contiguous(), buf[:, 0].clone()
     for c in range(nc):
-        buf[:, c + 1].addcmul_(buf[:, c], dec[:, c])
+        slot[c + 1].addcmul_(slot[c], dec[c])
     # the last carry is copied: an operator's outputs may not alias each other
     return buf[:, :nc].reshape(NC, H, K, V).contiguous(), buf[:, nc].clone()
 
@@ -268,30 +268,39 @@ def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
     return (*(x.new_empty(x.shape) for x in (q, k, v, g)), h.new_empty(N, *h.shape[1:]))
 
 
-SEGMENT = 256
-"""Tokens per pass of the inference forward (``chunk_infer_op``): its temporaries, including the states of the
-segment's chunks, are then bounded by the segment whatever the prompt length. Small enough for the segment's
-operands (a few MB at K=128, V=256) to stay in the CPU's caches between the products that share them; 256 measured
-best of 128-4096 at T=4096 H=4 K=128 V=256 (fwd 23-26 ms against 26-29 at 1024, 2 cores), where shorter segments
-start to pay the per-segment Python cost."""
+SEGMENT_BYTES = 8 << 20
+"""Working set of one pass of the inference forward (``chunk_infer_op``), which runs equal-length rows a segment of
+tokens at a time with the state carried between segments: its temporaries, the states of the segment's chunks
+included, are then bounded whatever the prompt length, and small enough to stay in the CPU's caches between the
+products that share them. Measured on 2 EPYC cores, T=4096 fwd: at H=4 K=128 V=256 segments of 192-512 tokens took
+22-23 ms and 1,024 26-29 ms; at H=4 K=32 V=64 (T=16384) 1,024 tokens took 15 ms, 256 22 ms and 2,048 25 ms. 8 MiB
+gives ~200 and ~1,150 tokens there."""
+
+
+def segment_tokens(B: int, H: int, K: int, V: int) -> int:
+    """Tokens per row in one inference pass: SEGMENT_BYTES over the fp32 bytes a token occupies (q, k, g and their
+    decayed copies; v and two outputs; its share of two chunk states), in whole chunks."""
+    per_token = max(1, 4 * B * H * (6 * K + 3 * V + 2 * K * V // BT))  # an empty input: any length will do
+    return BT * max(1, SEGMENT_BYTES // (per_token * BT))
 
 
 @torch.library.custom_op("gla::chunk_infer", mutates_args=())
 def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
                    cu_seqlens: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunk_fwd_op`` without the per-chunk states (nothing will differentiate it): o [B, T, H, V] and the final
-    states [N, H, K, V]. Equal-length rows are processed SEGMENT tokens at a time, the state carried between
+    states [N, H, K, V]. Equal-length rows are processed ``segment_tokens`` at a time, the state carried between
     segments, so that a long prompt needs memory for one segment only."""
-    B, T = q.shape[:2]
+    B, T, H, K = q.shape
+    seg_len = segment_tokens(B, H, K, v.shape[-1])
     with no_autocast(q.device.type):
-        if cu_seqlens is not None or T <= SEGMENT:
+        if cu_seqlens is not None or T <= seg_len:
             o, final, _ = _forward(q, k, v, g, h0, scale, _plan(B, T, cu_seqlens, q.device))
             return o.contiguous(), final.contiguous()
         o = v.new_empty(B, T, q.shape[2], v.shape[-1])
         final = h0
-        for t0 in range(0, T, SEGMENT):
-            seg = slice(t0, t0 + SEGMENT)
-            plan = _plan(B, min(SEGMENT, T - t0), None, q.device)
+        for t0 in range(0, T, seg_len):
+            seg = slice(t0, t0 + seg_len)
+            plan = _plan(B, min(seg_len, T - t0), None, q.device)
             _, final, _ = _forward(q[:, seg], k[:, seg], v[:, seg], g[:, seg], final, scale, plan, out=o[:, seg])
         return o, final.contiguous()
 

@@ -1,5 +1,7 @@
 """`gla bench ops` on the CPU: the floor row is the recurrence's arithmetic at the matmul rate measured in the same
 run, and every row is reported against it."""
+import statistics
+
 import pytest
 
 from gla.bench import ops
@@ -16,3 +18,11 @@ def test_floor_row_and_ratios():
     chunk = next(line for line in table.splitlines() if line.startswith("| chunk |"))
     assert chunk.endswith(f"| {rows[2]['fwd_ms'] / floor['fwd_ms']:.1f}x | "
                           f"{rows[2]['fwd_bwd_ms'] / floor['fwd_bwd_ms']:.1f}x |")
+
+
+def test_floor_rate_is_timed_beside_each_set_of_repetitions():
+    timer, calls = ops.Timer(n=64, products=3), []
+    timer.median_ms(lambda: calls.append(1), reps=4, warmup=2)
+    timer.median_ms(lambda: calls.append(1), reps=1, warmup=0)
+    assert len(calls) == 7 and len(timer.matmul_s) == 6
+    assert timer.gflops() == pytest.approx(2 * 64 ** 3 / statistics.median(timer.matmul_s) / 1e9)

@@ -186,14 +186,24 @@ def test_short_path_at_its_bounds(decay, route, monkeypatch):
     assert used == ([route] if route else [])
 
 
+def test_segment_length_follows_the_working_set():
+    """Whole chunks, at least one; longer for small heads, shorter for larger batches, and within SEGMENT_BYTES."""
+    from gla.ops.chunk import BT, SEGMENT_BYTES, segment_tokens
+    big, small = segment_tokens(1, 4, 128, 256), segment_tokens(1, 4, 32, 64)
+    assert big % BT == 0 and small % BT == 0 and BT <= big < small
+    assert segment_tokens(16, 4, 128, 256) == BT  # the floor: one chunk per row
+    assert segment_tokens(4, 4, 32, 64) < small
+    assert big * 4 * 4 * (6 * 128 + 3 * 256) <= SEGMENT_BYTES
+
+
 @pytest.mark.parametrize("B,T,segment", [(2, 1000, 128), (1, 300, 64), (2, 192, 1024)])
 @pytest.mark.parametrize("normalizer", [16.0, 0.1])
 def test_inference_forward_in_segments(B, T, segment, normalizer, monkeypatch):
-    """Without gradients the forward runs ``gla::chunk_infer`` (no per-chunk states kept), SEGMENT tokens at a
+    """Without gradients the forward runs ``gla::chunk_infer`` (no per-chunk states kept), ``segment_tokens`` at a
     time with the state carried between segments: output and final state against the float64 reference."""
     import gla.ops.chunk as chunk
     from gla.ops.recurrent import recurrent_gla
-    monkeypatch.setattr(chunk, "SEGMENT", segment)
+    monkeypatch.setattr(chunk, "segment_tokens", lambda *shape: segment)
     real, calls = chunk._forward, []
 
     def spy(*args, **kwargs):  # records each pass's length (its plan's T)
