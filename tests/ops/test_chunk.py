@@ -193,7 +193,8 @@ def test_segment_length_follows_the_working_set():
     assert big % BT == 0 and small % BT == 0 and BT <= big < small
     assert segment_tokens(16, 4, 128, 256) == BT  # the floor: one chunk per row
     assert segment_tokens(4, 4, 32, 64) < small
-    assert big * 4 * 4 * (6 * 128 + 3 * 256) <= SEGMENT_BYTES
+    assert big * 4 * 4 * (6 * 128 + 3 * 256 + 2 * 128 * 256 // BT) <= SEGMENT_BYTES < (big + BT) * 4 * 4 * (
+        6 * 128 + 3 * 256 + 2 * 128 * 256 // BT)
 
 
 @pytest.mark.parametrize("B,T,segment", [(2, 1000, 128), (1, 300, 64), (2, 192, 1024)])
