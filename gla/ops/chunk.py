@@ -185,7 +185,7 @@ def _forward(q, k, v, g, h0, scale, plan: _Plan, out=None):
     vc = _pack(v, plan, acc)
     kc, gc = (_pack(x, plan, acc, copy=False) for x in (k, g))
     b, decay = _gates(gc)
-    # the queries unscaled: the scale rides on the output's products (one pass fewer over q)
+    # the queries unscaled: the scale rides on the output's products (fp32 inputs: one pass fewer over q)
     intra = Intra(_pack(q, plan, acc, copy=False), kc, gc, b, sub_chunk(b))
     NC, H, _, K = kc.shape
     carry = h0.to(acc) if h0 is not None else kc.new_zeros(plan.N, H, K, vc.shape[-1])
