@@ -47,7 +47,7 @@ class Timer:
         return statistics.median(_seconds(fn) for _ in range(reps)) * 1e3
 
     def gflops(self) -> float:
-        """The fp32 matmul rate over every repetition so far, GFLOP/s (median time)."""
+        """The fp32 matmul rate over every product timed so far, GFLOP/s (their median time)."""
         return self.flops / statistics.median(self.matmul_s) / 1e9
 
 
