@@ -229,9 +229,8 @@ def _stop_at(value: str, eval_every: int) -> float | None:
 def _progress_bar(total: int, desc: str):
     """(bar, advance): a tqdm bar on stderr over the grid's group-steps and sweep's progress callback for it, or
     (None, None) without tqdm (an extra: `pip install gla[train]`). advance(done, skipped): the steps a group skips
-    (its models all reached --stop-at,
-    or a resumed grid's earlier steps) leave the total rather than count as done, so the rate and ETA are those of
-    the steps that train."""
+    (its models all reached --stop-at, or a resumed grid's earlier steps) leave the total rather than count as done,
+    so the rate and ETA are those of the steps that train."""
     try:
         from tqdm import tqdm
     except ImportError:

@@ -33,8 +33,7 @@ class GLAConfig:
     max_position_embeddings, which caps its default max_length.
     GLA layer options (expand_k ... backend) are GatedLinearAttention's; attn_* options configure the softmax
     layers (heads default to n_heads, head_dim to d_model / heads). backend ("auto" picks the operator by device at
-    each call) is saved with
-    the config, so a checkpoint saved with "triton" needs CUDA wherever it runs.
+    each call) is saved with the config, so a checkpoint saved with "triton" needs CUDA wherever it runs.
     """
     vocab_size: int = 256
     d_model: int = 512

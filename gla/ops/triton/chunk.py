@@ -7,8 +7,7 @@ backward ``gla::chunk_bwd_triton``: chunk_cumsum -> chunk_state_bwd (gradients o
 Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
 a value back to the host, so they can be captured in CUDA graphs. The per-chunk states and intra-chunk scores are kept
 from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype); gc is recomputed in the backward (one
-cheap pass, where keeping it
-would hold 4 bytes per gate value for the whole step).
+cheap pass, where keeping it would hold 4 bytes per gate value for the whole step).
 """
 from __future__ import annotations
 
