@@ -30,8 +30,8 @@ class Intra:
         self.eb = b.exp()  # [NC, H, BT, K]
         if NS == 1:  # one block anchored at the chunk's start: the state terms' factors serve it too
             self.q_fac = self.eb.view(NC, H, 1, BT, K)
-            self.k_fac = [self.eb.reciprocal()]  # e^{-b} <= e^SAFE_SPAN (sub_chunk checked)
-            self.kf = [self.k_fac[0] * k]
+            # k e^{-b} (e^{-b} <= e^SAFE_SPAN: sub_chunk checked) in one pass; written in eb's layout, not k's
+            self.kf = [torch.div(k, self.eb, out=torch.empty_like(self.eb))]
             self.qa = self.q_fac * qs.view(NC, H, 1, BT, K)
             self.unsafe = ()
             return
@@ -64,7 +64,7 @@ class Intra:
     @cached_property
     def k_state(self):
         """e^{B - b} [NC, H, BT, K] (sub-chunks set it in __init__; one block forms it here, for the backward)."""
-        return self.k_fac[0] * self.eb[:, :, -1:]
+        return self.eb[:, :, -1:] / self.eb
 
     def k_dec(self, k):
         """k ⊙ e^{B - b} [NC, H, BT, K]: the keys' contributions to the state leaving the chunk."""
@@ -121,7 +121,7 @@ class Intra:
             dA.tril_(-1)
             dv = self.scores(0).transpose(-1, -2) @ do
             dq = (dA @ self.kf[0]).mul_(self.eb)
-            dk = (dA.transpose(-1, -2) @ self.qa[:, :, 0]).mul_(self.k_fac[0])
+            dk = (dA.transpose(-1, -2) @ self.qa[:, :, 0]).div_(self.eb)
             return dq, dk, dv, w
         dq = torch.empty_like(self.qa)
         dk = torch.zeros(NC, H, BT, self.qa.shape[-1], dtype=v.dtype, device=v.device)
