@@ -17,6 +17,7 @@ import weakref
 import torch
 
 from gla.layers.fused import FusedProjections
+from gla.layers.gla_attention import GLAState, StaticGLAState
 from gla.layers.softmax import KVCache, StaticKVCache
 from gla.models import GLATransformer
 from gla.models.state import ModelState, map_tensors
@@ -72,6 +73,8 @@ def _allocate(state: ModelState, capacity: int | None) -> ModelState:
     length = torch.zeros(1, dtype=torch.long, device=dev)
 
     def buffers(layer):
+        if isinstance(layer, GLAState):  # updated in place by each step (decode_step_)
+            return StaticGLAState(**vars(map_tensors(torch.empty_like, layer)))
         if not isinstance(layer, KVCache):
             return map_tensors(torch.empty_like, layer)
         k = layer.k.new_zeros(*layer.k.shape[:2], capacity, layer.k.shape[3])

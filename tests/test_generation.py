@@ -8,6 +8,7 @@ import gla
 from gla import GLATransformer
 from gla.generation import sample_next
 from gla.models.state import map_tensors, state_bytes
+from gla.ops import decode_step_
 
 
 def model(**kw):
@@ -108,12 +109,17 @@ def test_logits_to_keep_is_the_last_rows_of_the_full_logits():
 
 @pytest.mark.parametrize("kw", [{}, {"use_short_conv": True}, {"attn_layers": (0,), "use_short_conv": True},
                                 {"attn_layers": (1,), "attn_kv_heads": 1}], ids=["gla", "conv", "hybrid", "gqa"])
-def test_static_decoder_steps_equal_the_model_steps(kw):
+def test_static_decoder_steps_equal_the_model_steps(kw, monkeypatch):
     """The in-place step on static buffers (what a CUDA graph replays) gives the eager step's logits and state,
     token after token, and generate() through it gives the same tokens. A softmax layer's static cache holds the
-    eager cache's keys in its first slots, the rest masked out."""
+    eager cache's keys in its first slots, the rest masked out; each GLA layer's state is updated in place by
+    decode_step_, not returned anew and copied back."""
+    import gla.layers.gla_attention as attn
     from gla.decoding import StaticDecoder, kv_capacity
-    from gla.layers import KVCache
+    from gla.layers import KVCache, StaticGLAState
+    in_place = []
+    monkeypatch.setattr(attn, "decode_step_", lambda *a: in_place.append(a[-1].data_ptr()) or real_step(*a))
+    real_step = decode_step_
     m = model(**kw).eval()
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -142,6 +148,9 @@ def test_static_decoder_steps_equal_the_model_steps(kw):
                                                else 1e-6)
         assert torch.equal(dec.state.seen, state.seen)
     assert [t.data_ptr() for t in dec.buffers] == buffers  # in place: the same storage every step
+    recurrent = [layer.recurrent.data_ptr() for layer in dec.state.layers if isinstance(layer, StaticGLAState)]
+    assert len(recurrent) == sum(not isinstance(layer, KVCache) for layer in state.layers)
+    assert in_place == recurrent * 5
     a = gla.generate(m, ids, 9, temperature=0, cuda_graph=False)
     assert torch.equal(a, gla.generate(m, ids, 9, temperature=0, cuda_graph=True))
 

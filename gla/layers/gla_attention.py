@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gla.ops import gated_linear_attention, validate_cu_seqlens
+from gla.ops import decode_step_, gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
 from .norm import RMSNorm, make_norm
 from .packing import packed_info
@@ -58,6 +58,12 @@ class GLAState:
     """Per-layer recurrent state: recurrent [B, H, K, V] float32; conv: (q, k, v) caches [B, C, W-1] or None."""
     recurrent: torch.Tensor
     conv: tuple | None = None
+
+
+@dataclass
+class StaticGLAState(GLAState):
+    """A GLAState made of a static decoder's buffers (gla.decoding): a one-token step writes the new recurrent state
+    over ``recurrent`` (``decode_step_``) instead of returning a fresh tensor to be copied back."""
 
 
 class GatedLinearAttention(nn.Module):
@@ -186,11 +192,15 @@ class GatedLinearAttention(nn.Module):
         if Hkv != H:
             k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
         h0 = state.recurrent if state is not None else None
-        # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
-        # construction, so the operator skips its value checks (each would stall the GPU once per layer, and a NaN
-        # from upstream should reach the trainer's non-finite-loss guard, not raise here).
-        o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=use_cache,
-                                      cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
+        if (isinstance(state, StaticGLAState) and T == 1 and cu_seqlens is None and self.backend in ("auto", "triton")
+                and not torch.is_grad_enabled()):
+            o, s = decode_step_(q[:, 0], k[:, 0], v[:, 0], gk[:, 0], h0).unsqueeze(1), h0
+        else:
+            # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
+            # construction, so the operator skips its value checks (each would stall the GPU once per layer, and a
+            # NaN from upstream should reach the trainer's non-finite-loss guard, not raise here).
+            o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=use_cache,
+                                          cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
         o = self.g_norm(o)
         if self.output_gate is not None:
             o = o * OUTPUT_GATES[self.output_gate](r).view(B, T, H, self.head_v)

@@ -12,9 +12,9 @@ import warnings
 
 import torch
 
-from .recurrent import recurrent_gla, recurrent_step
+from .recurrent import recurrent_gla, recurrent_step, recurrent_step_
 
-__all__ = ["gated_linear_attention", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
+__all__ = ["gated_linear_attention", "decode_step_", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton", "pairwise")
 TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
@@ -186,6 +186,31 @@ def wants_grad(*tensors) -> bool:
 def _is_decode_step(q, k, v, g, initial_state, cu_seqlens) -> bool:
     """One token per sequence with no gradient wanted: generation's step, served by the decode kernel."""
     return q.shape[1] == 1 and cu_seqlens is None and not wants_grad(q, k, v, g, initial_state)
+
+
+def decode_step_(q, k, v, g, state, scale: float | None = None):
+    """One decoding token per row, the state updated in place: S = diag(exp(g)) S + k^T v, o = scale q S.
+
+    q, k, g: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] float32 (float64 beside float64 inputs), contiguous,
+    overwritten with the new state (no allocation, one read and one write of it: what a static decoder captured in a
+    CUDA graph needs). scale: defaults to K ** -0.5. Returns o [B, H, V] in v's dtype (the Triton kernel on CUDA when
+    it can run, else the reference step). Not differentiable; shapes and dtypes are checked, values are not.
+    """
+    B, H, K = q.shape
+    if k.shape != q.shape or g.shape != q.shape or v.shape[:2] != (B, H):
+        raise ValueError(f"decode_step_ needs q, k, g [B, H, K] and v [B, H, V], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(g.shape)}, {tuple(v.shape)}")
+    if (state.shape != (B, H, K, v.shape[-1]) or state.dtype not in (torch.float32, torch.float64)
+            or not state.is_contiguous()):
+        raise ValueError(f"decode_step_ needs a contiguous float32 or float64 state {(B, H, K, v.shape[-1])}, "
+                         f"got {state.dtype} {tuple(state.shape)}")
+    if any(x.device != state.device for x in (q, k, v, g)):
+        raise ValueError("decode_step_ needs q, k, v, g and the state on one device")
+    scale = K ** -0.5 if scale is None else float(scale)
+    if state.device.type == "cuda" and state.dtype == torch.float32 and triton_status() is None:
+        from .triton import triton_recurrent_step
+        return triton_recurrent_step(q, k, v, g, state, scale, inplace=True)[0]
+    return recurrent_step_(q, k, v, g, state, scale).to(v.dtype)
 
 
 def _triton_decode(q, k, v, g, scale, initial_state, output_final_state):

@@ -26,9 +26,18 @@ def recurrent_step(q, k, v, g, state, scale: float):
     """
     acc = state.dtype
     q, k, v, g = (x.to(acc) for x in (q, k, v, g))
-    state = state * g.exp().unsqueeze(-1) + k.unsqueeze(-1) * v.unsqueeze(-2)
+    # the same operations as recurrent_step_ (in place), so both round alike
+    state = torch.addcmul(state * g.exp().unsqueeze(-1), k.unsqueeze(-1), v.unsqueeze(-2))
     o = torch.einsum("bhk,bhkv->bhv", q * scale, state)
     return o, state
+
+
+def recurrent_step_(q, k, v, g, state, scale: float):
+    """``recurrent_step`` writing the new state over ``state`` (float32, not differentiated): for decoding on fixed
+    buffers. Returns o [B, H, V] in v's dtype."""
+    q, k, v, g = (x.to(state.dtype) for x in (q, k, v, g))
+    state.mul_(g.exp().unsqueeze(-1)).addcmul_(k.unsqueeze(-1), v.unsqueeze(-2))
+    return torch.einsum("bhk,bhkv->bhv", q * scale, state)
 
 
 def _recurrent_one(q, k, v, g, scale, state):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gla.ops as ops
-from gla.ops import gated_linear_attention, recurrent_step
+from gla.ops import decode_step_, gated_linear_attention, recurrent_step
 from tests.utils import assert_autocast_exact, gla_inputs, rel_err
 
 
@@ -117,6 +117,27 @@ def test_recurrent_step_matches_sequence():
         o_t, s = recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], s, 4 ** -0.5)
         assert rel_err(o_t, o_ref[:, t]) < 1e-6
     assert rel_err(s, s_ref) < 1e-6
+
+
+def test_decode_step_updates_the_state_in_place():
+    """decode_step_ writes recurrent_step's new state over the given one (same storage, same values to the bit) and
+    returns its output; malformed input is refused before anything is written."""
+    q, k, v, g, h0 = gla_inputs(3, 1, 2, 60, 100, state=True, requires_grad=False)
+    q, k, v, g = (x[:, 0] for x in (q, k, v, g))
+    o_ref, s_ref = recurrent_step(q, k, v, g, h0, 0.3)
+    state = h0.clone()
+    ptr = state.data_ptr()
+    o = decode_step_(q, k, v, g, state, 0.3)
+    assert state.data_ptr() == ptr and torch.equal(state, s_ref) and torch.equal(o, o_ref)
+    assert torch.equal(decode_step_(q, k, v, g, h0.clone()), recurrent_step(q, k, v, g, h0, 60 ** -0.5)[0])
+    for bad, match in (((q, k, v, g, h0.transpose(-1, -2).contiguous()), "contiguous float32"),
+                       ((q, k, v, g, h0.to(torch.bfloat16)), "contiguous float32"),
+                       ((q, k, v, g, h0.transpose(-1, -2)), "contiguous float32"),
+                       ((q, k[:, :1], v, g, h0), r"q, k, g \[B, H, K\]")):
+        before = bad[-1].clone()
+        with pytest.raises(ValueError, match=match):
+            decode_step_(*bad)
+        assert torch.equal(bad[-1], before)
 
 
 def test_recurrent_matches_naive_formula():
