@@ -192,8 +192,8 @@ class GatedLinearAttention(nn.Module):
         if Hkv != H:
             k, v, gk = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, gk))
         h0 = state.recurrent if state is not None else None
-        if (isinstance(state, StaticGLAState) and T == 1 and cu_seqlens is None and self.backend in ("auto", "triton")
-                and not torch.is_grad_enabled()):
+        # one token on a static decoder's buffers, whatever the backend (a single step has one algorithm): in place
+        if isinstance(state, StaticGLAState) and T == 1 and cu_seqlens is None and not torch.is_grad_enabled():
             o, s = decode_step_(q[:, 0], k[:, 0], v[:, 0], gk[:, 0], h0).unsqueeze(1), h0
         else:
             # The gate stays float32 under autocast: its cumulative sums are what decays the state. It is <= 0 by
