@@ -135,6 +135,10 @@ class Trainer:
             self.plain.compile_blocks()
         elif cfg.memory_budget < 1:
             raise ValueError("--memory-budget applies to compiled layers: add --compile on (auto compiles on CUDA)")
+        if cfg.memory_budget < 1 and self.plain.config.dropout > 0:
+            # what the partitioner recomputes draws new dropout masks: the backward would not match the forward
+            raise ValueError("--memory-budget below 1 cannot recompute dropout with the forward's masks: "
+                             "add --dropout 0, or keep every activation (--memory-budget 1)")
         self.model = distributed.wrap(self.plain, d, self.device)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,

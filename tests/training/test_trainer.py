@@ -227,6 +227,8 @@ def test_memory_budget_recomputes_without_changing_the_loss(tmp_path, small_text
     assert max(abs(budget[s] - eager[s]) / abs(eager[s]) for s in eager) <= 1e-3
     with pytest.raises(ValueError, match="--memory-budget applies to compiled layers"):
         Trainer(_cfg(tmp_path / "refused", small_text, compile="off", memory_budget=0.5), progress=False)
+    with pytest.raises(ValueError, match="cannot recompute dropout"):
+        Trainer(_cfg(tmp_path / "dropout", small_text, compile="on", memory_budget=0.5, dropout=0.1), progress=False)
     with pytest.raises(ValueError, match=r"--memory-budget must be in \(0, 1\]"):
         TrainConfig(memory_budget=0)
 
