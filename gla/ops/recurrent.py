@@ -21,8 +21,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def recurrent_step(q, k, v, g, state, scale: float):
     """One token of GLA for a batch of sequences.
 
-    q, k, g: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] (float32). Returns (o [B, H, V] in v's dtype,
-    new state [B, H, K, V]). The new state is a fresh tensor so autograd can differentiate through steps.
+    q, k, g: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] (float32, or float64). Returns (o [B, H, V] and the new
+    state [B, H, K, V], both in the state's dtype). The new state is a fresh tensor so autograd can differentiate
+    through steps.
     """
     acc = state.dtype
     q, k, v, g = (x.to(acc) for x in (q, k, v, g))
@@ -33,8 +34,8 @@ def recurrent_step(q, k, v, g, state, scale: float):
 
 
 def recurrent_step_(q, k, v, g, state, scale: float):
-    """``recurrent_step`` writing the new state over ``state`` (float32, not differentiated): for decoding on fixed
-    buffers. Returns o [B, H, V] in v's dtype."""
+    """``recurrent_step`` writing the new state over ``state`` (not differentiated): for decoding on fixed buffers.
+    Returns o [B, H, V] in the state's dtype."""
     q, k, v, g = (x.to(state.dtype) for x in (q, k, v, g))
     state.mul_(g.exp().unsqueeze(-1)).addcmul_(k.unsqueeze(-1), v.unsqueeze(-2))
     return torch.einsum("bhk,bhkv->bhv", q * scale, state)

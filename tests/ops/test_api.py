@@ -130,6 +130,16 @@ def test_decode_step_updates_the_state_in_place():
     o = decode_step_(q, k, v, g, state, 0.3)
     assert state.data_ptr() == ptr and torch.equal(state, s_ref) and torch.equal(o, o_ref)
     assert torch.equal(decode_step_(q, k, v, g, h0.clone()), recurrent_step(q, k, v, g, h0, 60 ** -0.5)[0])
+    # 16-bit q, k, v beside the fp32 gate and state (a bf16 model), and float64 throughout
+    low = [x.to(torch.bfloat16) for x in (q, k, v)]
+    state = h0.clone()
+    o = decode_step_(*low, g, state, 0.3)
+    o_ref, s_ref = recurrent_step(*low, g, h0, 0.3)
+    assert o.dtype == torch.bfloat16 and torch.equal(state, s_ref) and torch.equal(o, o_ref.to(torch.bfloat16))
+    state = h0.double()
+    o_ref, s_ref = recurrent_step(*(x.double() for x in (q, k, v, g)), state, 0.3)
+    o = decode_step_(*(x.double() for x in (q, k, v, g)), state, 0.3)
+    assert o.dtype == torch.float64 and torch.equal(state, s_ref) and torch.equal(o, o_ref)
     for bad, match in (((q, k, v, g, h0.transpose(-1, -2).contiguous()), "contiguous float32"),
                        ((q, k, v, g, h0.to(torch.bfloat16)), "contiguous float32"),
                        ((q, k, v, g, h0.transpose(-1, -2)), "contiguous float32"),
