@@ -64,7 +64,7 @@ def _train_parser(sub, name="train", short="train a GLA language model",
     a("--memory-budget", type=float,
       help="compiled layers keep this fraction of their activations for the backward and recompute the rest "
            "(torch's activation_memory_budget; 1 = keep all): 0.5 measured -36%% memory for +7%% time at gla-340m "
-           "on an H100")
+           "on an H100; below 1 needs --dropout 0")
     a("--out", help="run directory (runs/gla)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--json", action="store_true", help="print a JSON summary instead of a progress bar")
