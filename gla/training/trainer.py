@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from gla.data import (IGNORE_INDEX, encode_documents, load_documents, load_tokenizer, make_batch, sample_offsets,
                       split_stream)
+from gla.models.transformer import partitioning
 from . import checkpoint, distributed, report
 from .config import TrainConfig, lr_at
 
@@ -274,7 +275,7 @@ class Trainer:
         scale = distributed.loss_scale(d) / max(float(count), 1.0)
         total = torch.zeros((), device=self.device)
         # read when a compiled layer's first training call partitions its graph into forward and backward
-        with torch._functorch.config.patch(activation_memory_budget=cfg.memory_budget):
+        with partitioning(cfg.memory_budget):
             for i, b in enumerate(batches):
                 with distributed.grad_sync(self.model, d, i == len(batches) - 1):
                     nll = self._loss(b)
