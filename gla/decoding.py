@@ -128,8 +128,12 @@ class StaticDecoder:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
         self.fused = FusedProjections(model)
-        # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager
-        self.run = torch.compile(self._step, dynamic=False) if compiled else self._step
+        # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager.
+        # On CUDA the step's matmuls are autotuned (Triton GEMV templates with the norms fused in, or cuBLAS) and the
+        # graph is captured here, not by Inductor: H100, gla-340m, captured step 0.97 -> 0.78 ms at B=1 and
+        # 1.24 -> 1.22 ms at B=16, for 39 s instead of 17 s of compilation at B=1 (56 s instead of 23 at B=16).
+        mode = "max-autotune-no-cudagraphs" if self.state.seen.is_cuda else None
+        self.run = torch.compile(self._step, dynamic=False, mode=mode) if compiled else self._step
         self.graph = None
         self.logits = None
         self.reset(state, refresh=False)
