@@ -268,13 +268,13 @@ def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
     return (*(x.new_empty(x.shape) for x in (q, k, v, g)), h.new_empty(N, *h.shape[1:]))
 
 
-SEGMENT_BYTES = 8 << 20
+SEGMENT_BYTES = 12 << 20
 """Working set of one pass of the inference forward (``chunk_infer_op``), which runs equal-length rows a segment of
 tokens at a time with the state carried between segments: its temporaries, the states of the segment's chunks
 included, are then bounded whatever the prompt length, and small enough to stay in the CPU's caches between the
-products that share them. Measured on 2 EPYC cores, T=4096 fwd: at H=4 K=128 V=256 segments of 192-512 tokens took
-22-23 ms and 1,024 26-29 ms; at H=4 K=32 V=64 (T=16384) 1,024 tokens took 15 ms, 256 22 ms and 2,048 25 ms. 8 MiB
-gives ~200 and ~1,150 tokens there."""
+products that share them. Measured on 2 EPYC cores (1 MB L2 each, 32 MB L3), T=4096 fwd, medians of 20 interleaved
+calls: at H=4 K=128 V=256, 8 MiB (192 tokens) 22.3 ms, 12 MiB (256) 21.4, 16 MiB (384) 21.3, 24 MiB (576) 22.4; at
+H=4 K=32 V=64 (T=16384), 8 MiB (1,152 tokens) 15.1 ms, 12 MiB (1,728) 14.1, 16 MiB (2,304) 14.5, 24 MiB 16.0."""
 
 
 def segment_tokens(B: int, H: int, K: int, V: int) -> int:
