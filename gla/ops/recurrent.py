@@ -25,20 +25,21 @@ def recurrent_step(q, k, v, g, state, scale: float):
     state [B, H, K, V], both in the state's dtype). The new state is a fresh tensor so autograd can differentiate
     through steps.
     """
-    acc = state.dtype
-    q, k, v, g = (x.to(acc) for x in (q, k, v, g))
-    # the same operations as recurrent_step_ (in place), so both round alike
-    state = torch.addcmul(state * g.exp().unsqueeze(-1), k.unsqueeze(-1), v.unsqueeze(-2))
-    o = torch.einsum("bhk,bhkv->bhv", q * scale, state)
-    return o, state
+    q, k, v, g = (x.to(state.dtype) for x in (q, k, v, g))
+    return _write_and_read(state * g.exp().unsqueeze(-1), q, k, v, scale)
 
 
 def recurrent_step_(q, k, v, g, state, scale: float):
     """``recurrent_step`` writing the new state over ``state`` (not differentiated): for decoding on fixed buffers.
     Returns o [B, H, V] in the state's dtype."""
     q, k, v, g = (x.to(state.dtype) for x in (q, k, v, g))
-    state.mul_(g.exp().unsqueeze(-1)).addcmul_(k.unsqueeze(-1), v.unsqueeze(-2))
-    return torch.einsum("bhk,bhkv->bhv", q * scale, state)
+    return _write_and_read(state.mul_(g.exp().unsqueeze(-1)), q, k, v, scale)[0]
+
+
+def _write_and_read(decayed, q, k, v, scale: float):
+    """The rest of a step, shared by both so that they round alike: decayed + k^T v (in place) and its read-out."""
+    state = decayed.addcmul_(k.unsqueeze(-1), v.unsqueeze(-2))
+    return torch.einsum("bhk,bhkv->bhv", q * scale, state), state
 
 
 def _recurrent_one(q, k, v, g, scale, state):
