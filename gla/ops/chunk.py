@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import no_autocast, wants_grad
 from .chunk_intra import Intra, sub_chunk
+from .chunk_segments import Segments
 from .constants import BT
 from .recurrent import state_dtype
 from . import short_chunk
@@ -270,17 +271,19 @@ def _(q, k, v, g, h, do, dfinal, cu_seqlens, scale):
 
 SEGMENT_BYTES = 12 << 20
 """Working set of one pass of the inference forward (``chunk_infer_op``), which runs equal-length rows a segment of
-tokens at a time with the state carried between segments: its temporaries, the states of the segment's chunks
-included, are then bounded whatever the prompt length, and small enough to stay in the CPU's caches between the
-products that share them. Measured on 2 EPYC cores (1 MB L2 each, 32 MB L3), T=4096 fwd, medians of 20 interleaved
-calls: at H=4 K=128 V=256, 8 MiB (192 tokens) 22.3 ms, 12 MiB (256) 21.4, 16 MiB (384) 21.3, 24 MiB (576) 22.4; at
-H=4 K=32 V=64 (T=16384), 8 MiB (1,152 tokens) 15.1 ms, 12 MiB (1,728) 14.1, 16 MiB (2,304) 14.5, 24 MiB 16.0."""
+tokens at a time with the state carried between segments: its buffers, the states of the segment's chunks included,
+are then bounded whatever the prompt length, and small enough to stay in the CPU's caches between the products that
+share them. Measured at T=4096 H=4 K=128 V=256 fp32, medians of 15 interleaved calls: on 2 Xeon cores (2 MB L2
+each) 256 / 448 / 512 / 576 tokens per segment took 20.6 / 20.1 / 19.2 / 19.5 ms, and at H=4 K=32 V=64 (T=16384)
+1,728 / 2,048 / 2,688 / 3,456 tokens 16.5 / 15.8 / 16.2 / 15.9 ms; on 2 EPYC cores (1 MB L2 each, an earlier form of
+the forward) 192-384 tokens were best and 576 5% slower. 12 MiB gives 448 and 2,048 tokens at those heads."""
 
 
 def segment_tokens(B: int, H: int, K: int, V: int) -> int:
-    """Tokens per row in one inference pass: SEGMENT_BYTES over the fp32 bytes a token occupies (q, k, g and their
-    decayed copies; v and two outputs; its share of two chunk states), in whole chunks."""
-    per_token = max(1, 4 * B * H * (6 * K + 3 * V + 2 * K * V // BT))  # an empty input: any length will do
+    """Tokens per row in one inference pass: SEGMENT_BYTES over the fp32 bytes a token occupies in
+    ``chunk_segments.Segments`` (five K-wide and two V-wide rows, a row of scores, a share of a chunk state), in
+    whole chunks."""
+    per_token = max(1, 4 * B * H * (5 * K + 2 * V + BT + K * V // BT))  # an empty input: any length will do
     return BT * max(1, SEGMENT_BYTES // (per_token * BT))
 
 
@@ -288,21 +291,30 @@ def segment_tokens(B: int, H: int, K: int, V: int) -> int:
 def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
                    cu_seqlens: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunk_fwd_op`` without the per-chunk states (nothing will differentiate it): o [B, T, H, V] and the final
-    states [N, H, K, V]. Equal-length rows are processed ``segment_tokens`` at a time, the state carried between
+    states [N, H, K, V]. Equal-length rows run ``segment_tokens`` at a time through ``chunk_segments`` (chunk.py's
+    forms for a segment with strongly decaying chunks, and for a last part chunk), the state carried between
     segments, so that a long prompt needs memory for one segment only."""
     B, T, H, K = q.shape
-    seg_len = segment_tokens(B, H, K, v.shape[-1])
+    V = v.shape[-1]
     with no_autocast(q.device.type):
-        if cu_seqlens is not None or T <= seg_len:
+        whole = T // BT * BT
+        if cu_seqlens is not None or whole == 0 or q.numel() == 0 or v.numel() == 0:  # nothing to segment
             o, final, _ = _forward(q, k, v, g, h0, scale, _plan(B, T, cu_seqlens, q.device))
             return o.contiguous(), final.contiguous()
-        o = v.new_empty(B, T, q.shape[2], v.shape[-1])
-        final = h0
-        for t0 in range(0, T, seg_len):
-            seg = slice(t0, t0 + seg_len)
-            plan = _plan(B, min(seg_len, T - t0), None, q.device)
-            _, final, _ = _forward(q[:, seg], k[:, seg], v[:, seg], g[:, seg], final, scale, plan, out=o[:, seg])
-        return o, final.contiguous()
+        o = v.new_empty(B, T, H, V)
+        seg_len = min(segment_tokens(B, H, K, V), whole)
+        seg = Segments(B, seg_len, H, K, V, state_dtype(q.dtype), q.device)
+        if h0 is None:
+            seg.state.zero_()
+        else:
+            seg.state.copy_(h0)
+        pieces = [slice(t0, min(t0 + seg_len, whole)) for t0 in range(0, whole, seg_len)]
+        for piece in pieces + ([slice(whole, T)] if whole < T else []):
+            x = [t[:, piece] for t in (q, k, v, g)]
+            if piece.stop > whole or not seg.run(*x, scale, o[:, piece]):
+                plan = _plan(B, piece.stop - piece.start, None, q.device)
+                seg.state.copy_(_forward(*x, seg.state, scale, plan, out=o[:, piece])[1])
+        return o, seg.state.clone()
 
 
 @chunk_infer_op.register_fake

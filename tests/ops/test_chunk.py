@@ -193,27 +193,75 @@ def test_segment_length_follows_the_working_set():
     assert big % BT == 0 and small % BT == 0 and BT <= big < small
     assert segment_tokens(16, 4, 128, 256) == BT  # the floor: one chunk per row
     assert segment_tokens(4, 4, 32, 64) < small
-    assert big * 4 * 4 * (6 * 128 + 3 * 256 + 2 * 128 * 256 // BT) <= SEGMENT_BYTES < (big + BT) * 4 * 4 * (
-        6 * 128 + 3 * 256 + 2 * 128 * 256 // BT)
+    per_token = 4 * 4 * (5 * 128 + 2 * 256 + BT + 128 * 256 // BT)
+    assert big * per_token <= SEGMENT_BYTES < (big + BT) * per_token
 
 
-@pytest.mark.parametrize("B,T,segment", [(2, 1000, 128), (1, 300, 64), (2, 192, 1024)])
-@pytest.mark.parametrize("normalizer", [16.0, 0.1])
-def test_inference_forward_in_segments(B, T, segment, normalizer, monkeypatch):
-    """Without gradients the forward runs ``gla::chunk_infer`` (no per-chunk states kept), ``segment_tokens`` at a
-    time with the state carried between segments: output and final state against the float64 reference."""
+def _spy_inference(monkeypatch, segment):
+    """Sets the segment length; returns the lists that record each segment's run (tokens, whether it ran there)
+    and each pass of chunk.py's forward (its plan's tokens)."""
     import gla.ops.chunk as chunk
-    from gla.ops.recurrent import recurrent_gla
+    from gla.ops.chunk_segments import Segments
     monkeypatch.setattr(chunk, "segment_tokens", lambda *shape: segment)
-    real, calls = chunk._forward, []
+    runs, forwards = [], []
+    real_run, real_forward = Segments.run, chunk._forward
 
-    def spy(*args, **kwargs):  # records each pass's length (its plan's T)
-        calls.append(args[6].T)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(chunk, "_forward", spy)
-    q, k, v, g, h0 = gla_inputs(B, T, 2, 60, 100, normalizer=normalizer, state=True, requires_grad=False, seed=T)
+    def run(self, q, *args):
+        ran = real_run(self, q, *args)
+        runs.append((q.shape[1], ran))
+        return ran
+
+    def forward(*args, **kwargs):
+        forwards.append(args[6].T)
+        return real_forward(*args, **kwargs)
+    monkeypatch.setattr(Segments, "run", run)
+    monkeypatch.setattr(chunk, "_forward", forward)
+    return runs, forwards
+
+
+def _inference_errors(q, k, v, g, h0):
+    from gla.ops.recurrent import recurrent_gla
     with torch.no_grad():
         o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="chunk")
-    o_r, s_r = recurrent_gla(*(x.double() for x in (q, k, v, g)), 60 ** -0.5, h0.double(), True, None)
-    assert rel_err(o, o_r) <= FWD_TOL and rel_err(s, s_r) <= FWD_TOL
-    assert calls == ([min(segment, T - t) for t in range(0, T, segment)] if T > segment else [T])
+    K = q.shape[-1]
+    o_r, s_r = recurrent_gla(*(x.double() for x in (q, k, v, g)), K ** -0.5, h0.double(), True, None)
+    return rel_err(o, o_r), rel_err(s, s_r)
+
+
+@pytest.mark.parametrize("B,T,segment", [(2, 1000, 128), (1, 300, 64), (2, 192, 1024), (3, 63, 128)])
+@pytest.mark.parametrize("normalizer", [16.0, 0.1])
+def test_inference_forward_in_segments(B, T, segment, normalizer, monkeypatch):
+    """Without gradients the forward runs ``gla::chunk_infer`` (no per-chunk states kept): equal-length rows in
+    segments of whole chunks through ``chunk_segments`` (chunk.py's forward where a chunk decays too strongly for
+    one block, and for a last part chunk), the state carried between segments: output and final state against the
+    float64 reference, and each segment on the path its gates call for."""
+    from gla.ops.chunk import BT
+    runs, forwards = _spy_inference(monkeypatch, segment)
+    q, k, v, g, h0 = gla_inputs(B, T, 2, 60, 100, normalizer=normalizer, state=True, requires_grad=False, seed=T)
+    assert max(_inference_errors(q, k, v, g, h0)) <= FWD_TOL
+    whole = T // BT * BT
+    pieces = [min(segment, whole - t) for t in range(0, whole, segment)]
+    assert runs == [(n, normalizer > 1) for n in pieces]
+    assert forwards == ([] if normalizer > 1 else pieces) + ([T - whole] if whole < T else [])
+
+
+def test_inference_segments_of_both_kinds_hand_over_the_state(monkeypatch):
+    """Weak gates in some segments and strong ones in others: the segments alternate between the two forms and the
+    state passes between them exactly."""
+    runs, forwards = _spy_inference(monkeypatch, 128)
+    q, k, v, g, h0 = gla_inputs(2, 640, 2, 60, 100, normalizer=0.1, state=True, requires_grad=False, seed=3)
+    g[:, :128] /= 200  # first segment weak, second strong, third weak, ...
+    g[:, 256:384] /= 200
+    assert max(_inference_errors(q, k, v, g, h0)) <= FWD_TOL
+    assert runs == [(128, True), (128, False), (128, True), (128, False), (128, False)]
+    assert forwards == [128, 128, 128]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-3), (torch.float64, 1e-12)])
+def test_inference_segments_in_other_dtypes(dtype, tol, monkeypatch):
+    """16-bit inputs accumulate in fp32, float64 ones in float64, on the segment path too."""
+    runs, _ = _spy_inference(monkeypatch, 128)
+    q, k, v, g, h0 = gla_inputs(2, 300, 2, 20, 24, normalizer=4.0, state=True, requires_grad=False, seed=4)
+    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
+    assert max(_inference_errors(q, k, v, g, h0)) <= tol
+    assert runs and all(ran for _, ran in runs)
