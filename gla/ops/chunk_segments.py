@@ -6,8 +6,9 @@ e^b the queries' factor, k ⊙ e^{-b} the keys' (bounded by e^SAFE_SPAN when the
 
     o = scale * ((q ⊙ e^b) S + tril((q ⊙ e^b)(k ⊙ e^{-b})^T) v),    S' = diag(e^B) S + (k ⊙ e^{B - b})^T v.
 
-What differs from ``chunk._forward`` is only the cost of getting there. Per segment it runs 13 operations plus one
-per chunk for the state chain, each writing into a buffer reused by every segment (no allocation, no page faults):
+What differs from ``chunk._forward`` is only the cost of getting there. Per segment it runs about 15 operations plus
+one per chunk for the state chain, each writing into a buffer that every segment of the call reuses (no allocation
+per segment):
 the in-chunk cumulative sum is a product with a triangle of ones over the tokens' natural layout, all heads at once
 (2.2x faster than torch's cumsum on the transposed copy, and no copy), exponentiated in place before one copy moves
 it into the chunk layout. A segment with a chunk that decays by more than SAFE_SPAN is left to the caller (``run``
