@@ -49,7 +49,7 @@ class TrainConfig:
     sample_tokens: int = 300
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"              # auto: bf16 autocast on CUDA, fp32 elsewhere
+    dtype: str = "auto"              # auto: bf16 autocast on CUDA and on CPUs with fast bf16 matmuls, else fp32
     compile: str = "auto"            # torch.compile each layer and the loss (compile_blocks); auto: on for CUDA
     parallel: str = "none"
     checkpoint_activations: bool = False  # recompute each layer's activations in the backward (long sequences)

@@ -1,6 +1,7 @@
-"""The training loop behind `gla train`: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast on GPU,
-non-finite steps skipped (a run of them stops training: Diverged), periodic validation, atomic checkpoints with exact
-resume (bit-exact in eager mode; compiled kernels do not sum in a fixed order), data parallelism, torch.compile.
+"""The training loop behind `gla train`: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast (on GPUs
+and on CPUs with fast bf16 matmuls), non-finite steps skipped (a run of them stops training: Diverged), periodic
+validation, atomic checkpoints with exact resume (bit-exact in eager mode; compiled kernels do not sum in a fixed
+order), data parallelism, torch.compile.
 
 Every optimizer step draws `batch_size` random windows of seq_len + 1 tokens from one data generator shared by all
 ranks (same seed, same draws); rank r of W takes its slice of each micro-step. The loss is the token-level mean over
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from gla.data import (IGNORE_INDEX, encode_documents, load_documents, load_tokenizer, make_batch, sample_offsets,
                       split_stream)
+from gla.device import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 from gla.models.transformer import partitioning
 from . import checkpoint, distributed, report
 from .config import TrainConfig, lr_at
@@ -144,8 +146,7 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16(d))
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout masks differ per rank
         self.step, self.train_time, self.skipped = 0, 0.0, 0
@@ -237,6 +238,19 @@ class Trainer:
         cu = batch["cu_seqlens"]
         return (batch["input_ids"].to(self.device, non_blocking=True),
                 batch["targets"].to(self.device, non_blocking=True), None if cu is None else cu.to(self.device))
+
+    def _bf16(self, d) -> bool:
+        """Whether the step runs under bf16 autocast: --dtype bf16; with auto, on CUDA, and on a CPU whose bf16
+        matmuls measure BF16_MIN_SPEEDUP times faster than fp32 (on every rank: the ranks must agree)."""
+        cfg = self.cfg
+        if cfg.dtype != "auto" or self.device.type != "cpu":
+            return cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        speedup = cpu_bf16_speedup()
+        fast = d.sum(torch.tensor(float(speedup >= BF16_MIN_SPEEDUP))).item() == d.world
+        if d.main:
+            print(f"--dtype auto: {'bf16 autocast' if fast else 'fp32'} on this CPU (its bf16 matmuls ran "
+                  f"{speedup:.1f}x the fp32 speed; bf16 from {BF16_MIN_SPEEDUP}x)", file=sys.stderr)
+        return fast
 
     @staticmethod
     def _ce(logits, y) -> torch.Tensor:

@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
     (tmp / "text.txt").write_text(TEXT)
     train(TrainConfig(data=str(tmp / "text.txt"), preset="tiny", n_layers=3, mixer="softmax", steps=150, seq_len=32,
                       batch_size=16, lr=3e-3, warmup=10, eval_every=150, eval_batches=1, sample_tokens=0,
-                      out=str(tmp / "teacher")), progress=False)
+                      dtype="fp32", out=str(tmp / "teacher")), progress=False)
     convert(str(tmp / "teacher" / "checkpoint"), str(tmp / "student"), "0,1")  # the last layer stays softmax
     return str(tmp / "teacher" / "checkpoint"), str(tmp / "student")
 
@@ -112,7 +112,8 @@ def test_lora_distill_trains_adapters_saves_merged_weights_and_resumes_exactly(p
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     cfg = dict(data=str(data), seq_len=32, batch_size=8, steps=8, eval_every=4, eval_batches=1, log_every=1,
-               sample_tokens=0, lr=1e-2, warmup=1, teacher=teacher, init_from=student, lora=4, device="cpu")
+               sample_tokens=0, lr=1e-2, warmup=1, teacher=teacher, init_from=student, lora=4, device="cpu",
+               dtype="fp32")
     train(TrainConfig(out=str(tmp_path / "full"), **cfg), progress=False)
     ckpt = tmp_path / "full" / "checkpoint"
     assert (ckpt / "lora.safetensors").is_file()

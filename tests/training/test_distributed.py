@@ -48,8 +48,9 @@ def _curve(out):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, small_text, parallel):
+    # fp32 (not auto, which takes bf16 on CPUs with AMX): one and two processes are held to 1e-4
     base = dict(data=small_text, preset="tiny", seq_len=32, batch_size=4, steps=4, lr=3e-3, warmup=1,
-                eval_every=4, eval_batches=1, log_every=1, sample_tokens=0, device="cpu")
+                eval_every=4, eval_batches=1, log_every=1, sample_tokens=0, device="cpu", dtype="fp32")
     train(TrainConfig(out=str(tmp_path / "one"), **base), progress=False)
     _run_2proc(TrainConfig(out=str(tmp_path / parallel), parallel=parallel, **{**base, "sample_tokens": 8}))
     one, two = _curve(tmp_path / "one"), _curve(tmp_path / parallel)
@@ -66,7 +67,8 @@ def test_two_process_resume_is_exact(tmp_path, small_text, parallel):
     """2 ranks crash after their step-4 checkpoint; resumed on 2 ranks, they reproduce the uninterrupted curve bit
     for bit (dropout on: each rank's RNG stream must survive, and writing a checkpoint must not disturb it)."""
     base = dict(data=small_text, preset="tiny", seq_len=32, batch_size=4, steps=7, lr=3e-3, warmup=1, dropout=0.1,
-                eval_every=4, eval_batches=1, log_every=1, sample_tokens=0, device="cpu", parallel=parallel)
+                eval_every=4, eval_batches=1, log_every=1, sample_tokens=0, device="cpu", dtype="fp32",
+                parallel=parallel)
     _run_2proc(TrainConfig(out=str(tmp_path / "full"), **base))
     cut = TrainConfig(out=str(tmp_path / "cut"), **base)
     with pytest.raises(mp.ProcessRaisedException, match="power cut"):

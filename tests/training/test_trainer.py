@@ -12,8 +12,10 @@ from tests.utils import train_cut_at
 
 
 def _cfg(out, data, **kw):
+    """fp32 unless a test says otherwise: --dtype auto would pick bf16 on a CI machine with AMX, and these tests'
+    tolerances are fp32's (the bf16 step on the CPU has its own tests)."""
     base = dict(out=str(out), data=data, preset="tiny", seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup=2,
-                eval_every=4, eval_batches=2, log_every=1, sample_tokens=0, device="cpu")
+                eval_every=4, eval_batches=2, log_every=1, sample_tokens=0, device="cpu", dtype="fp32")
     return TrainConfig(**{**base, **kw})
 
 
@@ -61,18 +63,39 @@ def test_gate_bias_init_starts_the_model_and_is_fixed_on_resume(tmp_path, small_
         resume_config(str(tmp_path / "default"), {"gate_bias_init": 1.0})
 
 
-def test_exact_resume(tmp_path, small_text):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_exact_resume(tmp_path, small_text, dtype):
     """A run interrupted after its step-4 checkpoint and resumed reproduces the uninterrupted loss curve exactly
-    (dropout on, so the RNG state matters too)."""
-    full = train(_cfg(tmp_path / "full", small_text, dropout=0.1), progress=False)
+    (dropout on, so the RNG state matters too), in fp32 and under bf16 autocast on the CPU."""
+    full = train(_cfg(tmp_path / "full", small_text, dropout=0.1, dtype=dtype), progress=False)
     ref_train, ref_val = _losses(tmp_path / "full")
     assert len(ref_train) == 8 and len(ref_val) == 2
+    assert all(math.isfinite(x) for _, x in ref_train + ref_val) and ref_train[-1][1] < ref_train[0][1]
 
-    train_cut_at(_cfg(tmp_path / "cut", small_text, dropout=0.1), 6)  # the last checkpoint is step 4
+    train_cut_at(_cfg(tmp_path / "cut", small_text, dropout=0.1, dtype=dtype), 6)  # the last checkpoint is step 4
     assert [s for s, _ in _losses(tmp_path / "cut")[0]] == list(range(1, 7))
     resumed = train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
     assert _losses(tmp_path / "cut") == (ref_train, ref_val)      # bit-exact
     assert resumed["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.parametrize("speedup,dtype,bf16", [(3.0, "auto", True), (1.4, "auto", False), (3.0, "fp32", False),
+                                                (0.5, "bf16", True)])
+def test_auto_dtype_on_the_cpu_follows_the_measured_bf16_speed(tmp_path, small_text, monkeypatch, speedup, dtype,
+                                                               bf16):
+    """--dtype auto on a CPU: bf16 autocast where a bf16 matmul measured at least BF16_MIN_SPEEDUP (1.5) times the
+    fp32 speed, fp32 elsewhere; an explicit --dtype wins either way."""
+    import gla.training.trainer as trainer
+    monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: speedup)
+    t = Trainer(_cfg(tmp_path, small_text, dtype=dtype), progress=False)
+    assert t.autocast._enabled is bf16
+
+
+def test_cpu_bf16_speed_is_measured():
+    """The measurement behind the choice: a positive, finite ratio, measured once per process."""
+    from gla.device import cpu_bf16_speedup
+    r = cpu_bf16_speedup()
+    assert 0 < r < math.inf and cpu_bf16_speedup() == r
 
 
 def test_checkpoint_contents(tmp_path, small_text):
