@@ -1,18 +1,20 @@
-"""Linear layers over a few rows on a CPU (decoding): the weight's row blocks as one batched product.
+"""Linear layers over a few rows on a CPU (decoding): the weight's row blocks as one batched product, where that
+measures faster than F.linear.
 
-With one to eight input rows a linear layer is a matrix-vector product bound by reading its weight. On x86 CPUs the
-MKL build of PyTorch runs ``F.linear`` with so few rows at a fraction of the memory bandwidth (this project's 2-core
-EPYC: 22 GB/s for a 32000 x 1024 head at one row, 9 GB/s at four), while ``torch.bmm`` over the weight cut into
-one block of rows per thread reaches 70 and 47 GB/s (benchmarks/NOTES.md). gla-340m decoded at 77 ms/token with
-``F.linear`` and 37 ms/token this way. ``linear`` takes the batched route only where it was measured faster: float32
-on an x86 CPU with MKL, at most ROWS_MAX rows, weights of at least MIN_WEIGHT elements; anything else is
-``F.linear``. The sums run in a different order than MKL's GEMV, so results differ from it by rounding only.
+With one to eight input rows a linear layer is a matrix-vector product bound by reading its weight. How fast
+``F.linear`` does that depends on the CPU and its BLAS: on this project's 2-core EPYC, MKL's GEMV read a 32000 x 1024
+head at 22 GB/s at one row (9 GB/s at four), while ``torch.bmm`` over the weight cut into one block of rows per
+thread reached 70 and 47 GB/s (gla-340m decoded at 77 ms/token with ``F.linear``, 37 this way); on a 2-core Xeon
+with AVX-512 it was the other way round (F.linear 35-92 GB/s, the blocks 17-26: 131 against ~60 ms/token). So each
+process times both once (``_batched_faster``) and ``linear`` takes the batched route only where it won: float32, at
+most ROWS_MAX rows, weights of at least MIN_WEIGHT elements; anything else is ``F.linear``. The sums run in a
+different order than the BLAS GEMV, so results differ from it by rounding only.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import platform
+import time
 import types
 
 import torch
@@ -20,18 +22,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROWS_MAX = 8
-MIN_WEIGHT = 1 << 20  # a 1024 x 1024 weight gained 80 -> 100 GB/s at one row; a 256 x 128 one lost
+MIN_WEIGHT = 1 << 20  # a 1024 x 1024 weight gained 80 -> 100 GB/s at one row on the EPYC; a 256 x 128 one lost
+
+
+def _best(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 @functools.cache
-def _x86_mkl() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkl.is_available()
+def _batched_faster(n: int) -> bool:
+    """Whether the batched route over n row blocks beats F.linear on this CPU: a [2048, 1024] fp32 weight at one row,
+    best of five each (~5 ms, once per process and thread count). It must win by 10%: a near tie keeps F.linear."""
+    if n < 2:
+        return False
+    w, x = torch.randn(2048, 1024), torch.randn(1, 1024)
+    return _best(lambda: _batched(x, w, n)) < 0.9 * _best(lambda: F.linear(x, w))
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile: a compiled decoding step keeps one graph
 def _threads() -> int:
-    """Threads to spread the row blocks over (0 where the batched route was not measured faster)."""
-    return torch.get_num_threads() if _x86_mkl() else 0
+    """Threads to spread the row blocks over (0 where the batched route did not measure faster)."""
+    n = torch.get_num_threads()
+    return n if _batched_faster(n) else 0
 
 
 def _blocks(x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -45,16 +63,21 @@ def _blocks(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., I], weight [O, I]: as one batched product of weight's row blocks
-    [n, O / n, I] and the rows of x where that is faster (module docstring), else F.linear itself."""
-    n = _blocks(x, weight)
-    if not n:
-        return F.linear(x, weight, bias)
+def _batched(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., I] @ weight [O, I]^T as one batched product of weight's n row blocks [n, O / n, I] and x's rows."""
     O, I = weight.shape
     rows = x.reshape(-1, I)
     y = torch.bmm(weight.view(n, O // n, I), rows.t().unsqueeze(0).expand(n, I, rows.shape[0]))  # [n, O / n, R]
-    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], O).contiguous()  # F.linear's layout (a copy for 2+ rows)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], O).contiguous()  # F.linear's layout (a copy for 2+ rows)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., I], weight [O, I]: as one batched product of weight's row blocks where
+    that measured faster (module docstring), else F.linear itself."""
+    n = _blocks(x, weight)
+    if not n:
+        return F.linear(x, weight, bias)
+    y = _batched(x, weight, n)
     return y if bias is None else y.add_(bias)
 
 

@@ -1,16 +1,21 @@
-"""gla.layers.gemv: few-row linear layers as a batched product over the weight's row blocks, equal to F.linear."""
+"""gla.layers.gemv: few-row linear layers as a batched product over the weight's row blocks where that measures
+faster, equal to F.linear."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gla.layers.gemv import MIN_WEIGHT, ROWS_MAX, _blocks, _x86_mkl, gemv_linears, linear
+import gla.layers.gemv as gemv
+from gla.layers.gemv import MIN_WEIGHT, ROWS_MAX, _blocks, gemv_linears, linear
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two threads, and the batched route taken wherever it applies, whatever this CPU measured (the route is what
+    these tests check; which one a CPU takes is test_route_follows_the_measurement's)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    monkeypatch.setattr(gemv, "_batched_faster", lambda n: n >= 2)
     yield
     torch.set_num_threads(before)
 
@@ -22,7 +27,7 @@ def test_batched_route_equals_f_linear(shape, bias, two_threads):
     w = torch.randn(MIN_WEIGHT // 1024 + 6, 1024, generator=g)  # 1030 rows: even, over the size threshold
     b = torch.randn(w.shape[0], generator=g) if bias else None
     x = torch.randn(*shape, generator=g)
-    assert _blocks(x, w) == (2 if _x86_mkl() else 0)  # the batched route is the one under test on x86
+    assert _blocks(x, w) == 2
     y = linear(x, w, b)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()  # F.linear's layout
@@ -64,3 +69,20 @@ def test_context_patches_plain_linears_and_restores_them(two_threads):
             torch.testing.assert_close(model[0](x), want, rtol=1e-5, atol=1e-4)
             assert model[3](x) is x
     assert "forward" not in model[0].__dict__ and model[3].forward(x) is x
+
+
+def test_route_follows_the_measurement(monkeypatch):
+    """The batched route only where this process measured it faster than F.linear (once per thread count), never
+    with one thread; either way the result equals F.linear's."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        measured = gemv._batched_faster(2)
+        assert isinstance(measured, bool) and gemv._batched_faster(2) is measured and not gemv._batched_faster(1)
+        w, x = torch.randn(1030, 1024), torch.randn(1, 1024)
+        assert _blocks(x, w) == (2 if measured else 0)
+        monkeypatch.setattr(gemv, "_batched_faster", lambda n: False)
+        assert _blocks(x, w) == 0
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    finally:
+        torch.set_num_threads(before)
