@@ -48,19 +48,23 @@ def hold_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def best_time(fn, reps: int = 3) -> float:
+    """The shortest of ``reps`` wall-clock timings of fn() in seconds, after one warm-up call: for choices made by
+    measuring once in a process (the fastest run is the least disturbed by other tenants of a shared CPU)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 @functools.cache
 def cpu_bf16_speedup(n: int = 512) -> float:
-    """fp32 time / bf16 time of an n^3 matmul on this CPU (best of three each, after a warm-up call): how much bf16
-    autocast would speed up a CPU training step's products. Measured once per process (~10 ms where bf16 has matrix
-    units, up to a few hundred ms where it is emulated)."""
+    """fp32 time / bf16 time of an n^3 matmul on this CPU (``best_time`` of each): how much bf16 autocast would speed
+    up a CPU training step's products. Measured once per process (~15 ms where bf16 has matrix units, up to a few
+    hundred ms where it is emulated)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-
-    def best(x, y) -> float:
-        x @ y
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    return best_time(lambda: a @ b) / best_time(lambda: a16 @ b16)

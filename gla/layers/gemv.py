@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gla.device import best_time
+
 ROWS_MAX = 8
 MIN_WEIGHT = 1 << 20  # a 1024 x 1024 weight gained 80 -> 100 GB/s at one row on the EPYC; a 256 x 128 one lost
-
-
-def _best(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 @functools.cache
@@ -42,7 +33,7 @@ def _batched_faster(n: int) -> bool:
     if n < 2:
         return False
     w, x = torch.randn(2048, 1024), torch.randn(1, 1024)
-    return _best(lambda: _batched(x, w, n)) < 0.9 * _best(lambda: F.linear(x, w))
+    return best_time(lambda: _batched(x, w, n), 5) < 0.9 * best_time(lambda: F.linear(x, w), 5)
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile: a compiled decoding step keeps one graph
