@@ -86,3 +86,16 @@ def test_route_follows_the_measurement(monkeypatch):
         torch.testing.assert_close(linear(x, w), F.linear(x, w))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batched_s,plain_s,faster", [(0.5, 1.0, True), (0.95, 1.0, False), (2.0, 1.0, False)])
+def test_batched_route_must_win_by_ten_percent(monkeypatch, batched_s, plain_s, faster):
+    """The decision itself, from given timings (the batched route is timed first): taken only where it beats
+    F.linear by 10%, so a near tie keeps F.linear's exact GEMV."""
+    timings = iter([batched_s, plain_s])
+    monkeypatch.setattr(gemv, "best_time", lambda fn, reps=5: next(timings))
+    gemv._batched_faster.cache_clear()
+    try:
+        assert gemv._batched_faster(2) is faster
+    finally:
+        gemv._batched_faster.cache_clear()
