@@ -376,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_parser("nanogpt", help="nanoGPT's CPU recipe, nanoGPT vs gla train: gla bench nanogpt --help")
     b.add_parser("cpu-generate", help="CPU generation, eager vs exported ONNX: gla bench cpu-generate --help")
     b.add_parser("generate", help="generation, ours vs a static-cache HF Llama: gla bench generate --help")
+    b.add_parser("step-profile", help="the captured decode step kernel by kernel: gla bench step-profile --help")
     return p
 
 
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
     from gla.device import hold_freed_host_memory
     hold_freed_host_memory()  # this process is ours: CPU steps stop page-faulting their buffers in (gla/device.py)
     if argv[:1] == ["bench"] and argv[1:2] in (["ops"], ["decode"], ["train"], ["nanogpt"], ["cpu-generate"],
-                                                 ["generate"]):
+                                                 ["generate"], ["step-profile"]):
         import importlib  # these have their own parsers
         importlib.import_module(f"gla.bench.{argv[1].replace('-', '_')}").main(argv[2:])
         return 0

@@ -1,12 +1,14 @@
 """``gla export``: a checkpoint to a standalone ONNX directory (graph, tokenizer, config, runner, README).
 
-One graph serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
+One model serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
 logits at every position and the new state out (the head over a block's positions costs a few percent of the
-block). The GLA layers are traced with the "pairwise" backend (plain tensor ops, exact for any gate:
-gla/ops/pairwise.py), so the graph has no custom operator and no branch on data; softmax layers (hybrids) take
-their KV cache [B, H_kv, L, D] in and return it grown by T (L starts at 0). The state is fp32 whatever the weights:
-int8 or int4 quantisation (blockwise, ONNX Runtime's MatMulNBits: _quantize) touches only the matmuls whose
-weights are constants, never the recurrence.
+block). It holds two traced graphs behind an If on T (gla/export/merge.py), sharing one copy of the weights: for
+T = 1 the recurrence's single update, which a decoding step runs in two thirds of the block graph's time (the demo
+model, int8: 0.41 against 0.49-0.54 ms on the 2-core Xeon, benchmarks/NOTES.md); for longer blocks the "pairwise"
+backend (plain tensor ops, exact for any gate: gla/ops/pairwise.py). Neither has a custom operator or a branch on
+data; softmax layers (hybrids) take their KV cache [B, H_kv, L, D] in and return it grown by T (L starts at 0).
+The state is fp32 whatever the weights: int8 or int4 quantisation (blockwise, ONNX Runtime's MatMulNBits:
+_quantize) touches only the matmuls whose weights are constants, never the recurrence.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import warnings
 
 import torch
 
+from gla.layers.fused import FusedProjections
 from gla.layers.gla_attention import GLAState
 from gla.layers.softmax import KVCache
 from gla.models.state import ModelState
 
+from .merge import merge_step_and_block
 from .runner import FORMAT
 
 GRAPH = "model.onnx"
@@ -88,28 +92,23 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     if size > MAX_BYTES:
         raise ValueError(f"{ckpt}: {size / 2**30:.1f} GiB of fp32 weights; one ONNX file holds at most 2 GiB "
                          "(external weight files are not written yet)")
-    for layer in model.layers:
-        layer.attn.backend = "pairwise"
     tok = tokenizer_for(ckpt)
     layout = state_layout(model)
-    B, T, L = 2, min(4, max_block), 3  # sizes 0 and 1 would be fixed by the tracer: trace at 2, 4 and 3
-    flat = [torch.zeros(B, s[0], L, s[2]) if s[1] == 0 else torch.zeros(B, *s) for s in layout.values()]
-    args = (torch.zeros(B, T, dtype=torch.long), torch.full((B,), L, dtype=torch.long), *flat)
-    batch, block = torch.export.Dim("batch", max=4096), torch.export.Dim("block", max=max_block)
-    context = torch.export.Dim("context", max=2**20)
-    dynamic = ({0: batch, 1: block}, {0: batch},
-               tuple({0: batch, 2: context} if s[1] == 0 else {0: batch} for s in layout.values()))
     names_in = ["ids", "seen", *layout]
     names_out = ["logits", "seen_out", *(f"{n}_out" for n in layout)]
     tmp = tempfile.mkdtemp(prefix=".gla-export-", dir=os.path.dirname(os.path.abspath(out)) or ".")
     try:
         graph = os.path.join(tmp, GRAPH)
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(_Step(model), args, graph, dynamo=True, dynamic_shapes=dynamic, input_names=names_in,
-                              output_names=names_out, external_data=False, verbose=False)
-        if quantize is not None:
-            with _quiet():
-                _quantize(graph, quantize)
+        parts = {}
+        for part, T in (("step", 1), ("block", min(4, max_block))):
+            parts[part] = os.path.join(tmp, f"{part}.onnx")
+            _trace(model, layout, T, max_block, parts[part], names_in, names_out)
+            if quantize is not None:
+                with _quiet():
+                    _quantize(parts[part], quantize)
+        merge_step_and_block(parts["step"], parts["block"], graph)
+        for path in parts.values():
+            os.remove(path)
         meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
                 "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt),
                 "quant_block": QUANT_BLOCK if quantize else None}
@@ -125,6 +124,24 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _trace(model, layout: dict, T: int, max_block: int, path: str, names_in: list, names_out: list) -> None:
+    """Export ``_Step(model)`` for ids [B, T] to ``path``: T = 1 as the one-token step (the recurrence's single
+    update), any other T as the block graph of 1..max_block tokens (the "pairwise" backend: plain tensor ops, exact
+    for any gate). The input projections that share an input are traced fused (gla.layers.fused): half the
+    matmuls per layer."""
+    for layer in model.layers:
+        layer.attn.backend = "recurrent" if T == 1 else "pairwise"
+    B, L = 2, 3  # sizes 0 and 1 would be fixed by the tracer: trace at B = 2 and a KV length of 3
+    flat = [torch.zeros(B, s[0], L, s[2]) if s[1] == 0 else torch.zeros(B, *s) for s in layout.values()]
+    args = (torch.zeros(B, T, dtype=torch.long), torch.full((B,), L, dtype=torch.long), *flat)
+    batch, context = torch.export.Dim("batch", max=4096), torch.export.Dim("context", max=2**20)
+    ids = {0: batch} if T == 1 else {0: batch, 1: torch.export.Dim("block", max=max_block)}
+    dynamic = (ids, {0: batch}, tuple({0: batch, 2: context} if s[1] == 0 else {0: batch} for s in layout.values()))
+    with _quiet(), torch.no_grad(), FusedProjections(model):
+        torch.onnx.export(_Step(model), args, path, dynamo=True, dynamic_shapes=dynamic, input_names=names_in,
+                          output_names=names_out, external_data=False, verbose=False)
 
 
 @contextlib.contextmanager

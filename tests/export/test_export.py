@@ -66,6 +66,41 @@ def test_logits_and_state_equal_the_model_for_a_batch(exported, kind):
     assert (state["seen"] == 21).all()
 
 
+def _nodes(graph):
+    """Every node of an ONNX graph and of its subgraphs (the If's two branches)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            yield from (n for g in ([a.g] if a.HasField("g") else a.graphs) for n in _nodes(g))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_one_token_branch_equals_the_block_branch(exported, kind):
+    """ids of one token run the step graph, longer blocks the block graph: fed one token at a time, the export gives
+    the logits and state that blocks of 8, 5 and 2 give, for rows that started with different states."""
+    import onnx
+    m, path = exported[kind]
+    model = onnx.load(os.path.join(path, "model.onnx"))
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    assert {a.name for a in branch.attribute} == {"then_branch", "else_branch"}
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(2)).numpy()
+    e = load_exported(path)
+    _, start = e.forward(torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3)).numpy(),
+                         e.new_state(2))
+    steps, state = [], start
+    for t in range(ids.shape[1]):
+        logits, state = e.forward(ids[:, t:t + 1], state)
+        steps.append(logits)
+    blocks, block_state, t = [], start, 0
+    for n in (8, 5, 2):
+        logits, block_state = e.forward(ids[:, t:t + n], block_state, all_logits=True)
+        blocks.append(logits)
+        t += n
+    assert np.allclose(np.stack(steps, 1), np.concatenate(blocks, 1), rtol=1e-4, atol=1e-4)
+    for name in block_state:
+        assert np.allclose(state[name], block_state[name], rtol=1e-4, atol=1e-5), name
+
+
 def test_runs_without_torch(exported):
     """run.py, copied into the directory, imports no torch and no gla."""
     _, path = exported["gla"]
@@ -86,7 +121,7 @@ def test_quantized_export_keeps_a_float_state(tmp_path, kind, bits, corr, monkey
     meta = export(path, str(tmp_path / kind), quantize=kind)
     assert meta["quantize"] == kind
     graph = onnx.load(str(tmp_path / kind / "model.onnx"))
-    quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    quantized = [n for n in _nodes(graph.graph) if n.op_type == "MatMulNBits"]
     assert quantized and all(a.i == bits for n in quantized for a in n.attribute if a.name == "bits")
     floats = {i.name: i.type.tensor_type.elem_type for i in list(graph.graph.input) + list(graph.graph.output)}
     assert all(floats[n] == onnx.TensorProto.FLOAT for n in ("l0.state", "l0.state_out", "logits"))
