@@ -170,6 +170,25 @@ def test_recurrent_step(dtype, inplace):
         assert torch.equal(s_in, state)
 
 
+def test_recurrent_step_reads_slices_of_one_projection():
+    """q, k, v, g as column slices of one [B, H*(3K+V)] output (decoding's fused projections): read in place with
+    their row stride, the same result as contiguous copies; a layout the kernel cannot read is copied first."""
+    B, H, K, V = 3, 2, 60, 100
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(B, H * (3 * K + V) + 7, generator=gen).to(DEVICE)
+    q, k, g = (fused[:, i * H * K:(i + 1) * H * K].view(B, H, K) for i in range(3))
+    g = g.clone().mul_(0.1).sub_(0.5)  # a log-gate <= 0, contiguous
+    v = fused[:, 3 * H * K:3 * H * K + H * V].view(B, H, V)
+    state = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
+    o_c, s_c = triton_recurrent_step(*(x.contiguous() for x in (q, k, v, g)), state.clone(), K ** -0.5)
+    o, s = triton_recurrent_step(q, k, v, g, state.clone(), K ** -0.5)
+    assert torch.equal(o, o_c) and torch.equal(s, s_c)
+    o_t, s_t = triton_recurrent_step(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, g, state.clone(), K ** -0.5)
+    assert torch.equal(o_t, o_c) and torch.equal(s_t, s_c)
+    o_r, s_r = recurrent_step(q.double(), k.double(), v.double(), g.double(), state.double(), K ** -0.5)
+    assert rel_err(o, o_r) <= 1e-5 and rel_err(s, s_r) <= 1e-5
+
+
 def test_one_token_without_grad_takes_the_decode_kernel(monkeypatch):
     """backend="triton" (and "auto" on CUDA) with T = 1 and no gradient: the decode kernel, same result."""
     import gla.ops.triton as tr

@@ -16,25 +16,36 @@ from .utils import cdiv, pow2
 
 
 @triton.jit
-def recurrent_step_fwd_kernel(q, k, v, g, s, o, s_new, scale,
+def recurrent_step_fwd_kernel(q, k, v, g, s, o, s_new, scale, sq, sk, sv, sg, H,
                               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """q, k, g: [B*H, K]; v, o: [B*H, V]; s, s_new: [B*H, K, V] fp32 (s_new may be s: in place)."""
+    """q, k, g: [B, H, K] and v: [B, H, V], each row's [H, *] contiguous, rows sq / sk / sg / sv elements apart (the
+    slices of one fused projection's output are read where they lie); o: [B*H, V]; s, s_new: [B*H, K, V] fp32
+    (s_new may be s: in place)."""
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(s + p_s, mask=m_kv, other=0.)
-    b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
-    b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_g = tl.load(g + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_q = tl.load(q + i_b * sq + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + i_b * sk + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_g = tl.load(g + i_b * sg + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + i_b * sv + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
     b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
     b_o = tl.sum(b_s * b_q[:, None], 0)
     tl.store(s_new + p_s, b_s, mask=m_kv)
     tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def _rows(x):
+    """x [B, H, D] as the kernel reads it: itself when each row's [H, D] is contiguous (a slice of a wider output,
+    as decoding's fused projections give), else a contiguous copy; with its row stride."""
+    if x.stride(-1) != 1 or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
+        x = x.contiguous()
+    return x, x.stride(0)
 
 
 def _launch(q, k, v, g, s, s_new, scale: float):
@@ -45,9 +56,9 @@ def _launch(q, k, v, g, s, s_new, scale: float):
         return o
     BK = pow2(K)
     BV = max(16, min(pow2(V), 4096 // BK))  # [K, BV] fp32 slab: 16 KiB per program keeps registers unspilled
+    (q, sq), (k, sk), (v, sv), (g, sg) = (_rows(x) for x in (q, k, v, g))
     wrap_triton(recurrent_step_fwd_kernel)[(B * H, cdiv(V, BV))](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), s, o, s_new, scale,
-        K=K, V=V, BK=BK, BV=BV, num_warps=4)
+        q, k, v, g, s, o, s_new, scale, sq, sk, sv, sg, H, K=K, V=V, BK=BK, BV=BV, num_warps=4)
     return o
 
 
