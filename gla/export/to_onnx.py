@@ -2,11 +2,12 @@
 
 One model serves prefill, scoring and decoding: token ids [B, T] (1 <= T <= max_block) and the model's state in, the
 logits at every position and the new state out (the head over a block's positions costs a few percent of the
-block). It holds two traced graphs behind an If on T (gla/export/merge.py), sharing one copy of the weights: for
-T = 1 the recurrence's single update, which a decoding step runs in two thirds of the block graph's time (the demo
-model, int8: 0.41 against 0.49-0.54 ms on the 2-core Xeon, benchmarks/NOTES.md); for longer blocks the "pairwise"
-backend (plain tensor ops, exact for any gate: gla/ops/pairwise.py). Neither has a custom operator or a branch on
-data; softmax layers (hybrids) take their KV cache [B, H_kv, L, D] in and return it grown by T (L starts at 0).
+block). For small models (STEP_GRAPH_MAX_BYTES) it holds two traced graphs behind an If on T
+(gla/export/merge.py), sharing one copy of the weights: for T = 1 the recurrence's single update, which runs a
+small model's decoding step in four fifths of the block graph's time; for longer blocks, and for every T in larger
+models, the "pairwise" backend (plain tensor ops, exact for any gate: gla/ops/pairwise.py). Neither has a custom
+operator or a branch on data; softmax layers (hybrids) take their KV cache [B, H_kv, L, D] in and return it grown
+by T (L starts at 0).
 The state is fp32 whatever the weights: int8 or int4 quantisation (blockwise, ONNX Runtime's MatMulNBits:
 _quantize) touches only the matmuls whose weights are constants, never the recurrence.
 """
@@ -32,6 +33,12 @@ from .runner import FORMAT
 
 GRAPH = "model.onnx"
 MAX_BYTES = 2**31 - 2**27  # protobuf's 2 GiB limit on one file, less room for the graph itself
+STEP_GRAPH_MAX_BYTES = 64 * 2**20
+"""Models with at most this many bytes of fp32 weights get the one-token graph beside the block graph. A small
+model's step is bound by its nodes (the demo model, 14 MB, int8: 0.41 ms with it, 0.49-0.51 without); a large one's
+by reading its weights, where the step graph measured no faster (gla-340m's width at 4 layers, 480 MB: 13.1 vs
+12.7 ms fp32, 4.5 vs 4.5 int8) and ONNX Runtime's per-branch pre-packing cost 20-34% more memory
+(benchmarks/NOTES.md)."""
 QUANTIZE = (None, "int8", "int4")
 
 
@@ -99,19 +106,21 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     tmp = tempfile.mkdtemp(prefix=".gla-export-", dir=os.path.dirname(os.path.abspath(out)) or ".")
     try:
         graph = os.path.join(tmp, GRAPH)
-        parts = {}
-        for part, T in (("step", 1), ("block", min(4, max_block))):
-            parts[part] = os.path.join(tmp, f"{part}.onnx")
-            _trace(model, layout, T, max_block, parts[part], names_in, names_out)
+        step_graph = size <= STEP_GRAPH_MAX_BYTES
+        parts = {"step": 1, "block": min(4, max_block)} if step_graph else {"block": min(4, max_block)}
+        for part, T in parts.items():
+            path = graph if not step_graph else os.path.join(tmp, f"{part}.onnx")
+            _trace(model, layout, T, max_block, path, names_in, names_out)
             if quantize is not None:
                 with _quiet():
-                    _quantize(parts[part], quantize)
-        merge_step_and_block(parts["step"], parts["block"], graph)
-        for path in parts.values():
-            os.remove(path)
+                    _quantize(path, quantize)
+        if step_graph:
+            merge_step_and_block(*(os.path.join(tmp, f"{part}.onnx") for part in parts), graph)
+            for part in parts:
+                os.remove(os.path.join(tmp, f"{part}.onnx"))
         meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
                 "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt),
-                "quant_block": QUANT_BLOCK if quantize else None}
+                "quant_block": QUANT_BLOCK if quantize else None, "step_graph": step_graph}
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(meta, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:

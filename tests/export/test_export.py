@@ -101,6 +101,21 @@ def test_the_one_token_branch_equals_the_block_branch(exported, kind):
         assert np.allclose(state[name], block_state[name], rtol=1e-4, atol=1e-5), name
 
 
+def test_a_large_model_gets_the_block_graph_alone(tmp_path, monkeypatch):
+    """Above STEP_GRAPH_MAX_BYTES of weights there is no If: the block graph also serves one-token steps."""
+    import onnx
+
+    from gla.export import to_onnx
+    monkeypatch.setattr(to_onnx, "STEP_GRAPH_MAX_BYTES", 0)
+    m, path = _ckpt(tmp_path, "hybrid")
+    meta = export(path, str(tmp_path / "e"), max_block=8)
+    assert meta["step_graph"] is False
+    assert not any(n.op_type == "If" for n in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node)
+    prompt = list(b"To be, or not")
+    want = generate(m, torch.tensor([prompt]), 20, temperature=0)[0, len(prompt):].tolist()
+    assert load_exported(str(tmp_path / "e")).generate(prompt, 20, temperature=0) == want
+
+
 def test_runs_without_torch(exported):
     """run.py, copied into the directory, imports no torch and no gla."""
     _, path = exported["gla"]
