@@ -59,16 +59,19 @@ def profile_step(replay, reps: int) -> dict:
         replay()
     end.record()
     torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / reps
-    events = kernel_events(replay, reps)
+    return dict(wall_ms=start.elapsed_time(end) / reps, **summarize(kernel_events(replay, reps), reps))
+
+
+def summarize(events: list[tuple[str, float, float]], reps: int) -> dict:
+    """events: (name, start us, end us) of ``reps`` steps' kernels in start order -> kernels per step, GPU-busy ms
+    per step, mean gap in us between consecutive kernels of one step, and (name, calls, us) per step by time."""
     per_name = defaultdict(lambda: [0, 0.0])
     for name, s, e in events:
         per_name[name][0] += 1
         per_name[name][1] += e - s
-    gaps = [max(0.0, b[1] - a[2]) for a, b in zip(events, events[1:])]
-    gaps.sort()
-    inner = gaps[:len(gaps) - reps]  # the largest gaps are those between replays, not inside one
-    return dict(wall_ms=wall_ms, kernels=len(events) / reps, busy_ms=sum(e - s for _, s, e in events) / reps / 1e3,
+    gaps = sorted(max(0.0, b[1] - a[2]) for a, b in zip(events, events[1:]))
+    inner = gaps[:len(gaps) - (reps - 1)]  # the reps - 1 largest gaps are those between steps, not inside one
+    return dict(kernels=len(events) / reps, busy_ms=sum(e - s for _, s, e in events) / reps / 1e3,
                 gap_us=sum(inner) / max(len(inner), 1),
                 top=sorted(((n, c / reps, t / reps) for n, (c, t) in per_name.items()), key=lambda r: -r[2]))
 
