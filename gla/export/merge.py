@@ -10,22 +10,25 @@ from __future__ import annotations
 import hashlib
 
 
-def _rename(graph, prefix: str, outer: set, weights: dict) -> None:
-    """Give every value and node of ``graph`` (and of its subgraphs) ``prefix``, except the outer graph's inputs
-    (``outer``) and the weights, which take their shared names (``weights``: old name -> shared name)."""
+def _rename(graph, prefix: str, outer: set, weights: dict, node_prefix: str | None = None) -> None:
+    """Give every value of ``graph`` (and of its subgraphs) ``prefix``, except the outer graph's inputs (``outer``)
+    and the weights, which take their shared names (``weights``: old name -> shared name); nodes are named
+    ``node_prefix`` (``prefix`` at the top) and their own name, or their position where they have none, so that
+    names stay unique across both branches and inside nested subgraphs."""
     import onnx
 
     def name(n: str) -> str:
         return n if not n or n in outer else weights.get(n, prefix + n)
 
-    for node in graph.node:
+    node_prefix = prefix if node_prefix is None else node_prefix
+    for i, node in enumerate(graph.node):
         node.input[:] = [name(n) for n in node.input]
         node.output[:] = [name(n) for n in node.output]
-        node.name = prefix + node.name
+        node.name = node_prefix + (node.name or f"{node.op_type}_{i}")
         for a in node.attribute:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                         a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
-                _rename(sub, prefix, outer, weights)
+                _rename(sub, prefix, outer, weights, node.name + "/")
     for v in [*graph.value_info, *graph.output, *graph.input]:
         v.name = name(v.name)
 
