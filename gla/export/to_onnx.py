@@ -107,17 +107,18 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     try:
         graph = os.path.join(tmp, GRAPH)
         step_graph = size <= STEP_GRAPH_MAX_BYTES
-        parts = {"step": 1, "block": min(4, max_block)} if step_graph else {"block": min(4, max_block)}
-        for part, T in parts.items():
-            path = graph if not step_graph else os.path.join(tmp, f"{part}.onnx")
+        # (tokens traced, file): with a step graph both are merged into ``graph`` below; without, the block is it
+        parts = ([(1, os.path.join(tmp, "step.onnx")), (min(4, max_block), os.path.join(tmp, "block.onnx"))]
+                 if step_graph else [(min(4, max_block), graph)])
+        for T, path in parts:
             _trace(model, layout, T, max_block, path, names_in, names_out)
             if quantize is not None:
                 with _quiet():
                     _quantize(path, quantize)
         if step_graph:
-            merge_step_and_block(*(os.path.join(tmp, f"{part}.onnx") for part in parts), graph)
-            for part in parts:
-                os.remove(os.path.join(tmp, f"{part}.onnx"))
+            merge_step_and_block(parts[0][1], parts[1][1], graph)
+            for _, path in parts:
+                os.remove(path)
         meta = {"format": FORMAT, "graph": GRAPH, "vocab_size": model.config.vocab_size, "max_block": max_block,
                 "states": layout, "tokenizer": tok.save(tmp), "quantize": quantize, "source": os.path.abspath(ckpt),
                 "quant_block": QUANT_BLOCK if quantize else None, "step_graph": step_graph}
