@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gla.ops import gated_linear_attention
+from gla.ops import cpu_kernels, gated_linear_attention
 
 
 def _seconds(fn) -> float:
@@ -83,15 +83,27 @@ def _sdpa_fns(B, T, H, K, V, device):
     return fwd, fwd_bwd
 
 
+def _switched_off(fn):
+    def run():
+        with cpu_kernels.switched_off():
+            fn()
+    return run
+
+
 def run(B=1, T=4096, H=4, K=128, V=256, threads=2, reps=5, ref_reps=1, device="cpu"):
     """Returns rows {name, fwd_ms, fwd_bwd_ms} for the matmul floor, recurrent, chunk and SDPA at one shape."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     timer = Timer()
     rows = []
-    for name, fns, n in (("recurrent (reference)", _gla_fns(B, T, H, K, V, "recurrent", device), ref_reps),
-                         ("chunk", _gla_fns(B, T, H, K, V, "chunk", device), reps),
-                         ("SDPA causal", _sdpa_fns(B, T, H, K, V, device), reps)):
+    chunk = _gla_fns(B, T, H, K, V, "chunk", device)
+    cases = [("recurrent (reference)", _gla_fns(B, T, H, K, V, "recurrent", device), ref_reps)]
+    if device == "cpu" and cpu_kernels.available():  # the compiled forward beside the PyTorch one it replaces
+        cases += [("chunk (compiled forward)", chunk, reps),
+                  ("chunk (PyTorch forward)", tuple(_switched_off(f) for f in chunk), reps)]
+    else:
+        cases.append(("chunk", chunk, reps))
+    for name, fns, n in cases + [("SDPA causal", _sdpa_fns(B, T, H, K, V, device), reps)]:
         rows.append({"name": name, "fwd_ms": timer.median_ms(fns[0], n),
                      "fwd_bwd_ms": timer.median_ms(fns[1], n, warmup=1)})
     rate = timer.gflops()

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import no_autocast, wants_grad
+from . import cpu_kernels, no_autocast, wants_grad
 from .chunk_intra import Intra, sub_chunk
 from .chunk_segments import Segments
 from .constants import BT
@@ -233,10 +233,14 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """o [B, T, H, V] (v's dtype), final states [N, H, K, V] and the states entering each chunk
     [_max_chunks, H, K, V] (the state dtype; kept for the backward, zero rows past the last chunk)."""
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    rows = _max_chunks(q.shape[0], q.shape[1], N, cu_seqlens is not None)
+    if cpu_kernels.serves(q, k, v, g):
+        o, final, h = cpu_kernels.chunk_forward(q, k, v, g, h0, cu_seqlens, scale, state_rows=rows)
+        return o.to(v.dtype), final, h
     with no_autocast(q.device.type):
         plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
         o, final, h = _forward(q, k, v, g, h0, scale, plan)
-    rows = _max_chunks(q.shape[0], q.shape[1], plan.N, cu_seqlens is not None)
     # outputs must have the layout the fake implementation promises (contiguous), not a view of padded storage
     h = F.pad(h, (0, 0, 0, 0, 0, 0, 0, rows - h.shape[0])) if rows != h.shape[0] else h
     return o.contiguous(), final.contiguous(), h
@@ -296,6 +300,9 @@ def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     segments, so that a long prompt needs memory for one segment only."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if cpu_kernels.serves(q, k, v, g):
+        o, final, _ = cpu_kernels.chunk_forward(q, k, v, g, h0, cu_seqlens, scale)
+        return o.to(v.dtype), final
     with no_autocast(q.device.type):
         whole = T // BT * BT
         if cu_seqlens is not None or whole == 0 or q.numel() == 0 or v.numel() == 0:  # nothing to segment

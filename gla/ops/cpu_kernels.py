@@ -1,0 +1,132 @@
+"""The compiled CPU forward (csrc/chunk_cpu.cpp): built on first use with the machine's C++ compiler against the
+installed torch, cached, and loaded as the operator ``torch.ops.gla_cpu.chunk_forward``.
+
+Why compiled: the PyTorch chunk path spends as long between its products (copies into the chunk layout, the gate
+exponentials, the state chain, Python) as in them; one C++ task per (sequence, head) keeps a chunk's operands in
+the core's cache and calls the BLAS that torch links directly. Measured in benchmarks/NOTES.md.
+
+Nothing here is required: without a compiler, on a platform the build does not cover, or with GLA_CPU_KERNELS=0,
+``available()`` is False and the PyTorch path runs (``status()`` says why). The build writes to a temporary file
+and renames it into place, so concurrent processes and interrupted builds never load a partial library.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "chunk_cpu.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+_state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the library built on one CPU model must not load on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in keys}))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GLA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "gla")
+    return Path(root).expanduser() / "cpu_kernels"
+
+
+def _build(compiler: str, target: Path) -> None:
+    torch_dir = Path(torch.__file__).parent
+    inc = torch_dir / "include"
+    lib = torch_dir / "lib"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", str(SOURCE), "-o", tmp,
+           f"-L{lib}", "-lc10", "-ltorch_cpu", "-lgomp", f"-Wl,-rpath,{lib}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("GLA_CPU_KERNELS", "1") == "0":
+        return False, "disabled by GLA_CPU_KERNELS=0"
+    if sys.platform != "linux" or not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists():
+        return False, "the compiled CPU kernels are built on Linux against torch's OpenMP runtime only"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return False, "no C++ compiler found (set CXX)"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, " ".join(FLAGS),
+                                    _cpu_id()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gla_cpu-{key}.so"
+    try:
+        if not target.exists():
+            print(f"gla: compiling the CPU kernels into {target} (once, about 10 s)", file=sys.stderr)
+            _build(compiler, target)
+        if not _registered():  # a second registration of the same operator library aborts the process
+            torch.ops.load_library(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return False, f"could not build or load the CPU kernels: {e}"
+    return True, f"loaded from {target}"
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.gla_cpu.chunk_forward
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether ``torch.ops.gla_cpu.chunk_forward`` can run (built and loaded on the first call)."""
+    if "ok" not in _state:
+        _state["ok"], _state["why"] = _load()
+    return _state["ok"]
+
+
+def status() -> str:
+    available()
+    return _state["why"]
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled forward takes these inputs: CPU tensors of a 32- or 16-bit float type (float64 keeps the
+    PyTorch path and its float64 state)."""
+    return (not _state["off"] and available()
+            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for t in tensors))
+
+
+@contextlib.contextmanager
+def switched_off():
+    """The PyTorch forward for the calls inside (benchmarks time both in one run)."""
+    before, _state["off"] = _state["off"], True
+    try:
+        yield
+    finally:
+        _state["off"] = before
+
+
+def chunk_forward(q, k, v, g, h0, cu_seqlens, scale: float, state_rows: int = 0):
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None; cu_seqlens: [N + 1] or None ->
+    o [B, T, H, V] float32, final states [N, H, K, V] float32, and with state_rows > 0 the states entering each
+    chunk [state_rows, H, K, V] float32 (else empty)."""
+    f32 = [x.to(torch.float32).contiguous() for x in (q, k, v, g)]
+    h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
+    cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
+    return torch.ops.gla_cpu.chunk_forward(*f32, h0, cu, float(scale), int(state_rows))

@@ -1,0 +1,165 @@
+"""The compiled CPU forward (gla/ops/csrc/chunk_cpu.cpp) against the float64 recurrent reference: outputs, final
+states, and the gradients of a training step whose forward it runs (the backward is the PyTorch chunk path's, from
+the per-chunk states the compiled forward keeps); its build, its fallback and its errors."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from gla.ops import cpu_kernels, gated_linear_attention
+from gla.ops.chunk import chunk_fwd_op, chunk_infer_op
+from tests.utils import compare_to_reference, gla_inputs, rel_err
+
+FWD_TOL, GRAD_TOL = 1e-5, 1e-4  # fp32, relative to a float64 reference: the PyTorch path's tolerances
+
+
+@pytest.fixture(autouse=True)
+def compiled():
+    """CI has a compiler on Linux: there the kernels must build, or every test below would test the fallback."""
+    if sys.platform == "linux" and shutil.which("c++"):
+        assert cpu_kernels.available(), cpu_kernels.status()
+    if not cpu_kernels.available():
+        pytest.skip(f"compiled CPU kernels unavailable here: {cpu_kernels.status()}")
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = cpu_kernels.chunk_forward
+    monkeypatch.setattr(cpu_kernels, "chunk_forward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+def assert_close(errs):
+    bad = {n: e for n, e in errs.items() if e > (FWD_TOL if n in ("o", "state") else GRAD_TOL)}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 60, 100), (1, 63, 2, 60, 100), (2, 130, 3, 16, 20),
+                                       (1, 1000, 1, 32, 48)])
+@pytest.mark.parametrize("normalizer", [16.0, 1.0, 0.1])  # weak, medium, strong gates (log-space chunks)
+def test_training_forward_matches_reference(B, T, H, K, V, normalizer, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, normalizer=normalizer, state=True, seed=T + K)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
+    assert calls and calls[0]["state_rows"] == B * -(-T // 64)
+
+
+@pytest.mark.parametrize("normalizer", [16.0, 0.1])
+def test_varlen_matches_reference(normalizer, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    cu = torch.tensor([0, 5, 5, 70, 200, 201, 329], dtype=torch.int32)  # includes an empty sequence
+    q, k, v, g, h0 = gla_inputs(1, 329, 2, 24, 40, normalizer=normalizer, state=True, N=6)
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", cu_seqlens=cu))
+    assert calls
+
+
+@pytest.mark.parametrize("B,T,H,K,V", [(3, 1000, 2, 60, 100), (1, 4096, 1, 128, 256)])
+@pytest.mark.parametrize("normalizer", [16.0, 0.1])
+def test_inference_forward_matches_reference(B, T, H, K, V, normalizer, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    q, k, v, g, h0 = gla_inputs(B, T, H, K, V, normalizer=normalizer, state=True, requires_grad=False, seed=B)
+    o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="chunk")
+    o_r, s_r = gated_linear_attention(*(x.double() for x in (q, k, v, g)), initial_state=h0.double(),
+                                      output_final_state=True, backend="recurrent")
+    assert calls and calls[0].get("state_rows", 0) == 0  # the inference operator keeps no per-chunk states
+    assert rel_err(o, o_r) <= FWD_TOL and rel_err(s, s_r) <= FWD_TOL
+
+
+def test_equals_the_pytorch_path(monkeypatch):
+    """Same inputs, both forwards: outputs, final states and per-chunk states agree (varlen, an initial state)."""
+    cu = torch.tensor([0, 64, 64, 100, 229])
+    q, k, v, g, h0 = gla_inputs(1, 229, 2, 20, 30, state=True, N=4, requires_grad=False)
+    ours = chunk_fwd_op(q, k, v, g, h0, cu, 0.3)
+    monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    theirs = chunk_fwd_op(q, k, v, g, h0, cu, 0.3)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) <= FWD_TOL
+    assert not ours[2][-1].any()  # the state buffer's spare row (T // 64 + N rows for 4 chunks) stays zero
+
+
+def test_low_precision_inputs_keep_a_float32_state():
+    q, k, v, g, h0 = gla_inputs(2, 200, 2, 32, 48, state=True, requires_grad=False, dtype=torch.bfloat16)
+    o, s = chunk_infer_op(q, k, v, g, h0, None, 0.2)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    o_r, s_r = gated_linear_attention(*(x.double() for x in (q, k, v, g)), initial_state=h0.double(), scale=0.2,
+                                      output_final_state=True, backend="recurrent")
+    assert rel_err(o, o_r) <= 4e-3 and rel_err(s, s_r) <= 1e-5
+
+
+def test_float64_keeps_the_pytorch_path(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    q, k, v, g, h0 = gla_inputs(1, 100, 1, 8, 8, state=True, requires_grad=False, dtype=torch.float64)
+    _, s = chunk_infer_op(q, k, v, g, h0, None, 0.5)
+    assert not calls and s.dtype == torch.float64
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dtype", "contiguous float32"), ("strides", "contiguous float32"), ("shapes", "must agree"),
+    ("cu_start", "start at 0"), ("cu_order", "rise from 0"), ("cu_batch", "B == 1"), ("h0", "h0 must be"),
+    ("rows", "state_rows"),
+])
+def test_bad_input_gets_a_clear_error(case, match):
+    q, k, v, g, _ = gla_inputs(1, 70, 2, 8, 12, requires_grad=False)
+    h0, cu, rows = None, None, 0
+    if case == "dtype":
+        q = q.double()
+    elif case == "strides":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "shapes":
+        v = v[:, :69]
+    elif case == "cu_start":
+        cu = torch.tensor([1, 70])
+    elif case == "cu_order":
+        cu = torch.tensor([0, 50, 20, 70])
+    elif case == "cu_batch":
+        q, k, v, g = (torch.cat([x, x]) for x in (q, k, v, g))
+        cu = torch.tensor([0, 70])
+    elif case == "h0":
+        h0 = torch.zeros(1, 2, 8, 13)
+    elif case == "rows":
+        rows = 1  # two chunks need two rows
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.gla_cpu.chunk_forward(q, k, v, g, h0, cu, 0.5, rows)
+
+
+def test_switched_off_or_unbuildable_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLA_CPU_KERNELS", "0")
+    assert cpu_kernels._load() == (False, "disabled by GLA_CPU_KERNELS=0")
+    monkeypatch.setenv("GLA_CPU_KERNELS", "1")
+    monkeypatch.setenv("GLA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    ok, why = cpu_kernels._load()
+    assert not ok and "could not build" in why
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), "a failed build left files behind"
+
+
+def test_build_is_cached_by_machine_and_source(monkeypatch, tmp_path):
+    """A second process with the same torch, compiler and CPU loads the library the first one built."""
+    monkeypatch.setenv("GLA_CACHE", str(tmp_path))
+    ok, why = cpu_kernels._load()
+    assert ok, why
+    built = [p for p in tmp_path.rglob("*.so")]
+    assert len(built) == 1 and str(built[0]) in why
+    mtime = os.path.getmtime(built[0])
+    assert cpu_kernels._load()[0] and os.path.getmtime(built[0]) == mtime
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_value_columns_split_over_threads(threads):
+    """One sequence and head with more threads than tasks: the value columns are split (100 columns in three slices
+    of 34, 34 and 32 at 4 threads); outputs, final and per-chunk states equal the reference's and the PyTorch path's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, g, h0 = gla_inputs(1, 200, 1, 60, 100, normalizer=1.0, state=True, requires_grad=False)
+        o, s, hs = torch.ops.gla_cpu.chunk_forward(q, k, v, g, h0, None, 0.25, 4)
+    finally:
+        torch.set_num_threads(before)
+    o_r, s_r = gated_linear_attention(*(x.double() for x in (q, k, v, g)), initial_state=h0.double(), scale=0.25,
+                                      output_final_state=True, backend="recurrent")
+    assert rel_err(o, o_r) <= FWD_TOL and rel_err(s, s_r) <= FWD_TOL
+    _, s_64, _ = torch.ops.gla_cpu.chunk_forward(q[:, :64], k[:, :64], v[:, :64], g[:, :64], h0, None, 0.25, 0)
+    assert torch.equal(hs[0], h0[0]) and rel_err(hs[1], s_64[0]) <= FWD_TOL
