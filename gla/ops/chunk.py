@@ -261,6 +261,9 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  do: Optional[torch.Tensor], dfinal: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg (the inputs' dtypes) and dh0 [N, H, K, V] (the state dtype)."""
+    if cpu_kernels.serves(q, k, v, g):
+        dq, dk, dv, dg, dh0 = cpu_kernels.chunk_backward(q, k, v, g, do, h, dfinal, cu_seqlens, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0
     with no_autocast(q.device.type):
         plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
         return tuple(x.contiguous() for x in _backward(q, k, v, g, h[:plan.NC], do, dfinal, scale, plan))

@@ -1,5 +1,6 @@
-"""The compiled CPU forward (csrc/chunk_cpu.cpp): built on first use with the machine's C++ compiler against the
-installed torch, cached, and loaded as the operator ``torch.ops.gla_cpu.chunk_forward``.
+"""The compiled CPU forward and backward (csrc/chunk_fwd.cpp, csrc/chunk_bwd.cpp): built on first use with the
+machine's C++ compiler against the installed torch, cached, and loaded as the operators
+``torch.ops.gla_cpu.chunk_forward`` and ``torch.ops.gla_cpu.chunk_backward``.
 
 Why compiled: the PyTorch chunk path spends as long between its products (copies into the chunk layout, the gate
 exponentials, the state chain, Python) as in them; one C++ task per (sequence, head) keeps a chunk's operands in
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "chunk_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp"]
+HEADERS = [CSRC / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
 
@@ -50,7 +53,7 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", str(SOURCE), "-o", tmp,
+    cmd = [compiler, *FLAGS, f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", *map(str, SOURCES), "-o", tmp,
            f"-L{lib}", "-lc10", "-ltorch_cpu", "-lgomp", f"-Wl,-rpath,{lib}"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -70,7 +73,7 @@ def _load() -> tuple[bool, str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False, "no C++ compiler found (set CXX)"
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, " ".join(FLAGS),
+    key = hashlib.sha256("\n".join([*(p.read_text() for p in SOURCES + HEADERS), torch.__version__, compiler, " ".join(FLAGS),
                                     _cpu_id()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gla_cpu-{key}.so"
     try:
@@ -93,7 +96,7 @@ def _registered() -> bool:
 
 
 def available() -> bool:
-    """Whether ``torch.ops.gla_cpu.chunk_forward`` can run (built and loaded on the first call)."""
+    """Whether the ``torch.ops.gla_cpu`` operators can run (built and loaded on the first call)."""
     if "ok" not in _state:
         _state["ok"], _state["why"] = _load()
     return _state["ok"]
@@ -130,3 +133,14 @@ def chunk_forward(q, k, v, g, h0, cu_seqlens, scale: float, state_rows: int = 0)
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
     return torch.ops.gla_cpu.chunk_forward(*f32, h0, cu, float(scale), int(state_rows))
+
+
+def chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, scale: float):
+    """The gradients of ``chunk_forward``'s outputs from the per-chunk states hs it kept; do [B, T, H, V] and
+    dfinal [N, H, K, V] may be None (no gradient through o or through the final states). Returns dq, dk, dv, dg
+    [B, T, H, *] and dh0 [N, H, K, V], float32."""
+    f32 = [x.to(torch.float32).contiguous() for x in (q, k, v, g)]
+    do = do.to(torch.float32).contiguous() if do is not None else torch.zeros_like(f32[2])
+    dfinal = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
+    cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
+    return torch.ops.gla_cpu.chunk_backward(*f32, do, hs.contiguous(), dfinal, cu, float(scale))

@@ -1,0 +1,163 @@
+// The compiled CPU backward: one task per (sequence, head), chunks in reverse order, the gradient of the state
+// carried in the task's row of dh0 (Yang et al. 2024, §4.2 and its appendix; the forward's math is in common.h).
+// Per chunk, with S / S' the states entering / leaving it (S kept by the forward), dS' the gradient of S', qa, kf,
+// kd the factors of common.h, A the causal scores and dA = tril(do v^T):
+//     dv = A^T do + kd dS'
+//     dq = s e^b ⊙ (do S^T) + intra,  dk = e^{B-b} ⊙ (v dS'^T) + intra
+//     dS = diag(e^B) dS' + qa^T do
+// The gate gradient is the reverse cumulative sum over the sequence of q ⊙ dq − k ⊙ dk, plus Σ_v S_T ⊙ dS_T at the
+// last token T (the final state's decay), summed here in double as the chunks go by. Two parts of it cancel
+// exactly and are left out rather than subtracted (with strong gates their rounding errors would outweigh the
+// result): each token's score with itself (its share of dq and dk is added after the sum), and at T the last
+// token's own k_T^T v_T inside S_T (the final-state term is formed without it, and dk_T's state part is kept out of
+// the sum). The same scheme as the PyTorch backward in gla/ops/chunk.py.
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+namespace gla_cpu {
+namespace {
+
+struct Work {  // a task's buffers, allocated once
+  Factors f;
+  std::vector<float> A, dA, dqa, dkf, dks, P;
+  std::vector<double> run, bd;
+  explicit Work(int64_t K, int64_t V)
+      : f(K), A(BT * BT), dA(BT * BT), dqa(BT * K), dkf(BT * K), dks(BT * K), P(K * V), run(K) {}
+};
+
+// Chunk c of a sequence (L rows; `last`: the sequence's last chunk). Pointers at the chunk's first row: q, k, g, dq,
+// dk, dg rows of stride ldk; v, do, dv rows of stride ldv; S [K, V] the state entering the chunk; dS [K, V] the
+// gradient of the state leaving it on entry, of the state entering it on return; dfinal [K, V] or null.
+void chunk_grad(const float* q, const float* k, const float* v, const float* g, const float* d_o, const float* S,
+                const float* dfinal, bool last, int64_t L, int64_t K, int64_t V, int64_t ldk, int64_t ldv, float s,
+                float* dq, float* dk, float* dv, float* dg, float* dS, Work& w) {
+  Factors& f = w.f;
+  f.load(q, k, g, L, ldk, s);
+  if (last) {
+    std::fill(w.run.begin(), w.run.end(), 0.);
+    if (dfinal != nullptr) {  // Σ_v (S_T − k_T^T v_T) ⊙ dS_T, S_T formed without the last token
+      for (int64_t r = 0; r < K; ++r)
+        for (int64_t x = 0; x < V; ++x) w.P[r * V + x] = f.eB[r] * S[r * V + x];
+      if (L > 1) mm(true, false, K, V, L - 1, 1.f, f.kd.data(), K, v, ldv, 1.f, w.P.data(), V);
+      for (int64_t r = 0; r < K; ++r) {
+        double acc = 0.;
+        for (int64_t x = 0; x < V; ++x) acc += static_cast<double>(w.P[r * V + x]) * dfinal[r * V + x];
+        w.run[r] = acc;
+      }
+    }
+  }
+  float *A = w.A.data(), *dA = w.dA.data(), *dqa = w.dqa.data(), *dkf = w.dkf.data(), *dks = w.dks.data();
+  f.scores(q, k, g, ldk, s, A, w.bd);
+  mm(false, true, L, L, V, 1.f, d_o, ldv, v, ldv, 0.f, dA, BT);  // dA = do v^T
+  float own[BT];  // each token's dA with itself
+  for (int64_t i = 0; i < L; ++i) {
+    own[i] = dA[i * BT + i];
+    std::fill(dA + i * BT + i, dA + i * BT + L, 0.f);  // strictly lower triangle left
+  }
+  mm(true, false, L, V, L, 1.f, A, BT, d_o, ldv, 0.f, dv, ldv);  // dv = A^T do + kd dS'
+  mm(false, false, L, V, K, 1.f, f.kd.data(), K, dS, V, 1.f, dv, ldv);
+  mm(false, true, L, K, V, 1.f, d_o, ldv, S, V, 0.f, dqa, K);  // d qa = do S^T (+ dA kf)
+  mm(false, true, L, K, V, 1.f, v, ldv, dS, V, 0.f, dks, K);   // dk's state part before e^{B-b}: v dS'^T
+  if (f.safe) {
+    mm(false, false, L, K, L, 1.f, dA, BT, f.kf.data(), K, 1.f, dqa, K);
+    mm(true, false, L, K, L, 1.f, dA, BT, f.qa.data(), K, 0.f, dkf, K);  // d kf = dA^T qa
+  }
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t c = 0; c < K; ++c) {
+      const int64_t i = t * K + c;
+      dq[t * ldk + c] = s * f.e[i] * dqa[i];
+      dk[t * ldk + c] = f.safe ? dkf[i] / f.e[i] : 0.f;
+      dks[i] *= f.eBb[i];
+    }
+  if (!f.safe) {  // the intra-chunk terms in log space (f.scores left the double sums in bd)
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < i; ++j) {
+        const float a = s * dA[i * BT + j];
+        const double *bi = w.bd.data() + i * K, *bj = w.bd.data() + j * K;
+        const float *qi = q + i * ldk, *kj = k + j * ldk;
+        float *dqi = dq + i * ldk, *dkj = dk + j * ldk;
+#pragma omp simd
+        for (int64_t c = 0; c < K; ++c) {
+          const float d = a * exp_approx(static_cast<float>(bi[c] - bj[c]));
+          dqi[c] += d * kj[c];
+          dkj[c] += d * qi[c];
+        }
+      }
+  }
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const float *qt = q + t * ldk, *kt = k + t * ldk, *dst = dks + t * K;
+    float *dqt = dq + t * ldk, *dkt = dk + t * ldk, *dgt = dg + t * ldk;
+    const bool final_token = last && t == L - 1;  // its own state share stays out of the sum
+    for (int64_t c = 0; c < K; ++c) {
+      const float db = qt[c] * dqt[c] - kt[c] * (dkt[c] + (final_token ? 0.f : dst[c]));
+      w.run[c] += db;
+      dgt[c] = static_cast<float>(w.run[c]);
+      dqt[c] += s * own[t] * kt[c];
+      dkt[c] += dst[c] + s * own[t] * qt[c];
+    }
+  }
+  for (int64_t r = 0; r < K; ++r) {  // dS = diag(e^B) dS' + qa^T do
+    float* row = dS + r * V;
+    const float d = f.eB[r];
+    for (int64_t x = 0; x < V; ++x) row[x] *= d;
+  }
+  mm(true, false, K, V, L, 1.f, f.qa.data(), K, d_o, ldv, 1.f, dS, V);
+}
+
+// q, k, g: [B, T, H, K]; v, do: [B, T, H, V]; hs: the forward's states entering each chunk [rows, H, K, V];
+// dfinal: the final states' gradient [N, H, K, V] or none. Returns dq, dk, dv, dg and dh0 [N, H, K, V].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& d_o,
+    const at::Tensor& hs, const std::optional<at::Tensor>& dfinal, const std::optional<at::Tensor>& cu_seqlens,
+    double scale) {
+  const char* op = "gla_cpu::chunk_backward";
+  check_inputs({&q, &k, &g}, {&v, &d_o}, op);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  const Sequences seqs(B, T, cu_seqlens, op);
+  const int64_t N = seqs.N;
+  TORCH_CHECK(hs.scalar_type() == at::kFloat && hs.is_contiguous() && hs.dim() == 4 &&
+                  hs.size(0) >= seqs.first_chunk[N] && hs.size(1) == H && hs.size(2) == K && hs.size(3) == V,
+              op, ": hs must be the forward's contiguous float32 states [rows >= chunks, H, K, V]");
+  if (dfinal.has_value()) check_state(*dfinal, N, H, K, V, "gla_cpu::chunk_backward: dfinal");
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dg = at::empty_like(g), dv = at::empty_like(v);
+  at::Tensor dh0 = at::empty({N, H, K, V}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
+              *gp = g.data_ptr<float>(), *dop = d_o.data_ptr<float>(), *hsp = hs.data_ptr<float>();
+  const float* dfp = dfinal.has_value() ? dfinal->data_ptr<float>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(),
+        *dgp = dg.data_ptr<float>(), *dhp = dh0.data_ptr<float>();
+  const int64_t tail = seqs.bounds[N];  // tokens after the last sequence get zero gradients
+  for (float* p : {dqp, dkp, dgp}) std::fill(p + tail * H * K, p + B * T * H * K, 0.f);
+  std::fill(dvp + tail * H * V, dvp + B * T * H * V, 0.f);
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    Work w(K, V);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, h = task % H;
+      float* dS = dhp + task * K * V;
+      const float* df = dfp != nullptr ? dfp + task * K * V : nullptr;
+      if (df != nullptr)
+        std::copy(df, df + K * V, dS);
+      else
+        std::fill(dS, dS + K * V, 0.f);
+      const int64_t chunks = seqs.first_chunk[n + 1] - seqs.first_chunk[n];
+      for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+        const int64_t t0 = seqs.bounds[n] + ci * BT, L = std::min(BT, seqs.bounds[n + 1] - t0);
+        const int64_t ok = (t0 * H + h) * K, ov = (t0 * H + h) * V;
+        const float* S = hsp + ((seqs.first_chunk[n] + ci) * H + h) * K * V;
+        chunk_grad(qp + ok, kp + ok, vp + ov, gp + ok, dop + ov, S, df, ci == chunks - 1, L, K, V, H * K, H * V, s,
+                   dqp + ok, dkp + ok, dvp + ov, dgp + ok, dS, w);
+      }
+    }
+  });
+  return {dq, dk, dv, dg, dh0};
+}
+
+}  // namespace
+}  // namespace gla_cpu
+
+TORCH_LIBRARY_IMPL(gla_cpu, CPU, m) { m.impl("chunk_backward", &gla_cpu::chunk_backward); }

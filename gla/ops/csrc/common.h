@@ -1,0 +1,172 @@
+// Shared by the compiled CPU forward and backward (chunk_fwd.cpp, chunk_bwd.cpp): the chunk length, the BLAS call,
+// a vectorisable exponential, a chunk's gate factors and intra-chunk scores, and the sequences of a call.
+//
+// Math (Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient Training", ICML 2024, §4.2): per
+// chunk of BT tokens, b_t the cumulative log decay inside the chunk, B = b at its last token, S the state entering it,
+//     o_t = s (q_t ⊙ e^{b_t}) S + s Σ_{j<=t} [Σ_k q_tk k_jk e^{b_tk - b_jk}] v_j
+//     S'  = diag(e^B) S + Σ_j (k_j ⊙ e^{B - b_j})^T v_j
+// Every exponent is <= 0 except the key factor e^{-b_j} of the factored intra-chunk product, used only when the
+// chunk decays by at most SAFE_SPAN; a chunk that decays more gets its intra-chunk terms in log space.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+// The BLAS inside libtorch_cpu (MKL on x86, which exports the Fortran interface); ATen's own wrapper is not exported.
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace gla_cpu {
+
+constexpr int64_t BT = 64;
+constexpr float SAFE_SPAN = 30.f;
+
+// e^x for x <= ~88, relative error ~2e-7: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2. Branch-free so that loops
+// over it vectorise (std::exp does not).
+inline float exp_approx(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T as stored; the column-major BLAS computes
+// C^T = op(B)^T op(A)^T from the same storage.
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tb_ = tb ? 'T' : 'N', ta_ = ta ? 'T' : 'N';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(m), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+  sgemm_(&tb_, &ta_, &m_, &n_, &k_, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
+}
+
+// One chunk's gate factors, in buffers a task allocates once: for L <= BT rows of q, k, g (row stride ldk),
+// b [L, K] the in-chunk cumulative log decay, e = e^b, eBb = e^{B - b}, qa = s q ⊙ e^b, kf = k ⊙ e^{-b} (only when
+// safe), kd = k ⊙ e^{B - b}, eB = e^B [K].
+struct Factors {
+  int64_t K, L = 0;
+  bool safe = true;
+  std::vector<float> b, e, eBb, qa, kf, kd, eB;
+  explicit Factors(int64_t K_)
+      : K(K_), b(BT * K_), e(BT * K_), eBb(BT * K_), qa(BT * K_), kf(BT * K_), kd(BT * K_), eB(K_) {}
+
+  void load(const float* q, const float* k, const float* g, int64_t L_, int64_t ldk, float scale) {
+    L = L_;
+    for (int64_t c = 0; c < K; ++c) b[c] = g[c];
+    for (int64_t t = 1; t < L; ++t)
+      for (int64_t c = 0; c < K; ++c) b[t * K + c] = b[(t - 1) * K + c] + g[t * ldk + c];
+    const float* last = b.data() + (L - 1) * K;
+    float span = 0.f;
+    for (int64_t c = 0; c < K; ++c) span = std::min(span, last[c]);
+    safe = span >= -SAFE_SPAN;
+    for (int64_t c = 0; c < K; ++c) eB[c] = exp_approx(last[c]);
+    for (int64_t t = 0; t < L; ++t) {
+      const float *qt = q + t * ldk, *kt = k + t * ldk, *bt = b.data() + t * K;
+      float *et = e.data() + t * K, *ebt = eBb.data() + t * K, *qat = qa.data() + t * K, *kft = kf.data() + t * K,
+            *kdt = kd.data() + t * K;
+      for (int64_t c = 0; c < K; ++c) {
+        et[c] = exp_approx(bt[c]);
+        ebt[c] = exp_approx(last[c] - bt[c]);
+        qat[c] = scale * qt[c] * et[c];
+        kft[c] = kt[c] / et[c];  // read only when safe: e >= e^-SAFE_SPAN
+        kdt[c] = kt[c] * ebt[c];
+      }
+    }
+  }
+
+  // Log-space differences b_i - b_j of a chunk that is not safe, from cumulative sums redone in double so that the
+  // differences of large values keep their precision: bd [L, K].
+  void double_sums(const float* g, int64_t ldk, std::vector<double>& bd) const {
+    bd.resize(L * K);
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t c = 0; c < K; ++c) bd[t * K + c] = (t ? bd[(t - 1) * K + c] : 0.) + g[t * ldk + c];
+  }
+
+  // A [L, L] (row stride BT) = the causal scores s Σ_k q_ik k_jk e^{b_ik - b_jk} (j <= i), zero above the diagonal.
+  void scores(const float* q, const float* k, const float* g, int64_t ldk, float scale, float* A,
+              std::vector<double>& bd) const {
+    if (safe) {
+      mm(false, true, L, L, K, 1.f, qa.data(), K, kf.data(), K, 0.f, A, BT);
+    } else {
+      double_sums(g, ldk, bd);
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j <= i; ++j) {
+          const double *bi = bd.data() + i * K, *bj = bd.data() + j * K;
+          const float *qi = q + i * ldk, *kj = k + j * ldk;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < K; ++c) acc += qi[c] * kj[c] * exp_approx(static_cast<float>(bi[c] - bj[c]));
+          A[i * BT + j] = scale * acc;
+        }
+    }
+    for (int64_t i = 0; i < L; ++i) std::fill(A + i * BT + i + 1, A + i * BT + L, 0.f);
+  }
+};
+
+// The sequences of a call: token ranges [bounds[n], bounds[n + 1]) of the flattened [B * T] tokens, and the row of
+// each sequence's first chunk in the per-chunk state buffer (sequences in order, ceil(length / BT) chunks each).
+struct Sequences {
+  std::vector<int64_t> bounds, first_chunk;
+  int64_t N = 0;
+  Sequences(int64_t B, int64_t T, const std::optional<at::Tensor>& cu_seqlens, const char* op) {
+    if (cu_seqlens.has_value()) {
+      const at::Tensor& cu = *cu_seqlens;
+      TORCH_CHECK(B == 1 && cu.scalar_type() == at::kLong && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous()
+                  && cu.device().is_cpu(), op, ": cu_seqlens must be a contiguous int64 CPU [N + 1] with B == 1");
+      bounds.assign(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
+    } else {
+      for (int64_t n = 0; n <= B; ++n) bounds.push_back(n * T);
+    }
+    N = static_cast<int64_t>(bounds.size()) - 1;
+    TORCH_CHECK(bounds[0] == 0, op, ": cu_seqlens must start at 0");
+    for (int64_t n = 0; n < N; ++n)
+      TORCH_CHECK(bounds[n] <= bounds[n + 1] && bounds[n + 1] <= B * T, op,
+                  ": cu_seqlens must rise from 0 to at most B * T");
+    first_chunk.assign(N + 1, 0);
+    for (int64_t n = 0; n < N; ++n) first_chunk[n + 1] = first_chunk[n] + (bounds[n + 1] - bounds[n] + BT - 1) / BT;
+  }
+};
+
+// q, k, g [B, T, H, K] and v (and do) [B, T, H, V]: contiguous float32 CPU tensors whose shapes agree.
+inline void check_inputs(std::initializer_list<const at::Tensor*> qkg, std::initializer_list<const at::Tensor*> vs,
+                         const char* op) {
+  const at::Tensor& q = **qkg.begin();
+  for (auto group : {qkg, vs})
+    for (const at::Tensor* x : group)
+      TORCH_CHECK(x->scalar_type() == at::kFloat && x->is_contiguous() && x->device().is_cpu() && x->dim() == 4, op,
+                  " takes contiguous float32 CPU tensors [B, T, H, D]");
+  for (const at::Tensor* x : qkg) TORCH_CHECK(x->sizes() == q.sizes(), op, ": q, k, g [B, T, H, K] must agree");
+  for (const at::Tensor* x : vs)
+    TORCH_CHECK(x->size(0) == q.size(0) && x->size(1) == q.size(1) && x->size(2) == q.size(2) &&
+                    x->size(3) == (*vs.begin())->size(3),
+                op, ": v [B, T, H, V] must agree with q");
+}
+
+// A state tensor [N, H, K, V], contiguous float32 (h0, the final state's gradient).
+inline void check_state(const at::Tensor& s, int64_t N, int64_t H, int64_t K, int64_t V, const char* what) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 4 && s.size(0) == N && s.size(1) == H &&
+                  s.size(2) == K && s.size(3) == V,
+              what, " must be a contiguous float32 [N, H, K, V]");
+}
+
+}  // namespace gla_cpu
