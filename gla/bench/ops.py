@@ -98,9 +98,9 @@ def run(B=1, T=4096, H=4, K=128, V=256, threads=2, reps=5, ref_reps=1, device="c
     rows = []
     chunk = _gla_fns(B, T, H, K, V, "chunk", device)
     cases = [("recurrent (reference)", _gla_fns(B, T, H, K, V, "recurrent", device), ref_reps)]
-    if device == "cpu" and cpu_kernels.available():  # the compiled forward beside the PyTorch one it replaces
-        cases += [("chunk (compiled forward)", chunk, reps),
-                  ("chunk (PyTorch forward)", tuple(_switched_off(f) for f in chunk), reps)]
+    if device == "cpu" and cpu_kernels.available():  # the compiled operator beside the PyTorch one it replaces
+        cases += [("chunk (compiled)", chunk, reps),
+                  ("chunk (PyTorch)", tuple(_switched_off(f) for f in chunk), reps)]
     else:
         cases.append(("chunk", chunk, reps))
     for name, fns, n in cases + [("SDPA causal", _sdpa_fns(B, T, H, K, V, device), reps)]:

@@ -4,7 +4,8 @@ machine's C++ compiler against the installed torch, cached, and loaded as the op
 
 Why compiled: the PyTorch chunk path spends as long between its products (copies into the chunk layout, the gate
 exponentials, the state chain, Python) as in them; one C++ task per (sequence, head) keeps a chunk's operands in
-the core's cache and calls the BLAS that torch links directly. Measured in benchmarks/NOTES.md.
+the core's cache and calls the BLAS that torch links directly. Measured in benchmarks/NOTES.md. The chunk
+operators of gla/ops/chunk.py call these wherever ``serves`` says so, and their PyTorch code otherwise.
 
 Nothing here is required: without a compiler, on a platform the build does not cover, or with GLA_CPU_KERNELS=0,
 ``available()`` is False and the PyTorch path runs (``status()`` says why). The build writes to a temporary file
@@ -27,7 +28,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp"]
 HEADERS = [CSRC / "common.h"]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 _state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
 
 
@@ -47,22 +48,25 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
+    """Compiles the sources side by side (one process each), links them, and renames the library into place."""
     torch_dir = Path(torch.__file__).parent
-    inc = torch_dir / "include"
-    lib = torch_dir / "lib"
+    inc, lib = torch_dir / "include", torch_dir / "lib"
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", *map(str, SOURCES), "-o", tmp,
-           f"-L{lib}", "-lc10", "-ltorch_cpu", "-lgomp", f"-Wl,-rpath,{lib}"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        jobs = [subprocess.Popen([compiler, *FLAGS, "-c", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}",
+                                  str(src), "-o", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for src, obj in zip(SOURCES, objs)]
+        errors = [err for job in jobs for _, err in [job.communicate(timeout=600)] if job.returncode != 0]
+        if errors:
+            raise RuntimeError(f"{compiler} failed:\n{errors[0][-2000:]}")
+        so = Path(tmp) / target.name
+        link = [compiler, "-shared", "-fopenmp", *map(str, objs), "-o", str(so), f"-L{lib}", "-lc10", "-ltorch_cpu", "-lgomp",
+                f"-Wl,-rpath,{lib}"]
+        out = subprocess.run(link, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            raise RuntimeError(f"{' '.join(link)} failed:\n{out.stderr[-2000:]}")
+        os.replace(so, target)
 
 
 def _load() -> tuple[bool, str]:
@@ -117,7 +121,7 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def switched_off():
-    """The PyTorch forward for the calls inside (benchmarks time both in one run)."""
+    """The PyTorch chunk path for the calls inside (benchmarks time both in one run)."""
     before, _state["off"] = _state["off"], True
     try:
         yield

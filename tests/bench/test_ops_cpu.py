@@ -11,7 +11,7 @@ from gla.ops import cpu_kernels
 def test_floor_row_and_ratios():
     rows = ops.run(B=1, T=64, H=2, K=16, V=32, threads=1, reps=1)
     floor = rows[0]
-    chunks = ["chunk (compiled forward)", "chunk (PyTorch forward)"] if cpu_kernels.available() else ["chunk"]
+    chunks = ["chunk (compiled)", "chunk (PyTorch)"] if cpu_kernels.available() else ["chunk"]
     assert [r["name"] for r in rows[2:-1]] == chunks
     assert [r["name"].split()[0] for r in rows] == ["floor", "recurrent", *(["chunk"] * len(chunks)), "SDPA"]
     assert floor["gflops"] > 0

@@ -1,6 +1,6 @@
-"""The compiled CPU forward (gla/ops/csrc/chunk_cpu.cpp) against the float64 recurrent reference: outputs, final
-states, and the gradients of a training step whose forward it runs (the backward is the PyTorch chunk path's, from
-the per-chunk states the compiled forward keeps); its build, its fallback and its errors."""
+"""The compiled CPU operators (gla/ops/csrc) against the float64 recurrent reference: outputs, final states and the
+gradients of q, k, v, g and the initial state; against the PyTorch chunk path on the same inputs; their build,
+their fallback and their errors."""
 import os
 import shutil
 import sys
@@ -24,10 +24,10 @@ def compiled():
         pytest.skip(f"compiled CPU kernels unavailable here: {cpu_kernels.status()}")
 
 
-def _count_calls(monkeypatch):
+def _count_calls(monkeypatch, name="chunk_forward"):
     calls = []
-    real = cpu_kernels.chunk_forward
-    monkeypatch.setattr(cpu_kernels, "chunk_forward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     return calls
 
 
@@ -39,16 +39,16 @@ def assert_close(errs):
 @pytest.mark.parametrize("B,T,H,K,V", [(2, 1, 2, 60, 100), (1, 63, 2, 60, 100), (2, 130, 3, 16, 20),
                                        (1, 1000, 1, 32, 48)])
 @pytest.mark.parametrize("normalizer", [16.0, 1.0, 0.1])  # weak, medium, strong gates (log-space chunks)
-def test_training_forward_matches_reference(B, T, H, K, V, normalizer, monkeypatch):
-    calls = _count_calls(monkeypatch)
+def test_training_step_matches_reference(B, T, H, K, V, normalizer, monkeypatch):
+    calls, backward_calls = _count_calls(monkeypatch), _count_calls(monkeypatch, "chunk_backward")
     q, k, v, g, h0 = gla_inputs(B, T, H, K, V, normalizer=normalizer, state=True, seed=T + K)
     assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
-    assert calls and calls[0]["state_rows"] == B * -(-T // 64)
+    assert calls and calls[0]["state_rows"] == B * -(-T // 64) and backward_calls
 
 
 @pytest.mark.parametrize("normalizer", [16.0, 0.1])
 def test_varlen_matches_reference(normalizer, monkeypatch):
-    calls = _count_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, "chunk_backward")
     cu = torch.tensor([0, 5, 5, 70, 200, 201, 329], dtype=torch.int32)  # includes an empty sequence
     q, k, v, g, h0 = gla_inputs(1, 329, 2, 24, 40, normalizer=normalizer, state=True, N=6)
     assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk", cu_seqlens=cu))
@@ -78,6 +78,25 @@ def test_equals_the_pytorch_path(monkeypatch):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b) <= FWD_TOL
     assert not ours[2][-1].any()  # the state buffer's spare row (T // 64 + N rows for 4 chunks) stays zero
+
+
+@pytest.mark.parametrize("grads", ["output", "final state", "both"])
+def test_backward_equals_the_pytorch_path(grads, monkeypatch):
+    """Gradients through o only, through the final states only (do is None), or both; varlen with an empty
+    sequence, an initial state, strong gates in some chunks."""
+    from gla.ops.chunk import chunk_bwd_op
+    cu = torch.tensor([0, 64, 64, 100, 229])
+    q, k, v, g, h0 = gla_inputs(1, 229, 2, 20, 30, normalizer=0.3, state=True, N=4, requires_grad=False, seed=7)
+    _, _, hs = chunk_fwd_op(q, k, v, g, h0, cu, 0.3)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(v.shape, generator=gen) if grads != "final state" else None
+    dfinal = torch.randn(h0.shape, generator=gen) if grads != "output" else None
+    ours = chunk_bwd_op(q, k, v, g, hs, do, dfinal, cu, 0.3)
+    monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    theirs = chunk_bwd_op(q, k, v, g, hs, do, dfinal, cu, 0.3)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel_err(a, b) <= GRAD_TOL, (name, rel_err(a, b))
 
 
 def test_low_precision_inputs_keep_a_float32_state():
@@ -123,6 +142,19 @@ def test_bad_input_gets_a_clear_error(case, match):
         rows = 1  # two chunks need two rows
     with pytest.raises(RuntimeError, match=match):
         torch.ops.gla_cpu.chunk_forward(q, k, v, g, h0, cu, 0.5, rows)
+    if case not in ("h0", "rows"):  # the backward checks the same inputs the same way
+        hs = torch.zeros(2, 2, 8, 12)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.gla_cpu.chunk_backward(q, k, v, g, torch.zeros_like(v), hs, None, cu, 0.5)
+
+
+def test_backward_rejects_states_that_do_not_fit():
+    q, k, v, g, _ = gla_inputs(1, 70, 2, 8, 12, requires_grad=False)
+    with pytest.raises(RuntimeError, match="hs must be"):
+        torch.ops.gla_cpu.chunk_backward(q, k, v, g, torch.zeros_like(v), torch.zeros(1, 2, 8, 12), None, None, 0.5)
+    with pytest.raises(RuntimeError, match="dfinal must be"):
+        torch.ops.gla_cpu.chunk_backward(q, k, v, g, torch.zeros_like(v), torch.zeros(2, 2, 8, 12),
+                                         torch.zeros(1, 2, 8, 13), None, 0.5)
 
 
 def test_switched_off_or_unbuildable_falls_back(monkeypatch, tmp_path):

@@ -21,24 +21,24 @@
 namespace gla_cpu {
 namespace {
 
-struct Work {  // a task's buffers, allocated once
+struct Work {  // a thread's buffers, allocated once
   Factors f;
   std::vector<float> A, dA, dqa, dkf, dks, P;
-  std::vector<double> run, bd;
-  explicit Work(int64_t K, int64_t V)
-      : f(K), A(BT * BT), dA(BT * BT), dqa(BT * K), dkf(BT * K), dks(BT * K), P(K * V), run(K) {}
+  std::vector<double> bd;
+  explicit Work(int64_t K, int64_t V) : f(K), A(BT * BT), dA(BT * BT), dqa(BT * K), dkf(BT * K), dks(BT * K), P(K * V) {}
 };
 
 // Chunk c of a sequence (L rows; `last`: the sequence's last chunk). Pointers at the chunk's first row: q, k, g, dq,
 // dk, dg rows of stride ldk; v, do, dv rows of stride ldv; S [K, V] the state entering the chunk; dS [K, V] the
-// gradient of the state leaving it on entry, of the state entering it on return; dfinal [K, V] or null.
+// gradient of the state leaving it on entry, of the state entering it on return; dfinal [K, V] or null; run [K] the
+// gate gradient's sum over the sequence's later tokens.
 void chunk_grad(const float* q, const float* k, const float* v, const float* g, const float* d_o, const float* S,
                 const float* dfinal, bool last, int64_t L, int64_t K, int64_t V, int64_t ldk, int64_t ldv, float s,
-                float* dq, float* dk, float* dv, float* dg, float* dS, Work& w) {
+                float* dq, float* dk, float* dv, float* dg, float* dS, double* run, Work& w) {
   Factors& f = w.f;
   f.load(q, k, g, L, ldk, s);
   if (last) {
-    std::fill(w.run.begin(), w.run.end(), 0.);
+    std::fill(run, run + K, 0.);
     if (dfinal != nullptr) {  // Σ_v (S_T − k_T^T v_T) ⊙ dS_T, S_T formed without the last token
       for (int64_t r = 0; r < K; ++r)
         for (int64_t x = 0; x < V; ++x) w.P[r * V + x] = f.eB[r] * S[r * V + x];
@@ -46,7 +46,7 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
       for (int64_t r = 0; r < K; ++r) {
         double acc = 0.;
         for (int64_t x = 0; x < V; ++x) acc += static_cast<double>(w.P[r * V + x]) * dfinal[r * V + x];
-        w.run[r] = acc;
+        run[r] = acc;
       }
     }
   }
@@ -66,13 +66,20 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
     mm(false, false, L, K, L, 1.f, dA, BT, f.kf.data(), K, 1.f, dqa, K);
     mm(true, false, L, K, L, 1.f, dA, BT, f.qa.data(), K, 0.f, dkf, K);  // d kf = dA^T qa
   }
-  for (int64_t t = 0; t < L; ++t)
+  for (int64_t t = 0; t < L; ++t) {
+    const float* __restrict__ et = f.e.data() + t * K;
+    const float* __restrict__ ebt = f.eBb.data() + t * K;
+    const float* __restrict__ dqat = dqa + t * K;
+    const float* __restrict__ dkft = dkf + t * K;
+    float* __restrict__ dkst = dks + t * K;
+    float* __restrict__ dqt = dq + t * ldk;
+    float* __restrict__ dkt = dk + t * ldk;
     for (int64_t c = 0; c < K; ++c) {
-      const int64_t i = t * K + c;
-      dq[t * ldk + c] = s * f.e[i] * dqa[i];
-      dk[t * ldk + c] = f.safe ? dkf[i] / f.e[i] : 0.f;
-      dks[i] *= f.eBb[i];
+      dqt[c] = s * et[c] * dqat[c];
+      dkt[c] = f.safe ? dkft[c] / et[c] : 0.f;
+      dkst[c] *= ebt[c];
     }
+  }
   if (!f.safe) {  // the intra-chunk terms in log space (f.scores left the double sums in bd)
     for (int64_t i = 0; i < L; ++i)
       for (int64_t j = 0; j < i; ++j) {
@@ -89,15 +96,20 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
       }
   }
   for (int64_t t = L - 1; t >= 0; --t) {
-    const float *qt = q + t * ldk, *kt = k + t * ldk, *dst = dks + t * K;
-    float *dqt = dq + t * ldk, *dkt = dk + t * ldk, *dgt = dg + t * ldk;
-    const bool final_token = last && t == L - 1;  // its own state share stays out of the sum
+    const float* __restrict__ qt = q + t * ldk;
+    const float* __restrict__ kt = k + t * ldk;
+    const float* __restrict__ dst = dks + t * K;
+    float* __restrict__ dqt = dq + t * ldk;
+    float* __restrict__ dkt = dk + t * ldk;
+    float* __restrict__ dgt = dg + t * ldk;
+    double* __restrict__ acc = run;
+    const float keep = last && t == L - 1 ? 0.f : 1.f;  // the final token's own state share stays out of the sum
+    const float ws = s * own[t];
     for (int64_t c = 0; c < K; ++c) {
-      const float db = qt[c] * dqt[c] - kt[c] * (dkt[c] + (final_token ? 0.f : dst[c]));
-      w.run[c] += db;
-      dgt[c] = static_cast<float>(w.run[c]);
-      dqt[c] += s * own[t] * kt[c];
-      dkt[c] += dst[c] + s * own[t] * qt[c];
+      acc[c] += qt[c] * dqt[c] - kt[c] * (dkt[c] + keep * dst[c]);
+      dgt[c] = static_cast<float>(acc[c]);
+      dqt[c] += ws * kt[c];
+      dkt[c] += dst[c] + ws * qt[c];
     }
   }
   for (int64_t r = 0; r < K; ++r) {  // dS = diag(e^B) dS' + qa^T do
@@ -136,23 +148,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_bac
   const float s = static_cast<float>(scale);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     Work w(K, V);
+    std::vector<double> runs((end - begin) * K);  // each task's gate-gradient sum
+    int64_t most = 0;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / H, h = task % H;
+      const int64_t n = task / H;
+      most = std::max(most, seqs.first_chunk[n + 1] - seqs.first_chunk[n]);
       float* dS = dhp + task * K * V;
-      const float* df = dfp != nullptr ? dfp + task * K * V : nullptr;
-      if (df != nullptr)
-        std::copy(df, df + K * V, dS);
+      if (dfp != nullptr)
+        std::copy(dfp + task * K * V, dfp + (task + 1) * K * V, dS);
       else
         std::fill(dS, dS + K * V, 0.f);
-      const int64_t chunks = seqs.first_chunk[n + 1] - seqs.first_chunk[n];
-      for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+    }
+    // Chunk-major over the tasks, each sequence from its last chunk back (see chunk_fwd.cpp for why).
+    for (int64_t step = 0; step < most; ++step)
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / H, h = task % H, chunks = seqs.first_chunk[n + 1] - seqs.first_chunk[n];
+        const int64_t ci = chunks - 1 - step;
+        if (ci < 0) continue;
         const int64_t t0 = seqs.bounds[n] + ci * BT, L = std::min(BT, seqs.bounds[n + 1] - t0);
         const int64_t ok = (t0 * H + h) * K, ov = (t0 * H + h) * V;
         const float* S = hsp + ((seqs.first_chunk[n] + ci) * H + h) * K * V;
-        chunk_grad(qp + ok, kp + ok, vp + ov, gp + ok, dop + ov, S, df, ci == chunks - 1, L, K, V, H * K, H * V, s,
-                   dqp + ok, dkp + ok, dvp + ov, dgp + ok, dS, w);
+        chunk_grad(qp + ok, kp + ok, vp + ov, gp + ok, dop + ov, S, dfp != nullptr ? dfp + task * K * V : nullptr,
+                   step == 0, L, K, V, H * K, H * V, s, dqp + ok, dkp + ok, dvp + ov, dgp + ok, dhp + task * K * V,
+                   runs.data() + (task - begin) * K, w);
       }
-    }
   });
   return {dq, dk, dv, dg, dh0};
 }

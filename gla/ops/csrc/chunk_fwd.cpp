@@ -64,9 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
     Factors f(K);
     std::vector<float> A(BT * BT);
     std::vector<double> bd;
+    int64_t most = 0;  // chunks of the longest sequence among this thread's tasks
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nh = task / parts, n = nh / H, h = nh % H, v0 = task % parts * width;
-      const int64_t Vp = std::min(width, V - v0);
+      const int64_t nh = task / parts, n = nh / H, v0 = task % parts * width, Vp = std::min(width, V - v0);
+      most = std::max(most, seqs.first_chunk[n + 1] - seqs.first_chunk[n]);
       float* S = hp + nh * K * V + v0;
       for (int64_t r = 0; r < K; ++r) {
         if (h0p != nullptr)
@@ -74,7 +75,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
         else
           std::fill(S + r * V, S + r * V + Vp, 0.f);
       }
-      for (int64_t t0 = seqs.bounds[n], c = seqs.first_chunk[n]; t0 < seqs.bounds[n + 1]; t0 += BT, ++c) {
+    }
+    // Chunk-major over the tasks: a chunk's rows of neighbouring heads sit side by side in memory, so reading them
+    // one after another lets the prefetchers work (one head's rows alone, 1/H of each row, ran 5x slower).
+    for (int64_t ci = 0; ci < most; ++ci)
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nh = task / parts, n = nh / H, h = nh % H, v0 = task % parts * width;
+        const int64_t Vp = std::min(width, V - v0), t0 = seqs.bounds[n] + ci * BT;
+        if (t0 >= seqs.bounds[n + 1]) continue;
+        float* S = hp + nh * K * V + v0;
+        const int64_t c = seqs.first_chunk[n] + ci;
         if (state_rows > 0)
           for (int64_t r = 0; r < K; ++r)
             std::copy(S + r * V, S + r * V + Vp, hsp + ((c * H + h) * K + r) * V + v0);
@@ -83,7 +93,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
         f.load(qp + ok, kp + ok, gp + ok, L, H * K, s);
         chunk(qp + ok, kp + ok, vp + ov, gp + ok, op_ + ov, S, f, Vp, H * K, H * V, V, s, A.data(), bd);
       }
-    }
   });
   return {o, ht, hs};
 }

@@ -72,24 +72,36 @@ struct Factors {
 
   void load(const float* q, const float* k, const float* g, int64_t L_, int64_t ldk, float scale) {
     L = L_;
-    for (int64_t c = 0; c < K; ++c) b[c] = g[c];
-    for (int64_t t = 1; t < L; ++t)
-      for (int64_t c = 0; c < K; ++c) b[t * K + c] = b[(t - 1) * K + c] + g[t * ldk + c];
-    const float* last = b.data() + (L - 1) * K;
+    float* __restrict__ bp = b.data();
+    for (int64_t c = 0; c < K; ++c) bp[c] = g[c];
+    for (int64_t t = 1; t < L; ++t) {
+      const float* __restrict__ gt = g + t * ldk;
+      const float* __restrict__ prev = bp + (t - 1) * K;
+      float* __restrict__ cur = bp + t * K;
+      for (int64_t c = 0; c < K; ++c) cur[c] = prev[c] + gt[c];
+    }
+    const float* __restrict__ last = bp + (L - 1) * K;
     float span = 0.f;
     for (int64_t c = 0; c < K; ++c) span = std::min(span, last[c]);
     safe = span >= -SAFE_SPAN;
-    for (int64_t c = 0; c < K; ++c) eB[c] = exp_approx(last[c]);
+    float* __restrict__ eBp = eB.data();
+    for (int64_t c = 0; c < K; ++c) eBp[c] = exp_approx(last[c]);
     for (int64_t t = 0; t < L; ++t) {
-      const float *qt = q + t * ldk, *kt = k + t * ldk, *bt = b.data() + t * K;
-      float *et = e.data() + t * K, *ebt = eBb.data() + t * K, *qat = qa.data() + t * K, *kft = kf.data() + t * K,
-            *kdt = kd.data() + t * K;
+      const float* __restrict__ qt = q + t * ldk;
+      const float* __restrict__ kt = k + t * ldk;
+      const float* __restrict__ bt = bp + t * K;
+      float* __restrict__ et = e.data() + t * K;
+      float* __restrict__ ebt = eBb.data() + t * K;
+      float* __restrict__ qat = qa.data() + t * K;
+      float* __restrict__ kft = kf.data() + t * K;
+      float* __restrict__ kdt = kd.data() + t * K;
       for (int64_t c = 0; c < K; ++c) {
-        et[c] = exp_approx(bt[c]);
-        ebt[c] = exp_approx(last[c] - bt[c]);
-        qat[c] = scale * qt[c] * et[c];
-        kft[c] = kt[c] / et[c];  // read only when safe: e >= e^-SAFE_SPAN
-        kdt[c] = kt[c] * ebt[c];
+        const float ec = exp_approx(bt[c]), ebc = exp_approx(last[c] - bt[c]);
+        et[c] = ec;
+        ebt[c] = ebc;
+        qat[c] = scale * qt[c] * ec;
+        kft[c] = kt[c] / ec;  // read only when safe: e >= e^-SAFE_SPAN
+        kdt[c] = kt[c] * ebc;
       }
     }
   }
