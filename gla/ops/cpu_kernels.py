@@ -61,8 +61,8 @@ def _build(compiler: str, target: Path) -> None:
         if errors:
             raise RuntimeError(f"{compiler} failed:\n{errors[0][-2000:]}")
         so = Path(tmp) / target.name
-        link = [compiler, "-shared", "-fopenmp", *map(str, objs), "-o", str(so), f"-L{lib}", "-lc10", "-ltorch_cpu", "-lgomp",
-                f"-Wl,-rpath,{lib}"]
+        link = [compiler, "-shared", "-fopenmp", *map(str, objs), "-o", str(so), f"-L{lib}", "-lc10", "-ltorch_cpu",
+                "-lgomp", f"-Wl,-rpath,{lib}"]
         out = subprocess.run(link, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(link)} failed:\n{out.stderr[-2000:]}")
@@ -77,8 +77,8 @@ def _load() -> tuple[bool, str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False, "no C++ compiler found (set CXX)"
-    key = hashlib.sha256("\n".join([*(p.read_text() for p in SOURCES + HEADERS), torch.__version__, compiler, " ".join(FLAGS),
-                                    _cpu_id()]).encode()).hexdigest()[:16]
+    parts = [*(p.read_text() for p in SOURCES + HEADERS), torch.__version__, compiler, " ".join(FLAGS), _cpu_id()]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gla_cpu-{key}.so"
     try:
         if not target.exists():

@@ -25,7 +25,8 @@ struct Work {  // a thread's buffers, allocated once
   Factors f;
   std::vector<float> A, dA, dqa, dkf, dks, P;
   std::vector<double> bd;
-  explicit Work(int64_t K, int64_t V) : f(K), A(BT * BT), dA(BT * BT), dqa(BT * K), dkf(BT * K), dks(BT * K), P(K * V) {}
+  explicit Work(int64_t K, int64_t V)
+      : f(K), A(BT * BT), dA(BT * BT), dqa(BT * K), dkf(BT * K), dks(BT * K), P(K * V) {}
 };
 
 // Chunk c of a sequence (L rows; `last`: the sequence's last chunk). Pointers at the chunk's first row: q, k, g, dq,
