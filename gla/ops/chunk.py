@@ -300,7 +300,8 @@ def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     """``chunk_fwd_op`` without the per-chunk states (nothing will differentiate it): o [B, T, H, V] and the final
     states [N, H, K, V]. Equal-length rows run ``segment_tokens`` at a time through ``chunk_segments`` (chunk.py's
     forms for a segment with strongly decaying chunks, and for a last part chunk), the state carried between
-    segments, so that a long prompt needs memory for one segment only."""
+    segments, so that a long prompt needs memory for one segment only. Where the compiled CPU operators serve
+    (gla/ops/cpu_kernels.py), they run instead: they keep only each task's state, whatever the length."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     if cpu_kernels.serves(q, k, v, g):
