@@ -7,7 +7,7 @@ exponentials, the state chain, Python) as in them; one C++ task per (sequence, h
 the core's cache and calls the BLAS that torch links directly. Measured in benchmarks/NOTES.md. The chunk
 operators of gla/ops/chunk.py call these wherever ``serves`` says so, and their PyTorch code otherwise.
 
-Nothing here is required: without a compiler, on a platform the build does not cover, or with GLA_CPU_KERNELS=0,
+Nothing here is required: without a compiler, off x86-64 Linux, or with GLA_CPU_KERNELS=0,
 ``available()`` is False and the PyTorch path runs (``status()`` says why). The build writes to a temporary file
 and renames it into place, so concurrent processes and interrupted builds never load a partial library.
 """
@@ -72,8 +72,10 @@ def _build(compiler: str, target: Path) -> None:
 def _load() -> tuple[bool, str]:
     if os.environ.get("GLA_CPU_KERNELS", "1") == "0":
         return False, "disabled by GLA_CPU_KERNELS=0"
-    if sys.platform != "linux" or not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists():
-        return False, "the compiled CPU kernels are built on Linux against torch's OpenMP runtime only"
+    # x86-64 Linux only: there torch links MKL, whose 32-bit-integer sgemm_ the kernels call, and its own libgomp
+    if (sys.platform != "linux" or platform.machine() != "x86_64"
+            or not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()):
+        return False, "the compiled CPU kernels are built on x86-64 Linux against torch's OpenMP runtime only"
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return False, "no C++ compiler found (set CXX)"
