@@ -113,12 +113,7 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
       dkt[c] += dst[c] + ws * qt[c];
     }
   }
-  for (int64_t r = 0; r < K; ++r) {  // dS = diag(e^B) dS' + qa^T do
-    float* row = dS + r * V;
-    const float d = f.eB[r];
-    for (int64_t x = 0; x < V; ++x) row[x] *= d;
-  }
-  mm(true, false, K, V, L, 1.f, f.qa.data(), K, d_o, ldv, 1.f, dS, V);
+  f.carry(dS, V, V, f.qa.data(), d_o, ldv);  // dS = diag(e^B) dS' + qa^T do
 }
 
 // q, k, g: [B, T, H, K]; v, do: [B, T, H, V]; hs: the forward's states entering each chunk [rows, H, K, V];

@@ -20,12 +20,7 @@ void chunk(const float* q, const float* k, const float* v, const float* g, float
   mm(false, false, L, V, K, 1.f, f.qa.data(), K, S, ldS, 0.f, o, ldo);  // o = s (q ⊙ e^b) S
   f.scores(q, k, g, ldk, scale, A, bd);
   mm(false, false, L, V, L, 1.f, A, BT, v, ldo, 1.f, o, ldo);  // o += tril(A) v
-  for (int64_t c = 0; c < K; ++c) {
-    float* row = S + c * ldS;
-    const float d = f.eB[c];
-    for (int64_t x = 0; x < V; ++x) row[x] *= d;
-  }
-  mm(true, false, K, V, L, 1.f, f.kd.data(), K, v, ldo, 1.f, S, ldS);  // S = diag(e^B) S + (k ⊙ e^{B-b})^T v
+  f.carry(S, ldS, V, f.kd.data(), v, ldo);  // S = diag(e^B) S + (k ⊙ e^{B-b})^T v
 }
 
 // q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or none; cu_seqlens: [N + 1] int64 (then B == 1) or

@@ -106,6 +106,17 @@ struct Factors {
     }
   }
 
+  // S [K, V] (row stride ldS) = diag(e^B) S + X^T Y, X [L, K] (row stride K), Y [L, V] (row stride ldy): the state
+  // carried over the chunk (forward: X = kd, Y = v) or its gradient carried back (backward: X = qa, Y = do).
+  void carry(float* S, int64_t ldS, int64_t V, const float* X, const float* Y, int64_t ldy) const {
+    for (int64_t r = 0; r < K; ++r) {
+      float* row = S + r * ldS;
+      const float d = eB[r];
+      for (int64_t x = 0; x < V; ++x) row[x] *= d;
+    }
+    mm(true, false, K, V, L, 1.f, X, K, Y, ldy, 1.f, S, ldS);
+  }
+
   // Log-space differences b_i - b_j of a chunk that is not safe, from cumulative sums redone in double so that the
   // differences of large values keep their precision: bd [L, K].
   void double_sums(const float* g, int64_t ldk, std::vector<double>& bd) const {
