@@ -42,10 +42,12 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
     std::fill(run, run + K, 0.);
     if (dfinal != nullptr) {  // Σ_v (S_T − k_T^T v_T) ⊙ dS_T, S_T formed without the last token
       for (int64_t r = 0; r < K; ++r)
+#pragma omp simd
         for (int64_t x = 0; x < V; ++x) w.P[r * V + x] = f.eB[r] * S[r * V + x];
       if (L > 1) mm(true, false, K, V, L - 1, 1.f, f.kd.data(), K, v, ldv, 1.f, w.P.data(), V);
       for (int64_t r = 0; r < K; ++r) {
         double acc = 0.;
+#pragma omp simd reduction(+ : acc)
         for (int64_t x = 0; x < V; ++x) acc += static_cast<double>(w.P[r * V + x]) * dfinal[r * V + x];
         run[r] = acc;
       }
@@ -75,6 +77,7 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
     float* __restrict__ dkst = dks + t * K;
     float* __restrict__ dqt = dq + t * ldk;
     float* __restrict__ dkt = dk + t * ldk;
+#pragma omp simd
     for (int64_t c = 0; c < K; ++c) {
       dqt[c] = s * et[c] * dqat[c];
       dkt[c] = f.safe ? dkft[c] / et[c] : 0.f;
@@ -106,6 +109,7 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
     double* __restrict__ acc = run;
     const float keep = last && t == L - 1 ? 0.f : 1.f;  // the final token's own state share stays out of the sum
     const float ws = s * own[t];
+#pragma omp simd
     for (int64_t c = 0; c < K; ++c) {
       acc[c] += qt[c] * dqt[c] - kt[c] * (dkt[c] + keep * dst[c]);
       dgt[c] = static_cast<float>(acc[c]);

@@ -73,18 +73,22 @@ struct Factors {
   void load(const float* q, const float* k, const float* g, int64_t L_, int64_t ldk, float scale) {
     L = L_;
     float* __restrict__ bp = b.data();
+#pragma omp simd
     for (int64_t c = 0; c < K; ++c) bp[c] = g[c];
     for (int64_t t = 1; t < L; ++t) {
       const float* __restrict__ gt = g + t * ldk;
       const float* __restrict__ prev = bp + (t - 1) * K;
       float* __restrict__ cur = bp + t * K;
+#pragma omp simd
       for (int64_t c = 0; c < K; ++c) cur[c] = prev[c] + gt[c];
     }
     const float* __restrict__ last = bp + (L - 1) * K;
     float span = 0.f;
+#pragma omp simd reduction(min : span)
     for (int64_t c = 0; c < K; ++c) span = std::min(span, last[c]);
     safe = span >= -SAFE_SPAN;
     float* __restrict__ eBp = eB.data();
+#pragma omp simd
     for (int64_t c = 0; c < K; ++c) eBp[c] = exp_approx(last[c]);
     for (int64_t t = 0; t < L; ++t) {
       const float* __restrict__ qt = q + t * ldk;
@@ -95,6 +99,7 @@ struct Factors {
       float* __restrict__ qat = qa.data() + t * K;
       float* __restrict__ kft = kf.data() + t * K;
       float* __restrict__ kdt = kd.data() + t * K;
+#pragma omp simd
       for (int64_t c = 0; c < K; ++c) {
         const float ec = exp_approx(bt[c]), ebc = exp_approx(last[c] - bt[c]);
         et[c] = ec;
@@ -112,6 +117,7 @@ struct Factors {
     for (int64_t r = 0; r < K; ++r) {
       float* row = S + r * ldS;
       const float d = eB[r];
+#pragma omp simd
       for (int64_t x = 0; x < V; ++x) row[x] *= d;
     }
     mm(true, false, K, V, L, 1.f, X, K, Y, ldy, 1.f, S, ldS);
