@@ -147,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_bac
   std::fill(dvp + tail * H * V, dvp + B * T * H * V, 0.f);
   const float s = static_cast<float>(scale);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    const OneBlasThread one;
     Work w(K, V);
     std::vector<double> runs((end - begin) * K);  // each task's gate-gradient sum
     int64_t most = 0;

@@ -56,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
       1, std::min<int64_t>((at::get_num_threads() + N * H - 1) / std::max<int64_t>(N * H, 1), V / 32));
   const int64_t width = (V + parts - 1) / parts;
   at::parallel_for(0, N * H * parts, 1, [&](int64_t begin, int64_t end) {
+    const OneBlasThread one;
     Factors f(K);
     std::vector<float> A(BT * BT);
     std::vector<double> bd;
