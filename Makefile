@@ -23,7 +23,7 @@ $(DEMO_STAMP): pyproject.toml requirements-cpu.txt
 
 $(STAMP): $(DEMO_STAMP) requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q -e ".[dev,train,hf,eval,export,distill]"
+	$(BIN)/pip install -q -e ".[dev,train,hf,eval,edge,distill]"
 	touch $(STAMP)
 
 demo: $(DEMO_STAMP)

@@ -126,7 +126,16 @@ def _quantized(args):
     than eager int8 here: benchmarks/NOTES.md); sets args.ckpt to it for the duration."""
     import os
     import tempfile
-    if getattr(args, "quantize", None) is None or os.path.isfile(os.path.join(args.ckpt, "export.json")):
+    if getattr(args, "quantize", None) is None:
+        yield
+        return
+    meta = os.path.join(args.ckpt, "export.json")
+    if os.path.isfile(meta):  # an export's weights are fixed when it is written
+        with open(meta) as f:
+            have = json.load(f).get("quantize")
+        if have != args.quantize:
+            raise ValueError(f"{args.ckpt} is an export with {have or 'fp32'} weights, which cannot be quantised "
+                             f"again: run `gla export --quantize {args.quantize}` on its checkpoint")
         yield
         return
     from gla.export import export

@@ -33,6 +33,14 @@ def _rename(graph, prefix: str, outer: set, weights: dict, node_prefix: str | No
         v.name = name(v.name)
 
 
+def all_nodes(graph):
+    """Every node of an ONNX graph and of its subgraphs (an If's two branches)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            yield from (n for g in ([a.g] if a.HasField("g") else a.graphs) for n in all_nodes(g))
+
+
 def merge_step_and_block(step_path: str, block_path: str, out_path: str) -> None:
     """step_path: the graph traced with T = 1; block_path: the same function traced with any T. Both take and
     return the same named values. Writes out_path: one model whose If runs the step graph when ids [B, T] has

@@ -28,7 +28,7 @@ from gla.layers.gla_attention import GLAState
 from gla.layers.softmax import KVCache
 from gla.models.state import ModelState
 
-from .merge import merge_step_and_block
+from .merge import all_nodes, merge_step_and_block
 from .runner import FORMAT
 
 GRAPH = "model.onnx"
@@ -94,6 +94,7 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         raise ValueError(f"max_block must be >= 2, got {max_block}")
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose a new --out")
+    _require_exporter()
     model = from_pretrained(ckpt).float().eval()
     size = sum(p.numel() for p in model.parameters()) * 4
     if size > MAX_BYTES:
@@ -111,7 +112,12 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         parts = ([(1, os.path.join(tmp, "step.onnx")), (min(4, max_block), os.path.join(tmp, "block.onnx"))]
                  if step_graph else [(min(4, max_block), graph)])
         for T, path in parts:
-            _trace(model, layout, T, max_block, path, names_in, names_out)
+            try:
+                _trace(model, layout, T, max_block, path, names_in, names_out)
+            except Exception as e:  # the exporter's own errors are pages long; the cause is kept as __cause__
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise ValueError(f"{ckpt}: the ONNX exporter could not trace this model ({type(e).__name__}: "
+                                 f"{first})") from e
             if quantize is not None:
                 with _quiet():
                     _quantize(path, quantize)
@@ -136,6 +142,14 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     return meta
 
 
+def _require_exporter() -> None:
+    """torch.onnx's exporter needs onnx and onnxscript, which a CPU-only install of gla does not have."""
+    import importlib.util
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"gla export needs {' and '.join(missing)}: pip install 'gla[edge]'")
+
+
 def _trace(model, layout: dict, T: int, max_block: int, path: str, names_in: list, names_out: list) -> None:
     """Export ``_Step(model)`` for ids [B, T] to ``path``: T = 1 as the one-token step (the recurrence's single
     update), any other T as the block graph of 1..max_block tokens (the "pairwise" backend: plain tensor ops, exact
@@ -157,7 +171,7 @@ def _trace(model, layout: dict, T: int, max_block: int, path: str, names_in: lis
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporter's and quantiser's advice (torchvision operators, pre-processing) for one call."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "onnxruntime", "")]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -186,12 +200,16 @@ def _quantize(graph: str, kind: str) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                      MatMulNBitsQuantizer)
     except ImportError as e:
-        raise ImportError(f"--quantize {kind} needs onnxruntime: pip install 'gla[export]'") from e
+        raise ImportError(f"--quantize {kind} needs onnxruntime: pip install 'gla[edge]'") from e
     config = DefaultWeightOnlyQuantConfig(block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4,
                                           bits=8 if kind == "int8" else 4)
     quantizer = MatMulNBitsQuantizer(onnx.load(graph), algo_config=config)
     quantizer.process()
+    if not any(n.op_type == "MatMulNBits" for n in all_nodes(quantizer.model.model.graph)):
+        raise ValueError(f"--quantize {kind}: ONNX Runtime's quantiser found no weight matmul it could quantise in "
+                         "this model; export it without --quantize")
     quantizer.model.save_model_to_file(graph, False)
+
 
 
 def _readme(meta: dict) -> str:

@@ -11,17 +11,20 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from gla import GLATransformer  # noqa: E402
+from gla import GLAConfig, GLATransformer  # noqa: E402
 from gla.export import export, load_exported  # noqa: E402
+from gla.export.merge import all_nodes  # noqa: E402
 from gla.generation import generate  # noqa: E402
 
+# the tiny preset, with a short convolution and feature map, or with a softmax layer (GQA: 4 query heads on 2 KV
+# heads) whose KV cache grows in the state
 KINDS = {"gla": {}, "conv": {"use_short_conv": True, "feature_map": "elu1"},
-         "hybrid": {"attn_layers": (1,), "attn_kv_heads": 2}}  # a softmax layer: its KV cache grows in the state
+         "hybrid": {"attn_layers": (1,), "attn_heads": 4, "attn_kv_heads": 2}}
 
 
 def _ckpt(tmp_path, kind="gla", **kw):
     torch.manual_seed(0)
-    m = GLATransformer(256, 48, 4, 96, 2, dropout=0.0, **{**KINDS[kind], **kw}).eval()
+    m = GLATransformer.from_config(GLAConfig.preset("tiny", **{**KINDS[kind], **kw})).eval()
     with torch.no_grad():  # gates from strong to weak, some far below the range where log(sigmoid(x)) underflows
         for layer in (la for la in m.layers if la.mixer != "softmax"):
             layer.attn.gk_proj[1].bias.copy_(torch.linspace(-120.0, 6.0, layer.attn.gk_proj[1].bias.numel()))
@@ -62,16 +65,8 @@ def test_logits_and_state_equal_the_model_for_a_batch(exported, kind):
     assert np.allclose(state["l0.state"], ref_state.layers[0].recurrent.numpy(), rtol=1e-4, atol=1e-5)
     if kind == "hybrid":
         assert np.allclose(state["l1.k"], ref_state.layers[1].k.numpy(), rtol=1e-4, atol=1e-5)
-        assert state["l1.k"].shape == (3, 2, 21, 12)
+        assert state["l1.k"].shape == (3, 2, 21, 64 // 4)  # [B, KV heads, T, d_model / query heads]
     assert (state["seen"] == 21).all()
-
-
-def _nodes(graph):
-    """Every node of an ONNX graph and of its subgraphs (the If's two branches)."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            yield from (n for g in ([a.g] if a.HasField("g") else a.graphs) for n in _nodes(g))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -136,7 +131,7 @@ def test_quantized_export_keeps_a_float_state(tmp_path, kind, bits, corr, monkey
     meta = export(path, str(tmp_path / kind), quantize=kind)
     assert meta["quantize"] == kind
     graph = onnx.load(str(tmp_path / kind / "model.onnx"))
-    quantized = [n for n in _nodes(graph.graph) if n.op_type == "MatMulNBits"]
+    quantized = [n for n in all_nodes(graph.graph) if n.op_type == "MatMulNBits"]
     assert quantized and all(a.i == bits for n in quantized for a in n.attribute if a.name == "bits")
     floats = {i.name: i.type.tensor_type.elem_type for i in list(graph.graph.input) + list(graph.graph.output)}
     assert all(floats[n] == onnx.TensorProto.FLOAT for n in ("l0.state", "l0.state_out", "logits"))
@@ -220,3 +215,58 @@ def test_quantize_flag_of_generate_and_ppl(tmp_path, capsys):
         assert main(["generate", "--ckpt", path, "--prompt", "ab", "--max-new-tokens", "4", "--quantize", kind,
                      "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
+
+
+def _left_behind(directory) -> list:
+    return sorted(p for p in os.listdir(directory) if p.startswith(".gla-export-") or p == "out")
+
+
+def test_models_the_exporter_cannot_take_get_clear_errors_and_leave_nothing(tmp_path, monkeypatch):
+    """Too large for one ONNX file, a graph the tracer fails on, a graph with nothing to quantise: a one-line
+    ValueError each (the CLI prints it), and neither the output nor the temporary directory is left behind."""
+    import gla.export.to_onnx as to_onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    _, path = _ckpt(tmp_path)
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(to_onnx, "MAX_BYTES", 1000)
+        with pytest.raises(ValueError, match="GiB of fp32 weights"):
+            export(path, out)
+    assert _left_behind(tmp_path) == []
+
+    def fail(*_args, **_kw):
+        raise RuntimeError("unsupported operator aten::something\nand a long trace")
+    with monkeypatch.context() as m:
+        m.setattr(to_onnx, "_trace", fail)
+        with pytest.raises(ValueError, match=r"could not trace this model \(RuntimeError: unsupported operator"):
+            export(path, out)
+    assert _left_behind(tmp_path) == []
+    with monkeypatch.context() as m:
+        m.setattr(MatMulNBitsQuantizer, "process", lambda self: None)  # a quantiser that finds nothing to do
+        with pytest.raises(ValueError, match="no weight matmul"):
+            export(path, out, quantize="int8")
+    assert _left_behind(tmp_path) == []
+
+
+def test_missing_exporter_packages_are_named(tmp_path, monkeypatch):
+    import importlib.util
+    _, path = _ckpt(tmp_path)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find(name, *a))
+    with pytest.raises(ImportError, match=r"onnxscript: pip install 'gla\[edge\]'"):
+        export(path, str(tmp_path / "out"))
+    assert _left_behind(tmp_path) == []
+
+
+def test_an_export_is_not_quantised_again(tmp_path, exported, capsys):
+    """--quantize on an export directory: its own format runs; another is refused, not silently ignored."""
+    from gla.cli import main
+    fp32 = exported["gla"][1]
+    assert main(["generate", "--ckpt", fp32, "--prompt", "ab", "--max-new-tokens", "3", "--quantize", "int8"]) == 2
+    assert "fp32 weights, which cannot be quantised again" in capsys.readouterr().err
+    _, path = _ckpt(tmp_path)
+    export(path, str(tmp_path / "q"), quantize="int8")
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "q"), "--prompt", "ab", "--max-new-tokens", "3", "--quantize",
+                 "int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
