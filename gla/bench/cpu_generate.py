@@ -1,18 +1,26 @@
-"""CPU generation benchmark: PyTorch (eager, compiled step) vs the exported ONNX graph (fp32, int8, int4), one process.
+"""CPU generation benchmark: PyTorch (eager, compiled step, int8) vs the exported ONNX graph (fp32, int8, int4), and
+memory against context beside a softmax model of the same size, one process.
 
     gla bench cpu-generate [--preset demo --preset gla-340m | --ckpt DIR ...] [--prompt-len 256] [--new 64]
-                           [--threads 2] [--variants eager,eager-compiled,onnx,onnx-int8,onnx-int4] [--out DIR]
-                           [--json]
+                           [--threads 2] [--variants eager,eager-compiled,eager-int8,onnx,onnx-int8,onnx-int4]
+                           [--contexts 1024,16384,65536] [--context-model demo] [--out DIR] [--json]
 
 For each model (a preset with random weights, or a checkpoint) and each variant, one greedy generation of --new
 tokens after a random prompt of --prompt-len tokens, batch 1, as users run it: eager = gla.generate (fp32),
 eager-compiled = the same with its decoding step compiled (`gla generate --compile`; the compilation falls in one
-early gap, outside the median), onnx / onnx-int8 / onnx-int4 = the `gla export` directory run by
+early gap, outside the median), eager-int8 = the eager model with torchao's int8 weight-only linears (an optional
+package: the row is skipped without it; `gla generate --quantize` uses the faster ONNX Runtime route, see
+benchmarks/NOTES.md), onnx / onnx-int8 / onnx-int4 = the `gla export` directory run by
 gla.load_exported (ONNX Runtime). Time to first token = the prompt's prefill and the first token; decode = the
 median gap between later tokens. File = the weights on disk (model.safetensors for eager, model.onnx for the
 exports). Peak RSS = the process's peak resident memory while the variant loads and generates, the interpreter and
-libraries loaded so far included, with no other variant's model alive (Linux; "–" elsewhere). Memory against
-context is `gla bench decode`'s.
+libraries loaded so far included, with no other variant's model alive (Linux; "–" elsewhere).
+
+Memory against context (--contexts, "" for none): the --context-model preset with random weights, GLA and its
+softmax twin (the same config with softmax attention and a KV cache in every layer), each prompt prefilled in
+blocks of 4,096 tokens and then decoded one token at a time as `gla bench decode` does (eager fp32, ms/token over 16
+steps): the state each holds for decoding and the process's resident-memory growth, with a plot
+(cpu-generate-context.png).
 """
 from __future__ import annotations
 
@@ -25,9 +33,20 @@ import time
 
 import torch
 
-from gla.bench import md_table, write_report
+from gla.bench import decode, md_table, write_report
 
-VARIANTS = ("eager", "eager-compiled", "onnx", "onnx-int8", "onnx-int4")
+VARIANTS = ("eager", "eager-compiled", "eager-int8", "onnx", "onnx-int8", "onnx-int4")
+CONTEXTS = (1024, 16384, 65536)
+
+
+def _torchao_int8(model):
+    """The model with int8 weight-only linears (torchao), or a reason it cannot have them."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return "torchao is not installed (pip install torchao)"
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
 
 
 def _timed(run) -> tuple[float, float]:
@@ -55,6 +74,11 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
             measured = reset_peak_rss()
             model = from_pretrained(ckpt).eval()
             size = os.path.getsize(os.path.join(ckpt, "model.safetensors"))
+            if variant == "eager-int8":
+                model, size = _torchao_int8(model), None  # no file format of its own
+                if isinstance(model, str):
+                    rows.append(dict(model=name, params=params, variant=variant, skipped=model))
+                    continue
             ttft, gap = _timed(lambda cb: generate(model, prompt[None], new, temperature=0,
                                                    callback=lambda t: cb(int(t[0])),
                                                    compile_step=variant == "eager-compiled"))
@@ -68,7 +92,28 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
         peak = peak_rss_bytes() if measured else None
         model = m = None  # out of the next variant's resident set
         rows.append(dict(model=name, params=params, variant=variant, ttft_ms=ttft * 1e3, decode_ms=gap * 1e3,
-                         tok_s=1.0 / gap, file_mb=size / 2 ** 20, peak_rss_mb=None if peak is None else peak / 2 ** 20))
+                         tok_s=1.0 / gap, file_mb=None if size is None else size / 2 ** 20,
+                         peak_rss_mb=None if peak is None else peak / 2 ** 20))
+    return rows
+
+
+def context_rows(preset: str, contexts, log=None) -> list[dict]:
+    """`gla bench decode`'s rows for the preset's GLA model and its softmax twin (random weights) at each context."""
+    from gla.models import GLAConfig, GLATransformer
+    from .decode import measure
+    rows = []
+    layers = GLAConfig.preset(preset).n_layers
+    for kind in ("gla", "softmax"):
+        cfg = GLAConfig.preset(preset, max_seq_len=max(contexts) + 64,
+                               attn_layers=tuple(range(layers)) if kind == "softmax" else ())
+        torch.manual_seed(0)
+        model = GLATransformer.from_config(cfg).eval()
+        measure(model, min(contexts), 2)  # untimed: first-call allocations
+        for L in sorted(contexts):
+            rows.append({"model": kind, **measure(model, L, 16, prefill_chunk=4096)})
+            if log is not None:
+                log(f"{preset} {kind} context {L}: {rows[-1]['ms_per_token']:.2f} ms/token")
+        del model
     return rows
 
 
@@ -76,10 +121,12 @@ def table(rows) -> str:
     base = {r["model"]: r["decode_ms"] for r in rows if r["variant"] == "eager"}
     cells = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["variant"], f"{r['ttft_ms']:.1f}", f"{r['decode_ms']:.2f}",
               f"{r['tok_s']:.1f}", f"{base[r['model']] / r['decode_ms']:.2f}" if r["model"] in base else "–",
-              f"{r['file_mb']:.1f}", "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"]
-             for r in rows]
-    return md_table(["model", "params", "variant", "time to first token ms", "decode ms/token", "tok/s", "x eager",
-                     "file MB", "peak RSS MiB"], cells)
+              "–" if r["file_mb"] is None else f"{r['file_mb']:.1f}",
+              "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"]
+             for r in rows if "skipped" not in r]
+    skipped = [f"{r['model']} {r['variant']}: skipped, {r['skipped']}" for r in rows if "skipped" in r]
+    return "\n".join([md_table(["model", "params", "variant", "time to first token ms", "decode ms/token", "tok/s",
+                                "x eager", "file MB", "peak RSS MiB"], cells), *(["", *skipped] if skipped else [])])
 
 
 def main(argv=None) -> int:
@@ -90,12 +137,21 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=64, help="tokens to generate")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and ONNX Runtime (0: theirs)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--out", default=None, help="write DIR/cpu-generate.md and .json")
+    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)),
+                   help="context lengths for memory against context ('' for none)")
+    p.add_argument("--context-model", default="demo", help="the preset measured against its softmax twin")
+    p.add_argument("--out", default=None, help="write DIR/cpu-generate.md, .json and cpu-generate-context.png")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         p.error(f"--variants: choose from {VARIANTS}")
+    try:
+        contexts = [int(c) for c in a.contexts.split(",") if c]
+    except ValueError:
+        p.error(f"--contexts must be comma-separated integers, got {a.contexts!r}")
+    if any(c < 1 for c in contexts):
+        p.error("--contexts must be positive")
     if a.prompt_len < 1 or a.new < 2:
         p.error("--prompt-len must be >= 1 and --new >= 2")
     if a.threads:
@@ -116,14 +172,25 @@ def main(argv=None) -> int:
                 print(f"measuring {ckpt}: {', '.join(variants)}", flush=True)
             name = names[i] if names.count(names[i]) == 1 else os.path.normpath(ckpt)  # rows keyed by model
             rows += measure(ckpt, variants, a.prompt_len, a.new, a.threads or None, os.path.join(work, str(i)), name)
+    log = None if a.json else lambda m: print(m, flush=True)
+    ctx = context_rows(a.context_model, contexts, log) if contexts else []
     md = (f"CPU generation, {torch.get_num_threads()} thread(s), torch {torch.__version__}, batch 1, prompt "
           f"{a.prompt_len} tokens, {a.new} new, greedy\n\n{table(rows)}")
+    if ctx:
+        title = (f"Memory against context: {a.context_model} (GLA) and its softmax twin, random weights, eager fp32, "
+                 f"batch 1, prefill in blocks of 4,096 tokens")
+        md += "\n\n" + decode.format_table(ctx, title)
     if a.json:
-        print(json.dumps(rows))
+        print(json.dumps({"generate": rows, "context": ctx}))
     else:
         print("\n" + md)
     if a.out:
-        write_report(a.out, "cpu-generate", md, rows)
+        write_report(a.out, "cpu-generate", md, {"generate": rows, "context": ctx})
+        if ctx:
+            try:
+                decode.plot(ctx, os.path.join(a.out, "cpu-generate-context.png"), title)
+            except ImportError as e:
+                print(f"no plot: {e}")
     return 0
 
 

@@ -16,15 +16,25 @@ def test_rows_table_and_report(tmp_path, capsys):
     ckpt = str(tmp_path / "tiny")
     GLATransformer(256, 32, 2, 64, 2).save_pretrained(ckpt)
     assert cpu_generate.main(["--ckpt", ckpt, "--prompt-len", "5", "--new", "3", "--out", str(tmp_path / "o"),
-                              "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+                              "--contexts", "16,300", "--context-model", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["generate"]
     assert [r["variant"] for r in rows] == list(cpu_generate.VARIANTS)
-    assert all(r["model"] == "tiny" and r["decode_ms"] > 0 and r["ttft_ms"] > 0 and r["file_mb"] > 0 for r in rows)
+    ran = [r for r in rows if "skipped" not in r]
+    assert {r["variant"] for r in rows} - {r["variant"] for r in ran} <= {"eager-int8"}  # torchao is optional
+    assert all(r["model"] == "tiny" and r["decode_ms"] > 0 and r["ttft_ms"] > 0 for r in ran)
+    assert all(r["file_mb"] > 0 for r in ran if r["variant"] != "eager-int8")
     # peak RSS per variant (Linux): at least the interpreter with torch, far below this machine's memory
-    assert all(100 < r["peak_rss_mb"] < 16 * 1024 for r in rows)
+    assert all(100 < r["peak_rss_mb"] < 16 * 1024 for r in ran)
     md = (tmp_path / "o" / "cpu-generate.md").read_text()
     assert "| tiny |" in md and "| 1.00 |" in md  # eager against itself
-    assert json.loads((tmp_path / "o" / "cpu-generate.json").read_text()) == rows
+    assert json.loads((tmp_path / "o" / "cpu-generate.json").read_text()) == report
+    # memory against context: GLA's state is the same at both lengths, the softmax twin's KV cache grows with it
+    ctx = {(r["model"], r["context"]): r for r in report["context"]}
+    assert set(ctx) == {(m, L) for m in ("gla", "softmax") for L in (16, 300)}
+    assert ctx["gla", 16]["state_bytes"] == ctx["gla", 300]["state_bytes"]
+    assert ctx["softmax", 300]["state_bytes"] > 4 * ctx["softmax", 16]["state_bytes"]
+    assert "Memory against context: tiny" in md and (tmp_path / "o" / "cpu-generate-context.png").exists()
 
 
 def test_bad_arguments():
@@ -32,3 +42,6 @@ def test_bad_arguments():
         cpu_generate.main(["--variants", "eager,fast"])
     with pytest.raises(SystemExit):
         cpu_generate.main(["--new", "1"])
+    for contexts in ("1k", "0"):
+        with pytest.raises(SystemExit):
+            cpu_generate.main(["--contexts", contexts])
