@@ -19,8 +19,8 @@ libraries loaded so far included, with no other variant's model alive (Linux; "â
 Memory against context (--contexts, "" for none): the --context-model preset with random weights, GLA and its
 softmax twin (the same config with softmax attention and a KV cache in every layer), each prompt prefilled in
 blocks of 4,096 tokens and then decoded one token at a time as `gla bench decode` does (eager fp32, ms/token over 16
-steps): the state each holds for decoding and the process's resident-memory growth, with a plot
-(cpu-generate-context.png).
+steps): the state each holds for decoding, the process's resident-memory growth and its peak resident memory
+while prefilling and decoding (the interpreter and the model included), with a plot (cpu-generate-context.png).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
 def context_rows(preset: str, contexts, log=None) -> list[dict]:
     """`gla bench decode`'s rows for the preset's GLA model and its softmax twin (random weights) at each context."""
     from gla.models import GLAConfig, GLATransformer
-    from .decode import measure
+    from .decode import measure, peak_rss_bytes, reset_peak_rss
     rows = []
     layers = GLAConfig.preset(preset).n_layers
     for kind in ("gla", "softmax"):
@@ -110,7 +110,9 @@ def context_rows(preset: str, contexts, log=None) -> list[dict]:
         model = GLATransformer.from_config(cfg).eval()
         measure(model, min(contexts), 2)  # untimed: first-call allocations
         for L in sorted(contexts):
-            rows.append({"model": kind, **measure(model, L, 16, prefill_chunk=4096)})
+            measured = reset_peak_rss()
+            row = measure(model, L, 16, prefill_chunk=4096)
+            rows.append({"model": kind, **row, "peak_rss_bytes": peak_rss_bytes() if measured else None})
             if log is not None:
                 log(f"{preset} {kind} context {L}: {rows[-1]['ms_per_token']:.2f} ms/token")
         del model

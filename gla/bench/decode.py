@@ -188,6 +188,8 @@ def format_table(rows, title: str = "") -> str:
     cuda = any(r["decode_peak_bytes"] is not None for r in rows)
     mem = "decode peak MiB" if cuda else "RSS growth MiB"
     cols = ["ms/token", "state MiB", mem, "prefill s"]  # state: GLA states and KV caches
+    if any(r.get("peak_rss_bytes") is not None for r in rows):
+        cols.insert(3, "peak RSS MiB")
     head = "| context | " + " | ".join(f"{m} {c}" for c in cols for m in models) + " |"
     lines = ([title, ""] if title else []) + [head, "|" + "---|" * (1 + len(cols) * len(models))]
     for L in sorted({r["context"] for r in rows}):
@@ -203,6 +205,8 @@ def format_table(rows, title: str = "") -> str:
                     cells.append(_mib(r["state_bytes"]))
                 elif c == mem:
                     cells.append(_mib(r["decode_peak_bytes"] if cuda else r["rss_delta_bytes"]))
+                elif c == "peak RSS MiB":
+                    cells.append(_mib(r.get("peak_rss_bytes")))
                 else:
                     cells.append(f"{r['prefill_s']:.2f}")
         lines.append(f"| {L} | " + " | ".join(cells) + " |")

@@ -34,7 +34,8 @@ def test_rows_table_and_report(tmp_path, capsys):
     assert set(ctx) == {(m, L) for m in ("gla", "softmax") for L in (16, 300)}
     assert ctx["gla", 16]["state_bytes"] == ctx["gla", 300]["state_bytes"]
     assert ctx["softmax", 300]["state_bytes"] > 4 * ctx["softmax", 16]["state_bytes"]
-    assert "Memory against context: tiny" in md and (tmp_path / "o" / "cpu-generate-context.png").exists()
+    assert all(100 * 2**20 < r["peak_rss_bytes"] < 16 * 2**30 for r in report["context"])
+    assert "Memory against context: tiny" in md and "peak RSS MiB" in md and (tmp_path / "o" / "cpu-generate-context.png").exists()
 
 
 def test_bad_arguments():
