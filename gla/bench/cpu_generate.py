@@ -18,9 +18,10 @@ libraries loaded so far included, with no other variant's model alive (Linux; "â
 
 Memory against context (--contexts, "" for none): the --context-model preset with random weights, GLA and its
 softmax twin (the same config with softmax attention and a KV cache in every layer), each prompt prefilled in
-blocks of 4,096 tokens and then decoded one token at a time as `gla bench decode` does (eager fp32, ms/token over 16
-steps): the state each holds for decoding, the process's resident-memory growth and its peak resident memory
-while prefilling and decoding (the interpreter and the model included), with a plot (cpu-generate-context.png).
+blocks of the shortest context's length (at most 4,096 tokens: the same activations at every context), then
+decoded one token at a time as `gla bench decode` does (eager fp32, ms/token over 16 steps): the state each holds
+for decoding, the process's resident-memory growth, and its peak resident memory while prefilling and decoding
+(the interpreter and the model included), with a plot (cpu-generate-context.png).
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def context_rows(preset: str, contexts, log=None) -> list[dict]:
     from .decode import measure, peak_rss_bytes, reset_peak_rss
     rows = []
     layers = GLAConfig.preset(preset).n_layers
+    block = min(4096, *contexts)  # every context's prefill holds the activations of one such block
     for kind in ("gla", "softmax"):
         cfg = GLAConfig.preset(preset, max_seq_len=max(contexts) + 64,
                                attn_layers=tuple(range(layers)) if kind == "softmax" else ())
@@ -111,7 +113,7 @@ def context_rows(preset: str, contexts, log=None) -> list[dict]:
         measure(model, min(contexts), 2)  # untimed: first-call allocations
         for L in sorted(contexts):
             measured = reset_peak_rss()
-            row = measure(model, L, 16, prefill_chunk=4096)
+            row = measure(model, L, 16, prefill_chunk=block)
             rows.append({"model": kind, **row, "peak_rss_bytes": peak_rss_bytes() if measured else None})
             if log is not None:
                 log(f"{preset} {kind} context {L}: {rows[-1]['ms_per_token']:.2f} ms/token")
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
           f"{a.prompt_len} tokens, {a.new} new, greedy\n\n{table(rows)}")
     if ctx:
         title = (f"Memory against context: {a.context_model} (GLA) and its softmax twin, random weights, eager fp32, "
-                 f"batch 1, prefill in blocks of 4,096 tokens")
+                 f"batch 1, prefill in blocks of {min(4096, *contexts)} tokens")
         md += "\n\n" + decode.format_table(ctx, title)
     if a.json:
         print(json.dumps({"generate": rows, "context": ctx}))
