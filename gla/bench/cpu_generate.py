@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -101,7 +102,7 @@ def measure(ckpt: str, variants, prompt_len: int, new: int, threads: int, workdi
 def context_rows(preset: str, contexts, log=None) -> list[dict]:
     """`gla bench decode`'s rows for the preset's GLA model and its softmax twin (random weights) at each context."""
     from gla.models import GLAConfig, GLATransformer
-    from .decode import measure, peak_rss_bytes, reset_peak_rss
+    from .decode import measure as decode_steps, peak_rss_bytes, reset_peak_rss
     rows = []
     layers = GLAConfig.preset(preset).n_layers
     block = min(4096, *contexts)  # every context's prefill holds the activations of one such block
@@ -110,10 +111,10 @@ def context_rows(preset: str, contexts, log=None) -> list[dict]:
                                attn_layers=tuple(range(layers)) if kind == "softmax" else ())
         torch.manual_seed(0)
         model = GLATransformer.from_config(cfg).eval()
-        measure(model, min(contexts), 2)  # untimed: first-call allocations
+        decode_steps(model, min(contexts), 2)  # untimed: first-call allocations
         for L in sorted(contexts):
             measured = reset_peak_rss()
-            row = measure(model, L, 16, prefill_chunk=block)
+            row = decode_steps(model, L, 16, prefill_chunk=block)
             rows.append({"model": kind, **row, "peak_rss_bytes": peak_rss_bytes() if measured else None})
             if log is not None:
                 log(f"{preset} {kind} context {L}: {rows[-1]['ms_per_token']:.2f} ms/token")
@@ -156,6 +157,11 @@ def main(argv=None) -> int:
         p.error(f"--contexts must be comma-separated integers, got {a.contexts!r}")
     if any(c < 1 for c in contexts):
         p.error("--contexts must be positive")
+    from gla.models import GLAConfig
+    try:
+        GLAConfig.preset(a.context_model)
+    except ValueError as e:
+        p.error(f"--context-model: {e}")
     if a.prompt_len < 1 or a.new < 2:
         p.error("--prompt-len must be >= 1 and --new >= 2")
     if a.threads:
@@ -194,7 +200,7 @@ def main(argv=None) -> int:
             try:
                 decode.plot(ctx, os.path.join(a.out, "cpu-generate-context.png"), title)
             except ImportError as e:
-                print(f"no plot: {e}")
+                print(f"no plot: {e}", file=sys.stderr)
     return 0
 
 

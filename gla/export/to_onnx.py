@@ -114,6 +114,8 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
         for T, path in parts:
             try:
                 _trace(model, layout, T, max_block, path, names_in, names_out)
+            except (OSError, MemoryError):
+                raise
             except Exception as e:  # the exporter's own errors are pages long; the cause is kept as __cause__
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 raise ValueError(f"{ckpt}: the ONNX exporter could not trace this model ({type(e).__name__}: "
@@ -209,7 +211,6 @@ def _quantize(graph: str, kind: str) -> None:
         raise ValueError(f"--quantize {kind}: ONNX Runtime's quantiser found no weight matmul it could quantise in "
                          "this model; export it without --quantize")
     quantizer.model.save_model_to_file(graph, False)
-
 
 
 def _readme(meta: dict) -> str:

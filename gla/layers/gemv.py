@@ -47,7 +47,8 @@ def _blocks(x: torch.Tensor, weight: torch.Tensor) -> int:
     """How many row blocks to cut weight [O, I] into for x [..., I], or 0 for plain F.linear."""
     n = _threads()
     rows = x.numel() // max(x.shape[-1], 1)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or n < 2
+    if (type(weight.data) is not torch.Tensor  # a tensor subclass (torchao's quantised weights) keeps F.linear
+            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or n < 2
             or not 0 < rows <= ROWS_MAX or weight.numel() < MIN_WEIGHT or weight.shape[0] % n
             or not weight.is_contiguous()):
         return 0

@@ -35,7 +35,8 @@ def test_rows_table_and_report(tmp_path, capsys):
     assert ctx["gla", 16]["state_bytes"] == ctx["gla", 300]["state_bytes"]
     assert ctx["softmax", 300]["state_bytes"] > 4 * ctx["softmax", 16]["state_bytes"]
     assert all(100 * 2**20 < r["peak_rss_bytes"] < 16 * 2**30 for r in report["context"])
-    assert "Memory against context: tiny" in md and "peak RSS MiB" in md and (tmp_path / "o" / "cpu-generate-context.png").exists()
+    assert "Memory against context: tiny" in md and "peak RSS MiB" in md
+    assert (tmp_path / "o" / "cpu-generate-context.png").exists()
 
 
 def test_bad_arguments():
@@ -43,6 +44,6 @@ def test_bad_arguments():
         cpu_generate.main(["--variants", "eager,fast"])
     with pytest.raises(SystemExit):
         cpu_generate.main(["--new", "1"])
-    for contexts in ("1k", "0"):
+    for bad in (["--contexts", "1k"], ["--contexts", "0"], ["--context-model", "huge"]):
         with pytest.raises(SystemExit):
-            cpu_generate.main(["--contexts", contexts])
+            cpu_generate.main(bad)

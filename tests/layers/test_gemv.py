@@ -34,10 +34,16 @@ def test_batched_route_equals_f_linear(shape, bias, two_threads):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["rows", "small", "odd_rows", "bf16", "strided", "one_thread"])
+class _Subclass(torch.Tensor):
+    """Stands for a quantised weight's tensor subclass (torchao's), which only F.linear knows how to multiply."""
+
+
+@pytest.mark.parametrize("case", ["rows", "small", "odd_rows", "bf16", "strided", "one_thread", "subclass"])
 def test_other_inputs_are_plain_f_linear(case, two_threads):
     w, x = torch.randn(1030, 1024), torch.randn(1, 1024)
-    if case == "rows":
+    if case == "subclass":
+        w = nn.Parameter(w.as_subclass(_Subclass), requires_grad=False)
+    elif case == "rows":
         x = torch.randn(ROWS_MAX + 1, 1024)
     elif case == "small":
         w = torch.randn(256, 128)
@@ -51,7 +57,7 @@ def test_other_inputs_are_plain_f_linear(case, two_threads):
     else:
         torch.set_num_threads(1)
     assert _blocks(x, w) == 0
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(linear(x, w).as_subclass(torch.Tensor), F.linear(x, w).as_subclass(torch.Tensor))
 
 
 def test_context_patches_plain_linears_and_restores_them(two_threads):

@@ -9,6 +9,7 @@
 // chunk decays by at most SAFE_SPAN; a chunk that decays more gets its intra-chunk terms in log space.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -23,7 +24,7 @@
 extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
-extern "C" int MKL_Set_Num_Threads_Local(int n);
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // null where torch's BLAS is not MKL
 
 namespace gla_cpu {
 
@@ -51,12 +52,15 @@ inline float exp_approx(float x) {
   return p;
 }
 
-// Held by each task thread: its BLAS calls run on that thread alone. After torch.set_num_threads(n) MKL would
-// otherwise start nested threads inside the tasks (forward 13-14 ms instead of 11 at B=1 T=4096 H=4 on 2 cores).
+// Held by each task thread inside a parallel region: its BLAS calls run on that thread alone. After
+// torch.set_num_threads(n) MKL would otherwise start nested threads inside the tasks (forward 13-14 ms instead of
+// 11 at B=1 T=4096 H=4 on 2 cores). A call with one task runs outside any region and keeps MKL's own threads.
 struct OneBlasThread {
-  int before;
-  OneBlasThread() : before(MKL_Set_Num_Threads_Local(1)) {}
-  ~OneBlasThread() { MKL_Set_Num_Threads_Local(before); }
+  const bool active = MKL_Set_Num_Threads_Local != nullptr && at::in_parallel_region();
+  const int before = active ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~OneBlasThread() {
+    if (active) MKL_Set_Num_Threads_Local(before);
+  }
 };
 
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T as stored; the column-major BLAS computes
