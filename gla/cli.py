@@ -126,19 +126,19 @@ def _quantized(args):
     than eager int8 here: benchmarks/NOTES.md); sets args.ckpt to it for the duration."""
     import os
     import tempfile
+
+    from gla.export import export, export_meta
     if getattr(args, "quantize", None) is None:
         yield
         return
-    meta = os.path.join(args.ckpt, "export.json")
-    if os.path.isfile(meta):  # an export's weights are fixed when it is written
-        with open(meta) as f:
-            have = json.load(f).get("quantize")
+    meta = export_meta(args.ckpt)
+    if meta is not None:  # an export's weights are fixed when it is written
+        have = meta.get("quantize")
         if have != args.quantize:
             raise ValueError(f"{args.ckpt} is an export with {have or 'fp32'} weights, which cannot be quantised "
                              f"again: run `gla export --quantize {args.quantize}` on its checkpoint")
         yield
         return
-    from gla.export import export
     with tempfile.TemporaryDirectory(prefix="gla-quantized-") as tmp:
         out = os.path.join(tmp, "export")
         export(args.ckpt, out, quantize=args.quantize)
@@ -148,8 +148,8 @@ def _quantized(args):
 
 def _sampler(args):
     """(tokenizer, run(ids, callback) -> new token ids) for a checkpoint or an export directory."""
-    import os
-    if os.path.isfile(os.path.join(args.ckpt, "export.json")):
+    from gla.export import export_meta
+    if export_meta(args.ckpt) is not None:
         if args.device not in ("auto", "cpu"):
             raise ValueError(f"{args.ckpt} is an export directory: it runs on the CPU (ONNX Runtime), not "
                              f"{args.device}")
@@ -201,8 +201,8 @@ def _batched(cb, n: int):
 
 
 def _cmd_generate(args) -> int:
-    import os
-    if args.compile and (args.quantize or os.path.isfile(os.path.join(args.ckpt, "export.json"))):
+    from gla.export import export_meta
+    if args.compile and (args.quantize or export_meta(args.ckpt) is not None):
         raise ValueError("--compile compiles a PyTorch model's decoding step; with --quantize or an export directory "
                          "the model runs on ONNX Runtime")
     with _quantized(args):

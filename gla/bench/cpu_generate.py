@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         p.error(f"--contexts must be comma-separated integers, got {a.contexts!r}")
     if any(c < 1 for c in contexts):
         p.error("--contexts must be positive")
-    from gla.models import GLAConfig
+    from gla.models import GLAConfig, GLATransformer
     try:
         GLAConfig.preset(a.context_model)
     except ValueError as e:
@@ -171,7 +171,6 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gla-bench-") as work:
         ckpts = list(a.ckpt)
         for name in presets:
-            from gla.models import GLAConfig, GLATransformer
             torch.manual_seed(0)
             path = os.path.join(work, name)
             GLATransformer.from_config(GLAConfig.preset(name)).save_pretrained(path)

@@ -80,10 +80,9 @@ class _Exported:
 def load_scorer(ckpt: str, device: str):
     """(model, torch device): a checkpoint's model on ``device`` ("auto": the GPU if there is one), or an export
     directory's graph, which runs on the CPU (ONNX Runtime)."""
-    import os
-
     from gla.device import resolve_device
-    if os.path.isfile(os.path.join(ckpt, "export.json")):
+    from gla.export import export_meta
+    if export_meta(ckpt) is not None:
         if device not in ("auto", "cpu"):
             raise ValueError(f"{ckpt} is an export directory: it runs on the CPU (ONNX Runtime), not {device}")
         return _Exported(ckpt), torch.device("cpu")

@@ -1,5 +1,5 @@
 """Export to a standalone runtime: ``gla export`` writes an ONNX directory, ``load_exported`` runs one."""
-from .runner import ExportedModel
+from .runner import ExportedModel, export_meta
 
 
 def load_exported(path: str, threads: int | None = None) -> ExportedModel:
@@ -14,4 +14,4 @@ def export(ckpt: str, out: str, quantize: str | None = None, max_block: int = 64
     return run(ckpt, out, quantize, max_block)
 
 
-__all__ = ["ExportedModel", "load_exported", "export"]
+__all__ = ["ExportedModel", "export_meta", "load_exported", "export"]

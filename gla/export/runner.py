@@ -48,18 +48,25 @@ class FileCodec:
         return self._tok.decode([int(i) for i in ids])
 
 
+def export_meta(path: str) -> dict | None:
+    """The export.json of an export directory, or None where ``path`` is not one (a checkpoint, say)."""
+    meta_path = os.path.join(path, "export.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as f:
+        return json.load(f)
+
+
 class ExportedModel:
     """An export directory loaded into ONNX Runtime. ``threads``: intra-op threads (default: the runtime's)."""
 
     def __init__(self, path: str, threads: int | None = None):
         import onnxruntime as ort
-        meta_path = os.path.join(path, "export.json")
-        if not os.path.isfile(meta_path):
+        self.meta = export_meta(path)
+        if self.meta is None:
             raise FileNotFoundError(f"{path} is not a gla export directory (no export.json)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: export format {self.meta.get('format')!r}, this runner reads {FORMAT}")
+            raise ValueError(f"{os.path.join(path, 'export.json')}: export format {self.meta.get('format')!r}, this runner reads {FORMAT}")
         graph = os.path.join(path, self.meta["graph"])
         if not os.path.isfile(graph):
             raise FileNotFoundError(f"the graph file is missing: {graph}")
