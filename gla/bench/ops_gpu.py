@@ -143,7 +143,7 @@ def stage_rows(shape, gate):
               "state_fwd": lambda: chunk_state_fwd(k, v, gc, None, meta, False),
               "output_fwd": lambda: chunk_output_fwd(q, k, v, gc, hs, scale, meta, True),
               "state_bwd": lambda: chunk_state_bwd(q, gc, do, None, scale, meta, False),
-              "dv+dqkg": lambda: chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)}
+              "dv+dqkg": lambda: chunk_bwd(q, k, v, gc, do, A, hs, dhs, scale, meta, g.dtype)}
     # one launch alone is often shorter than its host overhead: the graph replay is the stage's device time
     return {name: (bench(fn), None, bench_graph(fn), None) for name, fn in stages.items()}
 

@@ -69,7 +69,7 @@ def record() -> list:
         A = chunk_output.chunk_output_fwd(q, k, v, gc, hs, 0.1, meta, store_A=True)[1]
         chunk_state.chunk_state_bwd(q, gc, do, state, 0.1, meta, need_dh0=h0)
         dhs = torch.zeros(meta.NC, H, K, V)
-        chunk_bwd.chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, 0.1, meta)
+        chunk_bwd.chunk_bwd(q, k, v, gc, do, A, hs, dhs, 0.1, meta, g.dtype)
         decode._launch(q[:, 0], k[:, 0], v[:, 0], g[:, 0].float(), torch.zeros(q.shape[0], H, K, V),
                        torch.zeros(q.shape[0], H, K, V), 0.1)
     return rec.launches

@@ -53,10 +53,10 @@ def test_triton_ops(case, dtype):
     q, k, v, g, h0, cu = _args(case, "cuda", dtype)
     opcheck(chunk_fwd_op, (q, k, v, g, h0, cu, 0.25, True, True))
     opcheck(chunk_fwd_op, (q, k, v, g, None, cu, 0.25, False, False))
-    o, ht, A, hs = chunk_fwd_op(q, k, v, g, h0, cu, 0.25, True, True)
+    o, ht, A, hs, gc = chunk_fwd_op(q, k, v, g, h0, cu, 0.25, True, True)
     do, dht = torch.randn_like(o), torch.randn_like(ht)
-    x = [t.detach() for t in (q, k, v, g, A, hs)]
-    opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True))
+    x = [t.detach() for t in (q, k, v, gc, A, hs)]
+    opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True, g.dtype))
     step = [t[:, 0].detach().contiguous() for t in (q, k, v, g)]  # one token per row: [B, H, *]
     s = torch.randn(*step[0].shape[:2], 16, 24, device="cuda")
     opcheck(recurrent_step_op, (*step, s, 0.25))

@@ -222,7 +222,7 @@ def test_backward_after_a_forward_that_kept_no_scores():
     q, k, v, g, h0 = gla_inputs(1, 70, 2, 16, 24, state=True, device=DEVICE, seed=7)
     grads = []
     for store_A in (False, True):
-        o, ht, A, _ = chunk_fwd_op(q, k, v, g, h0, None, 0.25, True, store_A)
+        o, ht, A, _, _ = chunk_fwd_op(q, k, v, g, h0, None, 0.25, True, store_A)
         assert (A.numel() > 0) == store_A
         gen = torch.Generator().manual_seed(0)
         do, dht = (torch.randn(x.shape, generator=gen).to(x) for x in (o, ht))
@@ -265,7 +265,7 @@ def test_backward_with_the_empty_final_state_placeholder():
     made the state-gradient kernel read [N, H, K, V] values from an empty buffer: an illegal address on the GPU)."""
     from gla.ops.triton.chunk import chunk_fwd_op
     q, k, v, g, _ = gla_inputs(2, 70, 2, 16, 24, state=False, device=DEVICE, seed=8)
-    o, ht, _, _ = chunk_fwd_op(q, k, v, g, None, None, 0.25, False, True)
+    o, ht, _, _, _ = chunk_fwd_op(q, k, v, g, None, None, 0.25, False, True)
     assert ht.numel() == 0
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
     with_empty = torch.autograd.grad((o, ht), (q, k, v, g), (do, torch.zeros_like(ht)), retain_graph=True)

@@ -2,12 +2,13 @@
 
 forward  ``gla::chunk_fwd_triton``: chunk_cumsum (gc) -> chunk_state_fwd (states entering each chunk) ->
          chunk_output_fwd (o, and the intra scores A)
-backward ``gla::chunk_bwd_triton``: chunk_cumsum -> chunk_state_bwd (gradients of the states leaving each chunk, dh0)
+backward ``gla::chunk_bwd_triton``: chunk_state_bwd (gradients of the states leaving each chunk, dh0)
          -> chunk_bwd (dv; dq, dk, dg)
 Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
 a value back to the host, so they can be captured in CUDA graphs. The per-chunk states and intra-chunk scores are kept
-from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype); gc is recomputed in the backward (one
-cheap pass, where keeping it would hold 4 bytes per gate value for the whole step).
+from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype). gc is kept in place of g, which the
+backward needs only through gc: with the model's fp32 gate that holds no more memory than keeping g, and it spares
+the backward a pass over the gate (read g, write gc: ~5% of forward+backward at H=16 K=V=128).
 """
 from __future__ import annotations
 
@@ -27,53 +28,56 @@ from .utils import chunk_meta
 @triton_op("gla::chunk_fwd_triton", mutates_args=())
 def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
                  cu_seqlens: Optional[torch.Tensor], scale: float, output_final_state: bool,
-                 store_A: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 store_A: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None. Operators cannot return None, so an absent
     output is an empty tensor. Returns o [B, T, H, V], ht [N, H, K, V] fp32 (empty unless output_final_state),
-    A [B, T, H, BT] (empty unless store_A) and hs [slots, H, K, V] (the per-chunk states, for the backward)."""
+    A [B, T, H, BT] (empty unless store_A), hs [slots, H, K, V] (the per-chunk states) and gc [B, T, H, K] fp32 (the
+    in-chunk cumsum of g), the last three for the backward."""
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
     gc = chunk_cumsum(g, meta)
     hs, ht = chunk_state_fwd(k, v, gc, h0, meta, output_final_state)
     o, A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=store_A)
-    return o, ht if ht is not None else hs.new_empty(0), A if A is not None else q.new_empty(0), hs
+    return o, ht if ht is not None else hs.new_empty(0), A if A is not None else q.new_empty(0), hs, gc
 
 
 @triton_op("gla::chunk_bwd_triton", mutates_args=())
-def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor,
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, do: torch.Tensor,
                  dht: Optional[torch.Tensor], A: torch.Tensor, hs: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                 scale: float, need_dh0: bool
+                 scale: float, need_dh0: bool, g_dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients dq, dk, dv, dg (dtypes of q, k, v, g) and dh0 [N, H, K, V] fp32 (empty unless need_dh0).
-    A empty (a forward that did not expect a backward, store_A=False): the scores are recomputed here."""
-    q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
+    """gc, A, hs: what the forward returned. Gradients dq, dk, dv (dtypes of q, k, v), dg (g_dtype) and
+    dh0 [N, H, K, V] fp32 (empty unless need_dh0). A empty (a forward that did not expect a backward,
+    store_A=False): the scores are recomputed here."""
+    q, k, v, gc, do = (x.contiguous() for x in (q, k, v, gc, do))
     # an empty dht is the gradient of the empty placeholder that a forward without output_final_state returns
     dht = dht.to(torch.float32).contiguous() if dht is not None and dht.numel() else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
-    gc = chunk_cumsum(g, meta)
     if A.numel() == 0:  # a shape, not a value: no host sync
         A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=True)[1]
     dhs, dh0 = chunk_state_bwd(q, gc, do, dht, scale, meta, need_dh0=need_dh0)
-    dq, dk, dv, dg = chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale, meta)
+    dq, dk, dv, dg = chunk_bwd(q, k, v, gc, do, A, hs, dhs, scale, meta, g_dtype)
     return dq, dk, dv, dg, dh0 if dh0 is not None else hs.new_empty(0)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, g, h0, cu_seqlens, scale, _, _ = inputs
-    _, _, A, hs = output
-    ctx.save_for_backward(q, k, v, g, A, hs, cu_seqlens)
+    _, _, A, hs, gc = output
+    ctx.save_for_backward(q, k, v, gc, A, hs, cu_seqlens)
     ctx.scale = scale
+    ctx.g_dtype = g.dtype
     ctx.h0_dtype = h0.dtype if h0 is not None else None  # the state's dtype, for its gradient
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, dA, dhs):
-    q, k, v, g, A, hs, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, dA, dhs, dgc):
+    q, k, v, gc, A, hs, cu_seqlens = ctx.saved_tensors
     if do is None:  # only the final state was used
         do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     need_dh0 = ctx.needs_input_grad[4]
-    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, do, dht, A, hs, cu_seqlens, ctx.scale, need_dh0)
+    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, gc, do, dht, A, hs, cu_seqlens, ctx.scale, need_dh0,
+                                       ctx.g_dtype)
     dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
     return dq, dk, dv, dg, dh0, None, None, None, None
 
@@ -104,5 +108,5 @@ def triton_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=
             return o, q.new_zeros(N, H, K, V, dtype=torch.float32)
         return o, initial_state.to(torch.float32).clone()
     store_A = wants_grad(q, k, v, g, initial_state)  # the scores are kept only for a backward
-    o, ht, _, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, store_A)
+    o, ht, _, _, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, store_A)
     return o, (ht if output_final_state else None)

@@ -148,9 +148,9 @@ def chunk_dqkg_bwd_kernel(q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, cu_seqlen
     tl.store(p_dg, b_dg.to(dg.dtype.element_ty), mask=m_q)
 
 
-def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
+def chunk_bwd(q, k, v, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta, g_dtype: torch.dtype):
     """All inputs [B, T, H, *] contiguous; gc: the fp32 in-chunk cumsum of g; A, hs from the forward, dhs from
-    ``chunk_state_bwd``. Returns dq, dk, dv, dg in the dtypes of q, k, v, g."""
+    ``chunk_state_bwd``. Returns dq, dk, dv in the dtypes of q, k, v and dg in g_dtype."""
     H, K = q.shape[2], q.shape[3]
     V = v.shape[3]
     DOT16 = dot16(q.dtype)
@@ -159,11 +159,11 @@ def chunk_bwd(q, k, v, g, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta):
     wrap_triton(chunk_dv_bwd_kernel)[(meta.NC * cdiv(V, c["BV"]), H)](
         k, gc, do, A, dhs, dv, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets, meta.T,
         H=H, K=K, V=V, BT=BT, DOT16=DOT16, IS_VARLEN=meta.varlen, num_stages=2, **c)
-    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(gc, dtype=g_dtype)
     c = config("dqkg", K, V)
     # Square tiles: with BV != BK, Triton 3.6 miscompiles this kernel's bf16 products on the H200 whenever the V loop
     # is not software-pipelined (one V tile, e.g. K=16/V=32, K=V=64): dq, dk, dg came out wrong or NaN, or the launch
-    # faulted. BK = BV = 32 costs < 1% at K=V=128 (benchmarks/NOTES.md).
+    # faulted. Square 64 x 64 tiles with 8 warps are also the fastest measured (benchmarks/NOTES.md, v6.1).
     c["BK"] = c["BV"] = min(c["BK"], c["BV"])
     wrap_triton(chunk_dqkg_bwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
         q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,
