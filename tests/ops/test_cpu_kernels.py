@@ -47,6 +47,19 @@ def test_training_step_matches_reference(B, T, H, K, V, normalizer, monkeypatch)
     assert calls and calls[0]["state_rows"] == B * -(-T // 64) and backward_calls
 
 
+@pytest.mark.parametrize("strong", [1.0, 2.5, 8.0])
+def test_a_few_strong_channels_match_reference(strong, monkeypatch):
+    """A trained model's gates: most channels weak, a few forgetting fast (log-decay -strong per token). One such
+    channel makes a whole chunk too steep to factor; its row blocks of 16 tokens then decay by about 16 or 40
+    (factored) or 128 (their own pairs in log space) on that channel."""
+    calls = _count_calls(monkeypatch, "chunk_backward")
+    q, k, v, g, h0 = gla_inputs(2, 150, 2, 20, 36, normalizer=16.0, state=True, seed=11)
+    with torch.no_grad():
+        g[..., :3] = -strong * (1 + 0.1 * torch.rand(g[..., :3].shape, generator=torch.Generator().manual_seed(3)))
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
+    assert calls
+
+
 @pytest.mark.parametrize("normalizer", [16.0, 0.1])
 def test_varlen_matches_reference(normalizer, monkeypatch):
     calls = _count_calls(monkeypatch, "chunk_backward")

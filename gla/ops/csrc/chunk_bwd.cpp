@@ -84,20 +84,42 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
       dkst[c] *= ebt[c];
     }
   }
-  if (!f.safe) {  // the intra-chunk terms in log space (f.scores left the double sums in bd)
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < i; ++j) {
-        const float a = s * dA[i * BT + j];
-        const double *bi = w.bd.data() + i * K, *bj = w.bd.data() + j * K;
-        const float *qi = q + i * ldk, *kj = k + j * ldk;
-        float *dqi = dq + i * ldk, *dkj = dk + j * ldk;
+  if (!f.safe) {  // the intra-chunk terms by row blocks as in Factors::scores (which left the double sums in bd)
+    for (int64_t r0 = 0; r0 < L; r0 += SB) {
+      const int64_t r1 = std::min(r0 + SB, L), n = r1 - r0, cols = f.block(w.bd, r0, r1);
+      f.block_operands(q, k, ldk, r0, r1, cols, 1.f);
+      if (cols > 0) {
+        mm(false, false, n, K, cols, 1.f, dA + r0 * BT, BT, f.KI.data(), K, 0.f, dqa, K);  // dA KI
+        mm(true, false, cols, K, n, 1.f, dA + r0 * BT, BT, f.QI.data(), K, 0.f, dkf, K);   // dA^T QI
+        for (int64_t i = r0; i < r1; ++i) {
+          const float* __restrict__ Ei = f.E.data() + (i - r0) * K;
+          const float* __restrict__ ti = dqa + (i - r0) * K;
+          float* __restrict__ dqi = dq + i * ldk;
 #pragma omp simd
-        for (int64_t c = 0; c < K; ++c) {
-          const float d = a * exp_approx(static_cast<float>(bi[c] - bj[c]));
-          dqi[c] += d * kj[c];
-          dkj[c] += d * qi[c];
+          for (int64_t c = 0; c < K; ++c) dqi[c] += s * Ei[c] * ti[c];
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          const float* __restrict__ Fj = f.F.data() + j * K;
+          const float* __restrict__ tj = dkf + j * K;
+          float* __restrict__ dkj = dk + j * ldk;
+#pragma omp simd
+          for (int64_t c = 0; c < K; ++c) dkj[c] += s * Fj[c] * tj[c];
         }
       }
+      for (int64_t i = r0; i < r1; ++i)  // the block's own pairs in log space when it decays too fast to factor
+        for (int64_t j = cols; j < i; ++j) {
+          const float a = s * dA[i * BT + j];
+          const double *bi = w.bd.data() + i * K, *bj = w.bd.data() + j * K;
+          const float *qi = q + i * ldk, *kj = k + j * ldk;
+          float *dqi = dq + i * ldk, *dkj = dk + j * ldk;
+#pragma omp simd
+          for (int64_t c = 0; c < K; ++c) {
+            const float d = a * exp_approx(static_cast<float>(bi[c] - bj[c]));
+            dqi[c] += d * kj[c];
+            dkj[c] += d * qi[c];
+          }
+        }
+    }
   }
   for (int64_t t = L - 1; t >= 0; --t) {
     const float* __restrict__ qt = q + t * ldk;

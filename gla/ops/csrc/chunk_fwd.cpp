@@ -14,7 +14,7 @@ namespace {
 // One chunk of one (sequence, head): o rows [L, V] (row stride ldo) from the factors f and v rows [L, V] (stride
 // ldo); S [K, V] (row stride ldS) is the state entering, updated in place to the state leaving. V may be a slice of
 // the head's value columns: each column of o and S depends only on its own column of v.
-void chunk(const float* q, const float* k, const float* v, const float* g, float* o, float* S, const Factors& f,
+void chunk(const float* q, const float* k, const float* v, const float* g, float* o, float* S, Factors& f,
            int64_t V, int64_t ldk, int64_t ldo, int64_t ldS, float scale, float* A, std::vector<double>& bd) {
   const int64_t L = f.L, K = f.K;
   mm(false, false, L, V, K, 1.f, f.qa.data(), K, S, ldS, 0.f, o, ldo);  // o = s (q ⊙ e^b) S

@@ -6,7 +6,10 @@
 //     o_t = s (q_t ⊙ e^{b_t}) S + s Σ_{j<=t} [Σ_k q_tk k_jk e^{b_tk - b_jk}] v_j
 //     S'  = diag(e^B) S + Σ_j (k_j ⊙ e^{B - b_j})^T v_j
 // Every exponent is <= 0 except the key factor e^{-b_j} of the factored intra-chunk product, used only when the
-// chunk decays by at most SAFE_SPAN; a chunk that decays more gets its intra-chunk terms in log space.
+// chunk decays by at most SAFE_SPAN. A chunk that decays more (a trained model's strongest gate channels do) is
+// split into row blocks of SB tokens, each factored about the decay just before it (Factors::block): its products
+// with earlier tokens have both factors <= 1, and only a block that itself decays by more than SAFE_SPAN has its
+// own pairs in log space (the paper's secondary-level chunking, §4.2).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -29,7 +32,11 @@ extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // null 
 namespace gla_cpu {
 
 constexpr int64_t BT = 64;
-constexpr float SAFE_SPAN = 30.f;
+constexpr int64_t SB = 16;  // rows of a block of a chunk that is not safe
+// As the Triton kernels' SAFE_DECAY (gla/ops/constants.py): key factors up to e^60 are far inside fp32's range (and
+// the query factors >= e^-60 far above its denormals); 30, the PyTorch path's bound, cost a trained model's chunks
+// 25% more time in the blocked path.
+constexpr float SAFE_SPAN = 60.f;
 
 // e^x for x <= ~88, relative error ~2e-7: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2. Branch-free so that loops
 // over it vectorise (std::exp does not).
@@ -80,8 +87,11 @@ struct Factors {
   int64_t K, L = 0;
   bool safe = true;
   std::vector<float> b, e, eBb, qa, kf, kd, eB;
+  std::vector<float> E, F, QI, KI;  // a row block's factors and operands (block, block_operands)
+  std::vector<double> ref;
   explicit Factors(int64_t K_)
-      : K(K_), b(BT * K_), e(BT * K_), eBb(BT * K_), qa(BT * K_), kf(BT * K_), kd(BT * K_), eB(K_) {}
+      : K(K_), b(BT * K_), e(BT * K_), eBb(BT * K_), qa(BT * K_), kf(BT * K_), kd(BT * K_), eB(K_), E(SB * K_),
+        F(BT * K_), QI(SB * K_), KI(BT * K_), ref(K_) {}
 
   void load(const float* q, const float* k, const float* g, int64_t L_, int64_t ldk, float scale) {
     L = L_;
@@ -144,22 +154,76 @@ struct Factors {
       for (int64_t c = 0; c < K; ++c) bd[t * K + c] = (t ? bd[(t - 1) * K + c] : 0.) + g[t * ldk + c];
   }
 
+  // Row block [r0, r1) of a chunk that is not safe, factored about ref = b_{r0-1} (0 for the first block), the
+  // exponents taken from the double sums bd (differences of large sums keep their precision): E [r1 - r0, K] =
+  // e^{b_i - ref} and F [cols, K] = e^{ref - b_j}. Both are <= 1 for j < r0; inside the block F <= e^{SAFE_SPAN}
+  // when the block itself decays by at most that. Returns cols: r1 then, else r0 (the block's own pairs are left to
+  // log space).
+  int64_t block(const std::vector<double>& bd, int64_t r0, int64_t r1) {
+    double* __restrict__ rf = ref.data();
+    const double* __restrict__ end = bd.data() + (r1 - 1) * K;
+    double span = 0.;
+#pragma omp simd reduction(min : span)
+    for (int64_t c = 0; c < K; ++c) {
+      rf[c] = r0 ? bd[(r0 - 1) * K + c] : 0.;
+      span = std::min(span, end[c] - rf[c]);
+    }
+    const int64_t cols = span >= -SAFE_SPAN ? r1 : r0;
+    for (int64_t i = r0; i < r1; ++i) {
+      const double* __restrict__ bi = bd.data() + i * K;
+      float* __restrict__ Ei = E.data() + (i - r0) * K;
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) Ei[c] = exp_approx(static_cast<float>(bi[c] - rf[c]));
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const double* __restrict__ bj = bd.data() + j * K;
+      float* __restrict__ Fj = F.data() + j * K;
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) Fj[c] = exp_approx(static_cast<float>(rf[c] - bj[c]));
+    }
+    return cols;
+  }
+
+  // The block's operands of the factored products: QI = scale * q ⊙ E (its rows), KI = k ⊙ F (rows j < cols).
+  void block_operands(const float* q, const float* k, int64_t ldk, int64_t r0, int64_t r1, int64_t cols,
+                      float scale) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* __restrict__ qi = q + i * ldk;
+      const float* __restrict__ Ei = E.data() + (i - r0) * K;
+      float* __restrict__ QIi = QI.data() + (i - r0) * K;
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) QIi[c] = scale * qi[c] * Ei[c];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const float* __restrict__ kj = k + j * ldk;
+      const float* __restrict__ Fj = F.data() + j * K;
+      float* __restrict__ KIj = KI.data() + j * K;
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) KIj[c] = kj[c] * Fj[c];
+    }
+  }
+
   // A [L, L] (row stride BT) = the causal scores s Σ_k q_ik k_jk e^{b_ik - b_jk} (j <= i), zero above the diagonal.
   void scores(const float* q, const float* k, const float* g, int64_t ldk, float scale, float* A,
-              std::vector<double>& bd) const {
+              std::vector<double>& bd) {
     if (safe) {
       mm(false, true, L, L, K, 1.f, qa.data(), K, kf.data(), K, 0.f, A, BT);
     } else {
       double_sums(g, ldk, bd);
-      for (int64_t i = 0; i < L; ++i)
-        for (int64_t j = 0; j <= i; ++j) {
-          const double *bi = bd.data() + i * K, *bj = bd.data() + j * K;
-          const float *qi = q + i * ldk, *kj = k + j * ldk;
-          float acc = 0.f;
+      for (int64_t r0 = 0; r0 < L; r0 += SB) {
+        const int64_t r1 = std::min(r0 + SB, L), cols = block(bd, r0, r1);
+        block_operands(q, k, ldk, r0, r1, cols, scale);
+        if (cols > 0) mm(false, true, r1 - r0, cols, K, 1.f, QI.data(), K, KI.data(), K, 0.f, A + r0 * BT, BT);
+        for (int64_t i = r0; i < r1; ++i)  // the block's own pairs when it decays too fast to factor
+          for (int64_t j = cols; j <= i; ++j) {
+            const double *bi = bd.data() + i * K, *bj = bd.data() + j * K;
+            const float *qi = q + i * ldk, *kj = k + j * ldk;
+            float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < K; ++c) acc += qi[c] * kj[c] * exp_approx(static_cast<float>(bi[c] - bj[c]));
-          A[i * BT + j] = scale * acc;
-        }
+            for (int64_t c = 0; c < K; ++c) acc += qi[c] * kj[c] * exp_approx(static_cast<float>(bi[c] - bj[c]));
+            A[i * BT + j] = scale * acc;
+          }
+      }
     }
     for (int64_t i = 0; i < L; ++i) std::fill(A + i * BT + i + 1, A + i * BT + L, 0.f);
   }
