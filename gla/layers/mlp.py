@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import as_one, trains_as_one
+
 
 class MLP(nn.Module):
     """x: [..., d_model] -> [..., d_model].
@@ -30,7 +32,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+            if self.fused is not None:
+                gate, up = self.fused(x)
+            elif trains_as_one(x, self.input_linears()):
+                gate, up = as_one(x, self.input_linears())
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
             h = F.silu(gate) * up
         else:
             h = F.gelu(self.up_proj(x))

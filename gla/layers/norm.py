@@ -16,6 +16,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         y = x.float()
+        if not torch.compiler.is_exporting():  # torch's fused kernel: 0.31 against 0.44 ms fwd+bwd at [768, 128]
+            return F.rms_norm(y, y.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
         # a division by the root, not a product with rsqrt: in this form ONNX Runtime fuses the exported norm into
         # one operator (SimplifiedLayerNormalization), 6 nodes fewer per norm in a decoding step
         y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)

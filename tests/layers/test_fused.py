@@ -113,3 +113,30 @@ def test_a_decoder_is_rebuilt_when_adapters_replace_the_projections():
     m.eval()
     assert torch.equal(gla.generate(m, ids, 12, temperature=0, cuda_graph=True),
                        gla.generate(m, ids, 12, temperature=0, cuda_graph=False))
+
+
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "default")
+def test_training_forward_as_one_matmul_equals_separate_layers(kw, monkeypatch):
+    """A CPU training forward runs each layer's input projections as one matmul of the concatenated weights: loss
+    and every parameter's gradient equal those of the separate layers (the path switched off)."""
+    from gla.layers import fused, gla_attention, mlp
+    m = model(**kw).train()
+    ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(4))
+    calls = []
+    for mod in (gla_attention, mlp):
+        monkeypatch.setattr(mod, "as_one", lambda x, lins: calls.append(len(lins)) or fused.as_one(x, lins))
+    results = []
+    for on in (True, False):
+        if not on:
+            for mod in (gla_attention, mlp):
+                monkeypatch.setattr(mod, "trains_as_one", lambda x, lins: False)
+        m.zero_grad()
+        logits, _ = m(ids, use_cache=False)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    assert calls  # the concatenated path served the first pass
+    (want, want_g), (got, got_g) = results[1], results[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_g.keys() == want_g.keys() and len(want_g) == sum(p.requires_grad for p in m.parameters())
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
