@@ -71,7 +71,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h: [..., d] hidden states; weight: [vocab, d] (the head's nn.Linear weight); targets: [...] long, the class of
     each row, ``ignore_index`` rows left out. Returns the fp32 sum over kept rows (0 when none is kept), equal to
     ``F.cross_entropy((h @ weight.T).float(), targets, reduction="sum")`` with the head's matmul in autocast's dtype
-    when autocast is on. block_rows: rows per block (default: 64 MiB of fp32 logits)."""
+    when autocast is on. block_rows: rows per block (default: 64 MiB of fp32 logits; when every row fits in one
+    default block, the plain head and loss run instead)."""
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"targets must be h's shape without its last dim {tuple(h.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
@@ -83,5 +84,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     grad = torch.is_grad_enabled()
     dtype = _compute_dtype(h, weight)
     with torch.autocast(h.device.type, enabled=False):
+        if block_rows is None and h.numel() <= rows * h.shape[-1]:
+            # all rows in one block: the plain head and loss hold no more than a block's logits and take fewer
+            # operations (nanoGPT's CPU recipe, [768, 128] x vocabulary 256: 0.68 against 1.55 ms fwd+bwd)
+            logits = (h.reshape(-1, h.shape[-1]).to(dtype) @ weight.to(dtype).t()).float()
+            return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index,
+                                                     reduction="sum")
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index,
                                          dtype, rows, grad and h.requires_grad, grad and weight.requires_grad)
