@@ -66,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          block_rows: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of the logits h @ weightᵀ against ``targets``, without materialising the logits.
+    """Summed cross-entropy of the logits h @ weightᵀ against ``targets``, holding at most one block of logits.
 
     h: [..., d] hidden states; weight: [vocab, d] (the head's nn.Linear weight); targets: [...] long, the class of
     each row, ``ignore_index`` rows left out. Returns the fp32 sum over kept rows (0 when none is kept), equal to

@@ -1,11 +1,12 @@
-"""Input projections fused for decoding: the Linear layers that read one input, as one matmul.
+"""Input projections fused: the Linear layers that read one input, as one matmul (for decoding, and for CPU training).
 
 A decoding step at batch 1 is a chain of GEMVs, and a GEMV of a small layer is bound by its latency more than by
 the bytes of its weight: at GLA-340M each of the ten per layer took 3-7 us where its bytes need about 1 us
 (benchmarks/NOTES.md). Concatenating the weights of the projections that share an input (q, k, v, the gate's
 low-rank half and the output gate; SwiGLU's gate and up) leaves five GEMVs per layer, each larger. The fused
 weights are copies (``refresh`` re-reads the originals), used only inside ``with FusedProjections(model):``, so
-training and every other forward keep the separate parameters and their gradients.
+training and every other forward keep the separate parameters and their gradients. A CPU training forward
+concatenates the weights itself on each call (``as_one``: differentiable, no copies kept between steps).
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ class FusedLinear:
 
 def plain(linears: list[nn.Linear]) -> bool:
     """Whether the layers' weights can be concatenated: plain Linear layers (an adapter such as peft's LoRA adds to
-    its layer's output what a copied weight lacks) with plain tensor weights (not a quantised subclass)."""
-    return all(type(lin) is nn.Linear and type(lin.weight.data) is torch.Tensor for lin in linears)
+    its layer's output what a copied weight lacks) with plain tensor weights (not a quantised subclass) and no
+    forward hooks (pruning and weight norm set the weight in one)."""
+    return all(type(lin) is nn.Linear and type(lin.weight.data) is torch.Tensor and not lin._forward_pre_hooks
+               and not lin._forward_hooks for lin in linears)
 
 
 def trains_as_one(x: torch.Tensor, linears: list[nn.Linear]) -> bool:

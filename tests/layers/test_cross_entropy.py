@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from gla import GLAConfig, GLATransformer
+from gla.layers import cross_entropy
 from gla.layers.cross_entropy import linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 512 bytes of fp32 logits: the tests' small inputs go through several blocks of the blockwise
+    function (with the default 64 MiB every one would fit one block and take the plain head)."""
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 512)
 
 
 def _plain(h, w, y, ignore_index=-100):
@@ -135,3 +143,21 @@ def test_frozen_weight_and_no_second_order():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="does not require grad"):  # no graph to differentiate again
         ours.sum().backward()
+
+
+def test_one_default_block_takes_the_plain_head(monkeypatch):
+    """Rows that fit one default block (64 MiB of fp32 logits) take the plain head and loss: equal loss and
+    gradients, and the blockwise function is not called."""
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 1 << 26)
+    calls = []
+    real = cross_entropy._LinearCrossEntropy.apply
+    monkeypatch.setattr(cross_entropy._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(40, 12, generator=g), torch.randn(30, 12, generator=g)
+    y = torch.randint(0, 30, (40,), generator=g)
+    y[:5] = -100
+    for a, b in zip(_grads(linear_cross_entropy, h, w, y, 0.5), _grads(_plain, h, w, y, 0.5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not calls
+    linear_cross_entropy(h, w, y, block_rows=64)  # an explicit block size keeps the blockwise function
+    assert calls

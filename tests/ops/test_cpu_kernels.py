@@ -47,15 +47,21 @@ def test_training_step_matches_reference(B, T, H, K, V, normalizer, monkeypatch)
     assert calls and calls[0]["state_rows"] == B * -(-T // 64) and backward_calls
 
 
-@pytest.mark.parametrize("strong", [1.0, 2.5, 8.0])
+@pytest.mark.parametrize("strong", [1.0, 2.5, 3.0, 8.0, "mixed"])
 def test_a_few_strong_channels_match_reference(strong, monkeypatch):
     """A trained model's gates: most channels weak, a few forgetting fast (log-decay -strong per token). One such
-    channel makes a whole chunk too steep to factor; its row blocks of 16 tokens then decay by about 16 or 40
-    (factored) or 128 (their own pairs in log space) on that channel."""
+    channel makes a whole chunk too steep to factor; its row blocks of 16 tokens then decay by about 16, 40 or 48
+    (factored; at 3.0 also the last chunk's 22 tokens, a block of 6 included) or 128 (their own pairs in log space)
+    on that channel. "mixed": -8 for the first 40 tokens, -1 after (factored and log-space blocks in one chunk)."""
     calls = _count_calls(monkeypatch, "chunk_backward")
     q, k, v, g, h0 = gla_inputs(2, 150, 2, 20, 36, normalizer=16.0, state=True, seed=11)
+    jitter = 1 + 0.1 * torch.rand(g[..., :3].shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        g[..., :3] = -strong * (1 + 0.1 * torch.rand(g[..., :3].shape, generator=torch.Generator().manual_seed(3)))
+        if strong == "mixed":
+            g[..., :3] = -jitter
+            g[:, :40, :, :3] *= 8
+        else:
+            g[..., :3] = -strong * jitter
     assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
     assert calls
 

@@ -56,7 +56,8 @@ def test_triton_ops(case, dtype):
     o, ht, A, hs, gc = chunk_fwd_op(q, k, v, g, h0, cu, 0.25, True, True)
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     x = [t.detach() for t in (q, k, v, gc, A, hs)]
-    opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True, g.dtype))
+    opcheck(chunk_bwd_op, (*x[:4], do, dht, x[4], x[5], cu, 0.25, True, True, g.dtype))
+    opcheck(chunk_bwd_op, (*x[:3], g.detach(), do, dht, x[4], x[5], cu, 0.25, True, False, g.dtype))
     step = [t[:, 0].detach().contiguous() for t in (q, k, v, g)]  # one token per row: [B, H, *]
     s = torch.randn(*step[0].shape[:2], 16, 24, device="cuda")
     opcheck(recurrent_step_op, (*step, s, 0.25))

@@ -293,3 +293,21 @@ def test_interpreter_rounds_operands_as_the_gpu_does():
     assert dot16(torch.bfloat16) == 2 and dot16(torch.float16) == 2 and dot16(torch.float32) == 0
     _round_kernel[(1,)](x, y, N=4096, DOT16=dot16(torch.bfloat16))
     assert torch.equal(y, x.bfloat16().float())
+
+
+def test_broadcast_gate_recomputes_the_sums_with_the_same_gradients():
+    """A broadcast gate (fixed decay: a stride-0 view) keeps g and recomputes its in-chunk sums in the backward; a
+    materialised one keeps the forward's sums. Both give the same gradients."""
+    q, k, v, _, h0 = gla_inputs(2, 70, 2, 16, 24, state=True, device=DEVICE, seed=9)
+    base = (torch.nn.functional.logsigmoid(torch.randn(1, 1, 2, 16, generator=torch.Generator().manual_seed(2)))
+            .to(DEVICE).requires_grad_())
+    do = torch.randn(2, 70, 2, 24, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grads = []
+    for materialise in (False, True):
+        g = base.expand(2, 70, 2, 16)
+        g = g.contiguous() if materialise else g
+        assert (0 in g.stride()) != materialise
+        o, _ = gated_linear_attention(q, k, v, g, initial_state=h0, backend="triton")
+        grads.append(torch.autograd.grad(o, (q, k, v, base, h0), do))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6

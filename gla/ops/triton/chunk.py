@@ -2,13 +2,15 @@
 
 forward  ``gla::chunk_fwd_triton``: chunk_cumsum (gc) -> chunk_state_fwd (states entering each chunk) ->
          chunk_output_fwd (o, and the intra scores A)
-backward ``gla::chunk_bwd_triton``: chunk_state_bwd (gradients of the states leaving each chunk, dh0)
-         -> chunk_bwd (dv; dq, dk, dg)
+backward ``gla::chunk_bwd_triton``: (chunk_cumsum) -> chunk_state_bwd (gradients of the states leaving each chunk,
+         dh0) -> chunk_bwd (dv; dq, dk, dg)
 Both are ``triton_op``s: torch.compile sees through them to the kernels (no graph break), and nothing in them reads
 a value back to the host, so they can be captured in CUDA graphs. The per-chunk states and intra-chunk scores are kept
-from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype). gc is kept in place of g, which the
-backward needs only through gc: with the model's fp32 gate that holds no more memory than keeping g, and it spares
-the backward a pass over the gate (read g, write gc: ~5% of forward+backward at H=16 K=V=128).
+from the forward (bf16 for 16-bit inputs, fp32 for fp32: utils.kept_dtype). The backward needs g only through gc, the
+in-chunk cumsum: an eager call keeps gc in place of g (as much memory as the model's fp32 gate, and the backward
+skips a pass over the gate: ~5% of forward+backward at H=16 K=V=128). Under torch.compile g is kept and gc recomputed:
+there the partitioner recomputes g from the layer's small low-rank activation instead of keeping it, where an
+operator output such as gc would be kept (2 KB per token and layer at gla-340m). So does a broadcast g (fixed decay).
 """
 from __future__ import annotations
 
@@ -43,17 +45,18 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
 
 @triton_op("gla::chunk_bwd_triton", mutates_args=())
-def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, do: torch.Tensor,
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, do: torch.Tensor,
                  dht: Optional[torch.Tensor], A: torch.Tensor, hs: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                 scale: float, need_dh0: bool, g_dtype: torch.dtype
+                 scale: float, need_dh0: bool, summed: bool, g_dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gc, A, hs: what the forward returned. Gradients dq, dk, dv (dtypes of q, k, v), dg (g_dtype) and
-    dh0 [N, H, K, V] fp32 (empty unless need_dh0). A empty (a forward that did not expect a backward,
-    store_A=False): the scores are recomputed here."""
-    q, k, v, gc, do = (x.contiguous() for x in (q, k, v, gc, do))
+    """g: the gate, or (summed) the forward's gc; A, hs: what the forward returned. Gradients dq, dk, dv (dtypes of
+    q, k, v), dg (g_dtype) and dh0 [N, H, K, V] fp32 (empty unless need_dh0). A empty (a forward that did not expect
+    a backward, store_A=False): the scores are recomputed here."""
+    q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
     # an empty dht is the gradient of the empty placeholder that a forward without output_final_state returns
     dht = dht.to(torch.float32).contiguous() if dht is not None and dht.numel() else None
     meta = chunk_meta(q.shape[0], q.shape[1], cu_seqlens)
+    gc = g if summed else chunk_cumsum(g, meta)
     if A.numel() == 0:  # a shape, not a value: no host sync
         A = chunk_output_fwd(q, k, v, gc, hs, scale, meta, store_A=True)[1]
     dhs, dh0 = chunk_state_bwd(q, gc, do, dht, scale, meta, need_dh0=need_dh0)
@@ -64,7 +67,8 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Te
 def _setup(ctx, inputs, output):
     q, k, v, g, h0, cu_seqlens, scale, _, _ = inputs
     _, _, A, hs, gc = output
-    ctx.save_for_backward(q, k, v, gc, A, hs, cu_seqlens)
+    ctx.summed = not torch.compiler.is_compiling() and 0 not in g.stride()  # see the module docstring
+    ctx.save_for_backward(q, k, v, gc if ctx.summed else g, A, hs, cu_seqlens)
     ctx.scale = scale
     ctx.g_dtype = g.dtype
     ctx.h0_dtype = h0.dtype if h0 is not None else None  # the state's dtype, for its gradient
@@ -72,11 +76,11 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, dA, dhs, dgc):
-    q, k, v, gc, A, hs, cu_seqlens = ctx.saved_tensors
+    q, k, v, g, A, hs, cu_seqlens = ctx.saved_tensors
     if do is None:  # only the final state was used
         do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     need_dh0 = ctx.needs_input_grad[4]
-    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, gc, do, dht, A, hs, cu_seqlens, ctx.scale, need_dh0,
+    dq, dk, dv, dg, dh0 = chunk_bwd_op(q, k, v, g, do, dht, A, hs, cu_seqlens, ctx.scale, need_dh0, ctx.summed,
                                        ctx.g_dtype)
     dh0 = dh0.to(ctx.h0_dtype) if need_dh0 else None
     return dq, dk, dv, dg, dh0, None, None, None, None

@@ -163,7 +163,8 @@ def chunk_bwd(q, k, v, gc, do, A, hs, dhs, scale: float, meta: ChunkMeta, g_dtyp
     c = config("dqkg", K, V)
     # Square tiles: with BV != BK, Triton 3.6 miscompiles this kernel's bf16 products on the H200 whenever the V loop
     # is not software-pipelined (one V tile, e.g. K=16/V=32, K=V=64): dq, dk, dg came out wrong or NaN, or the launch
-    # faulted. Square 64 x 64 tiles with 8 warps are also the fastest measured (benchmarks/NOTES.md, v6.1).
+    # faulted. Square 64 x 64 tiles with 8 warps measured as fast as 32 x 32 at H=16 and 4% faster at GLA-340M's
+    # heads (benchmarks/NOTES.md, v6.1).
     c["BK"] = c["BV"] = min(c["BK"], c["BV"])
     wrap_triton(chunk_dqkg_bwd_kernel)[(meta.NC * cdiv(K, c["BK"]), H)](
         q, k, v, gc, do, hs, dhs, dq, dk, dg, scale, meta.cu_seqlens, meta.chunk_indices, meta.chunk_offsets,

@@ -175,7 +175,7 @@ CONFIGS = {
     "state_small": dict(BK=16, BV=64, num_warps=4),
     "output": dict(BK=32, BV=128, num_warps=4),
     "dv": dict(BK=32, BV=128, num_warps=4),
-    "dqkg": dict(BK=64, BV=64, num_warps=8),  # square: see chunk_bwd.chunk_bwd; 8 warps: 254 registers, no spills
+    "dqkg": dict(BK=64, BV=64, num_warps=8),  # square: see chunk_bwd.chunk_bwd; 254 registers
     "cumsum": dict(BK=64, num_warps=4),
 }
 
