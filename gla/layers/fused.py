@@ -69,6 +69,16 @@ def as_one(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
     return list(torch.nn.functional.linear(x, w, b).split([lin.out_features for lin in linears], -1))
 
 
+def as_one_matmul(module: nn.Module, x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor] | None:
+    """The outputs of ``module``'s ``linears`` on x as one matmul where one serves: the decoding context's
+    FusedLinear (``module.fused``), else ``as_one`` in CPU training; None where the separate layers should run."""
+    if module.fused is not None:
+        return module.fused(x)
+    if trains_as_one(x, linears):
+        return as_one(x, linears)
+    return None
+
+
 class FusedProjections:
     """Every module of ``model`` that offers ``input_linears()`` (GLA mixers, SwiGLU MLPs) gets a FusedLinear of
     them while the context is active; its ``forward`` then uses it where the inputs allow (no padding mask)."""

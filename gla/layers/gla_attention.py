@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gla.ops import decode_step_, gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
-from .fused import as_one, trains_as_one
+from .fused import as_one_matmul
 from .norm import RMSNorm, make_norm
 from .packing import packed_info
 
@@ -143,11 +143,8 @@ class GatedLinearAttention(nn.Module):
         """(q, k, v, gate low-rank activations or None, output-gate pre-activation or None). The output gate
         reads x; the others read xin (x with padding zeroed), which is x itself when there is no mask."""
         lins = self.input_linears()
-        if self.fused is not None and xin is x:
-            outs = self.fused(x)
-        elif xin is x and trains_as_one(x, lins):
-            outs = as_one(x, lins)
-        else:
+        outs = as_one_matmul(self, x, lins) if xin is x else None
+        if outs is None:
             outs = [lin(xin) for lin in lins[:-1]] + [lins[-1](x if self.output_gate else xin)]
         # indexing, not list.pop: torch 2.11's dynamo turns the starred remainder into a tuple
         q, k, v = outs[0], outs[1], outs[2]

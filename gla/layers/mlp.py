@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import as_one, trains_as_one
+from .fused import as_one_matmul
 
 
 class MLP(nn.Module):
@@ -32,12 +32,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            if self.fused is not None:
-                gate, up = self.fused(x)
-            elif trains_as_one(x, self.input_linears()):
-                gate, up = as_one(x, self.input_linears())
-            else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = as_one_matmul(self, x, self.input_linears()) or (self.gate_proj(x), self.up_proj(x))
             h = F.silu(gate) * up
         else:
             h = F.gelu(self.up_proj(x))
