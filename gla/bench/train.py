@@ -27,6 +27,8 @@ import statistics
 import sys
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 import torch.nn.functional as F
 
 from gla import GLAConfig, GLATransformer

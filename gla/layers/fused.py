@@ -38,8 +38,12 @@ class FusedLinear:
                 self.bias[start:start + n].copy_(lin.bias)
             start += n
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> the outputs side by side [..., sum of out_features]."""
+        return linear(x, self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(linear(x, self.weight, self.bias).split(self.sizes, -1))
+        return list(self.joint(x).split(self.sizes, -1))
 
 
 def plain(linears: list[nn.Linear]) -> bool:
@@ -59,24 +63,31 @@ def trains_as_one(x: torch.Tensor, linears: list[nn.Linear]) -> bool:
             and not torch.compiler.is_exporting() and plain(linears))
 
 
-def as_one(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+def as_one(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     """x [..., d_in] through ``linears`` as one differentiable matmul of their concatenated weights (copied per call:
-    cheap beside a training batch's activations), split back into one output per linear."""
+    cheap beside a training batch's activations): their outputs side by side, [..., sum of out_features]."""
     w = torch.cat([lin.weight for lin in linears])
     b = None
     if any(lin.bias is not None for lin in linears):
         b = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias for lin in linears])
-    return list(torch.nn.functional.linear(x, w, b).split([lin.out_features for lin in linears], -1))
+    return torch.nn.functional.linear(x, w, b)
 
 
-def as_one_matmul(module: nn.Module, x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor] | None:
-    """The outputs of ``module``'s ``linears`` on x as one matmul where one serves: the decoding context's
-    FusedLinear (``module.fused``), else ``as_one`` in CPU training; None where the separate layers should run."""
+def joint_matmul(module: nn.Module, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The outputs of ``module``'s ``linears`` on x side by side, from one matmul where one serves: the decoding
+    context's FusedLinear (``module.fused``), else ``as_one`` in CPU training; None where the separate layers
+    should run."""
     if module.fused is not None:
-        return module.fused(x)
+        return module.fused.joint(x)
     if trains_as_one(x, linears):
         return as_one(x, linears)
     return None
+
+
+def as_one_matmul(module: nn.Module, x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor] | None:
+    """``joint_matmul`` split into one output per linear (None where the separate layers should run)."""
+    y = joint_matmul(module, x, linears)
+    return None if y is None else list(y.split([lin.out_features for lin in linears], -1))
 
 
 class FusedProjections:

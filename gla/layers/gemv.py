@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gla.device import best_time
+from gla.device import best_time, constant_to_compiler
 
 ROWS_MAX = 8
 MIN_WEIGHT = 1 << 20  # a 1024 x 1024 weight gained 80 -> 100 GB/s at one row on the EPYC; a 256 x 128 one lost
@@ -36,7 +36,7 @@ def _batched_faster(n: int) -> bool:
     return best_time(lambda: _batched(x, w, n), 5) < 0.9 * best_time(lambda: F.linear(x, w), 5)
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile: a compiled decoding step keeps one graph
+@constant_to_compiler  # a constant to torch.compile: a compiled decoding step keeps one graph
 def _threads() -> int:
     """Threads to spread the row blocks over (0 where the batched route did not measure faster)."""
     n = torch.get_num_threads()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import as_one_matmul
+from gla.ops import cpu_kernels
+
+from .fused import joint_matmul
 
 
 class MLP(nn.Module):
@@ -32,8 +34,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            gate, up = as_one_matmul(self, x, self.input_linears()) or (self.gate_proj(x), self.up_proj(x))
-            h = F.silu(gate) * up
+            y = joint_matmul(self, x, self.input_linears())
+            if y is not None and cpu_kernels.swiglu_serves(y):  # one pass each way, no split to concatenate back
+                h = cpu_kernels.swiglu(y)
+            else:
+                gate, up = y.chunk(2, -1) if y is not None else (self.gate_proj(x), self.up_proj(x))
+                h = F.silu(gate) * up
         else:
             h = F.gelu(self.up_proj(x))
         return self.dropout(self.down_proj(h))

@@ -29,6 +29,7 @@ def partitioning(memory_budget: float = 1.0):
     (ban_recompute_materialized_backward): at gla-340m 28.8 instead of 42.4 KB per token and layer are kept. Measured
     on an H100 (B=8 T=2048, bf16 weights): peak 20.1 -> 15.0 GiB for 97.3 -> 98.9 ms per step (benchmarks/NOTES.md).
     memory_budget < 1: torch's activation_memory_budget (recompute further, cheapest first)."""
+    import torch._functorch.config  # not loaded by `import torch` (nor by gla's imports: gla.device.constant_to_compiler)
     return torch._functorch.config.patch(activation_memory_budget=memory_budget,
                                          ban_recompute_materialized_backward=False)
 

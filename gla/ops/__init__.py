@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from gla.device import constant_to_compiler
+
 from .recurrent import recurrent_gla, recurrent_step, recurrent_step_
 
 __all__ = ["gated_linear_attention", "decode_step_", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
@@ -228,7 +230,7 @@ _TRITON_STATUS: list = []  # filled on first use: [None] if the kernels can run,
 _WARNED: set = set()
 
 
-@torch.compiler.assume_constant_result  # traced as its value: torch 2.11's dynamo broke the graph on the check's regex
+@constant_to_compiler  # traced as its value: torch 2.11's dynamo broke the graph on the check's regex
 def triton_status() -> str | None:
     """None when gla's Triton kernels can run with the installed Triton, else one line saying why not and what to
     install. Checked once per process: an unsupported version gets this message, never a crash inside a kernel."""

@@ -405,12 +405,17 @@ def chunk_gla(q, k, v, g, scale: float, initial_state=None, output_final_state=F
     Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32 or None).
     """
     # the compiled CPU operators beat the one-chunk path too (nanoGPT's sizes: 1.28 vs 1.94 ms forward+backward)
-    S = None if cpu_kernels.serves(q, k, v, g) else short_chunk.plan(q, g, initial_state, output_final_state,
-                                                                      cu_seqlens)
+    cpu = cpu_kernels.serves(q, k, v, g)
+    S = None if cpu else short_chunk.plan(q, g, initial_state, output_final_state, cu_seqlens)
     if S is not None:  # one chunk, no states: a few dozen ops each way
         return short_chunk.short_chunk_gla(q, k, v, g, scale, S), None
     if wants_grad(q, k, v, g, initial_state):
-        o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
+        if cpu and not torch.compiler.is_compiling():  # eager: the compiled CPU operators without the dispatch
+            N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            rows = _max_chunks(q.shape[0], q.shape[1], N, cu_seqlens is not None)
+            o, final = cpu_kernels.EagerChunk.apply(q, k, v, g, initial_state, cu_seqlens, scale, rows)
+        else:
+            o, final, _ = chunk_fwd_op(q, k, v, g, initial_state, cu_seqlens, scale)
     else:
         o, final = chunk_infer_op(q, k, v, g, initial_state, cu_seqlens, scale)
     return o, (final if output_final_state else None)

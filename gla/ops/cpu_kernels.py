@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp"]
+SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp", CSRC / "swiglu.cpp"]
 HEADERS = [CSRC / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 _state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
@@ -88,9 +88,22 @@ def _load() -> tuple[bool, str]:
             _build(compiler, target)
         if not _registered():  # a second registration of the same operator library aborts the process
             torch.ops.load_library(str(target))
+            _register_fakes()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return False, f"could not build or load the CPU kernels: {e}"
     return True, f"loaded from {target}"
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which traces ``swiglu`` (the chunk operators run inside gla's own
+    torch.library operators, which have theirs)."""
+    @torch.library.register_fake("gla_cpu::swiglu_forward")
+    def _(y):
+        return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+
+    @torch.library.register_fake("gla_cpu::swiglu_backward")
+    def _(dh, y):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _registered() -> bool:
@@ -150,3 +163,54 @@ def chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, scale: float):
     dfinal = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
     cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
     return torch.ops.gla_cpu.chunk_backward(*f32, do, hs.contiguous(), dfinal, cu, float(scale))
+
+
+class EagerChunk(torch.autograd.Function):
+    """``chunk_forward`` and ``chunk_backward`` as one differentiable call, for eager training on the CPU:
+    (q, k, v, g, h0, cu_seqlens, scale, state_rows) -> (o in v's dtype, final states float32).
+
+    The same computation as the operator ``gla::chunk_fwd`` with its registered backward (which torch.compile and
+    export need), without torch.library's dispatch around it: at nanoGPT's recipe (B=12 T=64 H=4 K=16 V=32) that
+    dispatch cost ~180 us of each layer's ~660 us forward and backward (benchmarks/NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale: float, state_rows: int):
+        o, final, hs = chunk_forward(q, k, v, g, h0, cu_seqlens, scale, state_rows=state_rows)
+        ctx.save_for_backward(q, k, v, g, hs, cu_seqlens)
+        ctx.scale, ctx.h0_dtype = scale, None if h0 is None else h0.dtype
+        ctx.set_materialize_grads(False)
+        return o.to(v.dtype), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, hs, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, ctx.scale)
+        dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None
+
+
+def swiglu_serves(y: torch.Tensor) -> bool:
+    """Whether a model should run ``swiglu`` on y: a float32 or bfloat16 CPU tensor in eager training (where autograd
+    keeps y, not the split and the activation). Inference keeps torch's operators, so that a static decoder's step
+    equals the model's own step bit for bit; so does torch.compile, which fuses them itself and may recompute the
+    product in the backward instead of keeping it (``partitioning``), which it cannot do with an opaque one."""
+    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and torch.is_grad_enabled()
+            and not _state["off"] and not torch.compiler.is_compiling() and available())
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """y [..., 2F], the joint output of SwiGLU's gate and up projections -> silu(y[..., :F]) * y[..., F:] [..., F],
+    differentiable, one pass each way (csrc/swiglu.cpp); y is made contiguous."""
+    return _SwiGLU.apply(y.contiguous())
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return torch.ops.gla_cpu.swiglu_forward(y)
+
+    @staticmethod
+    def backward(ctx, dh):
+        (y,) = ctx.saved_tensors
+        return torch.ops.gla_cpu.swiglu_backward(dh.to(y.dtype), y)

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
+import torch._functorch.config
 
 from gla import GLATransformer
 

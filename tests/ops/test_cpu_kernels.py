@@ -215,3 +215,38 @@ def test_value_columns_split_over_threads(threads):
     assert rel_err(o, o_r) <= FWD_TOL and rel_err(s, s_r) <= FWD_TOL
     _, s_64, _ = torch.ops.gla_cpu.chunk_forward(q[:, :64], k[:, :64], v[:, :64], g[:, :64], h0, None, 0.25, 0)
     assert torch.equal(hs[0], h0[0]) and rel_err(hs[1], s_64[0]) <= FWD_TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])  # bf16: one rounding, 2^-8
+@pytest.mark.parametrize("shape", [(1, 2), (3, 7, 74), (2, 5, 688)])
+def test_swiglu_matches_reference(shape, dtype, tol):
+    """silu(a) * u and its gradient against float64 on fresh values, with extremes (|a| = 100, where exp(-a)
+    alone would overflow, 0, tiny) in the first row; bfloat16 within one rounding of the result."""
+    gen = torch.Generator().manual_seed(len(shape))
+    y = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    y.view(-1)[:min(5, shape[-1] // 2)] = torch.tensor([100.0, -100.0, 0.0, 1e-3, -50.0])[:min(5, shape[-1] // 2)]
+    dh = torch.randn(*shape[:-1], shape[-1] // 2, generator=gen, dtype=torch.float64)
+    ref_in = y.clone().requires_grad_()
+    a, u = ref_in.chunk(2, -1)
+    ref = torch.nn.functional.silu(a) * u
+    ref.backward(dh)
+    ours_in = y.to(dtype).requires_grad_()
+    out = cpu_kernels.swiglu(ours_in)
+    out.backward(dh.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape and ours_in.grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(ours_in.grad).all()
+    assert rel_err(out, ref) <= tol and rel_err(ours_in.grad, ref_in.grad) <= tol
+
+
+@pytest.mark.parametrize("case", ["odd", "float64", "strided", "dh"])
+def test_swiglu_bad_input_gets_a_clear_error(case):
+    y, dh = torch.randn(4, 10), torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="dh must be" if case == "dh" else "y must be"):
+        if case == "odd":
+            torch.ops.gla_cpu.swiglu_forward(torch.randn(4, 9))
+        elif case == "float64":
+            torch.ops.gla_cpu.swiglu_forward(y.double())
+        elif case == "strided":
+            torch.ops.gla_cpu.swiglu_forward(torch.randn(10, 4).t())
+        else:
+            torch.ops.gla_cpu.swiglu_backward(dh[:, :4], y)

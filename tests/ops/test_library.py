@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch._dynamo
 from torch.library import opcheck
 
 import gla.ops  # noqa: F401  (registers the operators)

@@ -226,8 +226,13 @@ def test_nonfinite_limit_is_checked():
 
 
 def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text):
-    """--compile on (CPU, fp32): the loss curve of 30 steps equals eager's to 1e-3 relative, and a compiled run
-    interrupted after its step-15 checkpoint and resumed (compiled again) continues it."""
+    """--compile on (CPU, fp32): the loss curve of 30 steps follows eager's, and a compiled run interrupted after its
+    step-15 checkpoint and resumed (compiled again) continues it.
+
+    Compiled and eager kernels round differently (Inductor's fused kernels; eager training's C++ SwiGLU), ~1e-7
+    relative per step. For the first 14 steps the curves stay that close; later steps amplify any such difference:
+    two eager runs whose SwiGLU differed only in rounding drifted to 1.2e-3 by step 25 (benchmarks/NOTES.md). So the
+    first 14 steps are held to 1e-5 (a wrong gradient or a stale weight moves them far more) and the run to 1e-2."""
     kw = dict(steps=30, eval_every=15, warmup=5)
     for mode, compiled in (("on", True), ("off", False), ("auto", False)):  # auto: compiled on CUDA only
         trainer = Trainer(_cfg(tmp_path / f"kind-{mode}", small_text, compile=mode, **kw), progress=False)
@@ -236,8 +241,8 @@ def test_compiled_training_follows_eager_and_resumes(tmp_path, small_text):
     train(_cfg(tmp_path / "compiled", small_text, compile="on", **kw), progress=False)
     eager, compiled = (dict(_losses(tmp_path / run)[0]) for run in ("eager", "compiled"))
     assert sorted(eager) == sorted(compiled) == list(range(1, 31))
-    worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
-    assert worst <= 1e-3, worst
+    gap = {s: abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager}
+    assert max(gap[s] for s in range(1, 15)) <= 1e-5 and max(gap.values()) <= 1e-2, gap
     train_cut_at(_cfg(tmp_path / "cut", small_text, compile="on", **kw), 17)  # after the step-15 checkpoint
     train(resume_config(str(tmp_path / "cut"), {}), resume=True, progress=False)
     resumed = dict(_losses(tmp_path / "cut")[0])

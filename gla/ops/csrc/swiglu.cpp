@@ -1,0 +1,132 @@
+// SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer") on the joint output of the gate and up projections:
+//     y = [a | u] [rows, 2F],  h = silu(a) ⊙ u = a σ(a) ⊙ u
+//     da = dh ⊙ u ⊙ σ(a) (1 + a (1 − σ(a))),  du = dh ⊙ a σ(a)
+// One pass each way in float32 whatever the storage (float32 or bfloat16, each result rounded once), the gradient
+// written as the joint [da | du] that the one matmul of both projections takes back. Eager PyTorch needs three
+// passes forward and five backward, each through memory, plus the split's concatenation (benchmarks/NOTES.md).
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <bit>
+
+namespace gla_cpu {
+namespace {
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) { return std::bit_cast<float>(static_cast<uint32_t>(x) << 16); }
+
+// To the storage type: float32 as is; bfloat16 rounded to nearest even as torch's own conversion, a NaN kept a NaN.
+template <typename T>
+inline T narrow(float x);
+template <>
+inline float narrow<float>(float x) {
+  return x;
+}
+template <>
+inline uint16_t narrow<uint16_t>(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
+}
+
+// σ(a) without overflow: e^{-|a|} <= 1, then σ = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
+inline float sigmoid(float a) {
+  const float e = exp_approx(-std::fabs(a)), r = 1.f / (1.f + e);
+  return a >= 0.f ? r : e * r;
+}
+
+template <typename T>
+void forward_rows(const T* y, T* h, int64_t r0, int64_t r1, int64_t F) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict__ a = y + r * 2 * F;
+    const T* __restrict__ u = a + F;
+    T* __restrict__ hr = h + r * F;
+#pragma omp simd
+    for (int64_t c = 0; c < F; ++c) {
+      const float x = widen(a[c]);
+      hr[c] = narrow<T>(x * sigmoid(x) * widen(u[c]));
+    }
+  }
+}
+
+template <typename T>
+void backward_rows(const T* dh, const T* y, T* dy, int64_t r0, int64_t r1, int64_t F) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict__ a = y + r * 2 * F;
+    const T* __restrict__ u = a + F;
+    const T* __restrict__ d = dh + r * F;
+    T* __restrict__ da = dy + r * 2 * F;
+    T* __restrict__ du = da + F;
+#pragma omp simd
+    for (int64_t c = 0; c < F; ++c) {
+      const float x = widen(a[c]), s = sigmoid(x), g = widen(d[c]);
+      da[c] = narrow<T>(g * widen(u[c]) * s * (1.f + x * (1.f - s)));
+      du[c] = narrow<T>(g * x * s);
+    }
+  }
+}
+
+void check_joint(const at::Tensor& y, const char* op) {
+  TORCH_CHECK(y.device().is_cpu() && (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16) &&
+                  y.is_contiguous() && y.dim() >= 1 && y.size(-1) % 2 == 0,
+              op, ": y must be a contiguous float32 or bfloat16 CPU tensor [..., 2F], got ", y.scalar_type(), " ",
+              y.sizes());
+}
+
+// Rows per task: about 64 KB of y, so that a small call runs on one thread and a large one on all.
+int64_t grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(2 * F, 1)); }
+
+// y [..., 2F] -> h [..., F] = silu(y[..., :F]) ⊙ y[..., F:], y's dtype.
+at::Tensor swiglu_forward(const at::Tensor& y) {
+  check_joint(y, "gla_cpu::swiglu_forward");
+  const int64_t F = y.size(-1) / 2, rows = F ? y.numel() / (2 * F) : 0;
+  std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
+  shape.back() = F;
+  at::Tensor h = at::empty(shape, y.options());
+  at::parallel_for(0, rows, grain(F), [&](int64_t r0, int64_t r1) {
+    if (y.scalar_type() == at::kFloat)
+      forward_rows(y.data_ptr<float>(), h.data_ptr<float>(), r0, r1, F);
+    else
+      forward_rows(reinterpret_cast<const uint16_t*>(y.data_ptr()), reinterpret_cast<uint16_t*>(h.data_ptr()),
+                   r0, r1, F);
+  });
+  return h;
+}
+
+// dh [..., F] (y's dtype, any layout: made contiguous), y [..., 2F] -> dy [..., 2F] = [da | du].
+at::Tensor swiglu_backward(const at::Tensor& dh_, const at::Tensor& y) {
+  const char* op = "gla_cpu::swiglu_backward";
+  check_joint(y, op);
+  const int64_t F = y.size(-1) / 2, rows = F ? y.numel() / (2 * F) : 0;
+  TORCH_CHECK(dh_.device().is_cpu() && dh_.scalar_type() == y.scalar_type() && dh_.numel() == rows * F &&
+                  dh_.dim() == y.dim() && dh_.size(-1) == F,
+              op, ": dh must be y's dtype with y's shape but F = ", F, " last, got ", dh_.scalar_type(), " ",
+              dh_.sizes());
+  const at::Tensor dh = dh_.contiguous();
+  at::Tensor dy = at::empty_like(y);
+  at::parallel_for(0, rows, grain(F), [&](int64_t r0, int64_t r1) {
+    if (y.scalar_type() == at::kFloat)
+      backward_rows(dh.data_ptr<float>(), y.data_ptr<float>(), dy.data_ptr<float>(), r0, r1, F);
+    else
+      backward_rows(reinterpret_cast<const uint16_t*>(dh.data_ptr()), reinterpret_cast<const uint16_t*>(y.data_ptr()),
+                    reinterpret_cast<uint16_t*>(dy.data_ptr()), r0, r1, F);
+  });
+  return dy;
+}
+
+}  // namespace
+}  // namespace gla_cpu
+
+TORCH_LIBRARY_FRAGMENT(gla_cpu, m) {
+  m.def("swiglu_forward(Tensor y) -> Tensor");
+  m.def("swiglu_backward(Tensor dh, Tensor y) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gla_cpu, CPU, m) {
+  m.impl("swiglu_forward", &gla_cpu::swiglu_forward);
+  m.impl("swiglu_backward", &gla_cpu::swiglu_backward);
+}
