@@ -88,22 +88,9 @@ def _load() -> tuple[bool, str]:
             _build(compiler, target)
         if not _registered():  # a second registration of the same operator library aborts the process
             torch.ops.load_library(str(target))
-            _register_fakes()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return False, f"could not build or load the CPU kernels: {e}"
     return True, f"loaded from {target}"
-
-
-def _register_fakes() -> None:
-    """Output shapes for torch.compile, which traces ``swiglu`` (the chunk operators run inside gla's own
-    torch.library operators, which have theirs)."""
-    @torch.library.register_fake("gla_cpu::swiglu_forward")
-    def _(y):
-        return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
-
-    @torch.library.register_fake("gla_cpu::swiglu_backward")
-    def _(dh, y):
-        return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _registered() -> bool:

@@ -47,6 +47,38 @@ def test_training_step_matches_reference(B, T, H, K, V, normalizer, monkeypatch)
     assert calls and calls[0]["state_rows"] == B * -(-T // 64) and backward_calls
 
 
+@pytest.mark.parametrize("through", ["final state", "output"])
+def test_eager_training_call_matches_reference(through, monkeypatch):
+    """An eager training call takes ``EagerChunk`` (no torch.library dispatch): gradients through the final state
+    alone (the output unused: no output gradient reaches the backward) or through the output of bfloat16 q, k, v
+    (cast in, gradients cast back), against the float64 recurrent reference."""
+    calls = _count_calls(monkeypatch, "chunk_backward")
+    eager = []
+    real = cpu_kernels.EagerChunk.apply
+    monkeypatch.setattr(cpu_kernels.EagerChunk, "apply", lambda *a: eager.append(1) or real(*a))
+    dtype = torch.bfloat16 if through == "output" else torch.float32
+    q, k, v, g, h0 = gla_inputs(2, 100, 2, 20, 36, normalizer=1.0, state=True, seed=5)
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="chunk")
+    leaves = [q, k, v, g, h0]
+    loss = (s * torch.randn(s.shape, generator=torch.Generator().manual_seed(1))).sum() if through == "final state" \
+        else (o.float() * torch.randn(o.shape, generator=torch.Generator().manual_seed(1))).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    o_r, s_r = gated_linear_attention(*ref[:4], initial_state=ref[4], output_final_state=True, backend="recurrent")
+    loss_r = (s_r * torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).double()).sum() \
+        if through == "final state" else \
+        (o_r * torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).double()).sum()
+    # the final state does not depend on q: the reference leaves dq out, ours must be zero (rel_err 0 then)
+    grads_r = [torch.zeros_like(x) if d is None else d for x, d in
+               zip(ref, torch.autograd.grad(loss_r, ref, allow_unused=True))]
+    assert eager and calls and o.dtype == dtype
+    assert [x.dtype for x in grads] == [x.dtype for x in leaves]
+    tol = GRAD_TOL if dtype == torch.float32 else 1e-2  # bf16 inputs: the gradients are rounded to bf16
+    errs = {n: rel_err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r)}
+    assert all(e <= tol for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("strong", [1.0, 2.5, 3.0, 8.0, "mixed"])
 def test_a_few_strong_channels_match_reference(strong, monkeypatch):
     """A trained model's gates: most channels weak, a few forgetting fast (log-decay -strong per token). One such
