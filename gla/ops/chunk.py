@@ -236,8 +236,7 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     rows = _max_chunks(q.shape[0], q.shape[1], N, cu_seqlens is not None)
     if cpu_kernels.serves(q, k, v, g):
-        o, final, h = cpu_kernels.chunk_forward(q, k, v, g, h0, cu_seqlens, scale, state_rows=rows)
-        return o.to(v.dtype), final, h
+        return cpu_kernels.chunk_forward(q, k, v, g, h0, cu_seqlens, scale, state_rows=rows)
     with no_autocast(q.device.type):
         plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
         o, final, h = _forward(q, k, v, g, h0, scale, plan)
@@ -262,8 +261,7 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg (the inputs' dtypes) and dh0 [N, H, K, V] (the state dtype)."""
     if cpu_kernels.serves(q, k, v, g):
-        dq, dk, dv, dg, dh0 = cpu_kernels.chunk_backward(q, k, v, g, do, h, dfinal, cu_seqlens, scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0
+        return cpu_kernels.chunk_backward(q, k, v, g, do, h, dfinal, cu_seqlens, scale)
     with no_autocast(q.device.type):
         plan = _plan(q.shape[0], q.shape[1], cu_seqlens, q.device)
         return tuple(x.contiguous() for x in _backward(q, k, v, g, h[:plan.NC], do, dfinal, scale, plan))
@@ -306,7 +304,7 @@ def chunk_infer_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     V = v.shape[-1]
     if cpu_kernels.serves(q, k, v, g):
         o, final, _ = cpu_kernels.chunk_forward(q, k, v, g, h0, cu_seqlens, scale)
-        return o.to(v.dtype), final
+        return o, final
     with no_autocast(q.device.type):
         whole = T // BT * BT
         if cu_seqlens is not None or whole == 0 or q.numel() == 0 or v.numel() == 0:  # nothing to segment

@@ -132,24 +132,28 @@ def switched_off():
 
 
 def chunk_forward(q, k, v, g, h0, cu_seqlens, scale: float, state_rows: int = 0):
-    """q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or None; cu_seqlens: [N + 1] or None ->
-    o [B, T, H, V] float32, final states [N, H, K, V] float32, and with state_rows > 0 the states entering each
-    chunk [state_rows, H, K, V] float32 (else empty)."""
-    f32 = [x.to(torch.float32).contiguous() for x in (q, k, v, g)]
+    """q, k, g: [B, T, H, K]; v: [B, T, H, V] (float32, bfloat16 or float16, any strides: read in place);
+    h0: [N, H, K, V] or None; cu_seqlens: [N + 1] or None -> o [B, T, H, V] in v's dtype, final states [N, H, K, V]
+    float32, and with state_rows > 0 the states entering each chunk [state_rows, H, K, V] float32 (else empty)."""
     h0 = h0.to(torch.float32).contiguous() if h0 is not None else None
     cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
-    return torch.ops.gla_cpu.chunk_forward(*f32, h0, cu, float(scale), int(state_rows))
+    return torch.ops.gla_cpu.chunk_forward(*(_rows(x) for x in (q, k, v, g)), h0, cu, float(scale), int(state_rows))
 
 
 def chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, scale: float):
     """The gradients of ``chunk_forward``'s outputs from the per-chunk states hs it kept; do [B, T, H, V] and
     dfinal [N, H, K, V] may be None (no gradient through o or through the final states). Returns dq, dk, dv, dg
-    [B, T, H, *] and dh0 [N, H, K, V], float32."""
-    f32 = [x.to(torch.float32).contiguous() for x in (q, k, v, g)]
-    do = do.to(torch.float32).contiguous() if do is not None else torch.zeros_like(f32[2])
+    [B, T, H, *] in the inputs' dtypes and dh0 [N, H, K, V] float32."""
+    do = _rows(do) if do is not None else torch.zeros(v.shape, dtype=v.dtype)
     dfinal = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
     cu = cu_seqlens.to(torch.int64).contiguous() if cu_seqlens is not None else None
-    return torch.ops.gla_cpu.chunk_backward(*f32, do, hs.contiguous(), dfinal, cu, float(scale))
+    return torch.ops.gla_cpu.chunk_backward(*(_rows(x) for x in (q, k, v, g)), do, hs.contiguous(), dfinal, cu,
+                                            float(scale))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the operators read it: any strides but a contiguous last dim (a broadcast or transposed one is copied)."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 class EagerChunk(torch.autograd.Function):
@@ -166,14 +170,14 @@ class EagerChunk(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, hs, cu_seqlens)
         ctx.scale, ctx.h0_dtype = scale, None if h0 is None else h0.dtype
         ctx.set_materialize_grads(False)
-        return o.to(v.dtype), final
+        return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, g, hs, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, ctx.scale)
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None
+        return dq, dk, dv, dg, dh0, None, None, None
 
 
 def swiglu_serves(y: torch.Tensor) -> bool:

@@ -151,6 +151,34 @@ def test_backward_equals_the_pytorch_path(grads, monkeypatch):
         assert rel_err(a, b) <= GRAD_TOL, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_strided_and_low_precision_inputs_read_in_place(dtype):
+    """Inputs as a model passes them (q, k, v slices of one projection's output, in its dtype; g float32) give what
+    their float32 contiguous copies give, forward and backward, outputs and gradients in the inputs' dtypes; with
+    varlen (an empty sequence) and value columns split over threads."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, H, K, V = 1, 229, 2, 20, 30
+    joint = torch.randn(B, T, H * (2 * K + V) + 7, generator=gen).to(dtype)
+    q, k, v = (x.view(B, T, H, -1) for x in joint[..., :-7].split([H * K, H * K, H * V], -1))
+    g = -torch.rand(B, T, H, K, generator=gen) / 4
+    do = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    cu = torch.tensor([0, 64, 64, 100, 229])
+    h0 = torch.randn(4, H, K, V, generator=gen)
+    dfinal = torch.randn(4, H, K, V, generator=gen)
+    f32 = [x.float().contiguous() for x in (q, k, v, g)]
+    ours = cpu_kernels.chunk_forward(q, k, v, g, h0, cu, 0.3, state_rows=8)
+    want = cpu_kernels.chunk_forward(*f32, h0, cu, 0.3, state_rows=8)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}  # one rounding to the dtype
+    assert ours[0].dtype == dtype and ours[1].dtype == ours[2].dtype == torch.float32
+    assert rel_err(ours[0], want[0]) <= tol[dtype] and rel_err(ours[1], want[1]) <= 1e-6
+    assert rel_err(ours[2], want[2]) <= 1e-6
+    grads = cpu_kernels.chunk_backward(q, k, v, g, do, ours[2], dfinal, cu, 0.3)
+    want_g = cpu_kernels.chunk_backward(*f32, do.float(), want[2], dfinal, cu, 0.3)
+    for name, a, b, x in zip(("dq", "dk", "dv", "dg", "dh0"), grads, want_g, (q, k, v, g, h0)):
+        assert a.dtype == x.dtype and a.is_contiguous(), name
+        assert rel_err(a, b) <= tol[a.dtype], (name, rel_err(a, b))
+
+
 def test_low_precision_inputs_keep_a_float32_state():
     q, k, v, g, h0 = gla_inputs(2, 200, 2, 32, 48, state=True, requires_grad=False, dtype=torch.bfloat16)
     o, s = chunk_infer_op(q, k, v, g, h0, None, 0.2)
@@ -168,7 +196,7 @@ def test_float64_keeps_the_pytorch_path(monkeypatch):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("dtype", "contiguous float32"), ("strides", "contiguous float32"), ("shapes", "must agree"),
+    ("dtype", "float32, bfloat16 or float16"), ("strides", "contiguous last dim"), ("shapes", "must agree"),
     ("cu_start", "start at 0"), ("cu_order", "rise from 0"), ("cu_batch", "B == 1"), ("h0", "h0 must be"),
     ("rows", "state_rows"),
 ])
@@ -178,7 +206,7 @@ def test_bad_input_gets_a_clear_error(case, match):
     if case == "dtype":
         q = q.double()
     elif case == "strides":
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)
     elif case == "shapes":
         v = v[:, :69]
     elif case == "cu_start":

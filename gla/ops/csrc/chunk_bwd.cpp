@@ -15,7 +15,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 namespace gla_cpu {
@@ -142,8 +141,9 @@ void chunk_grad(const float* q, const float* k, const float* v, const float* g, 
   f.carry(dS, V, V, f.qa.data(), d_o, ldv);  // dS = diag(e^B) dS' + qa^T do
 }
 
-// q, k, g: [B, T, H, K]; v, do: [B, T, H, V]; hs: the forward's states entering each chunk [rows, H, K, V];
-// dfinal: the final states' gradient [N, H, K, V] or none. Returns dq, dk, dv, dg and dh0 [N, H, K, V].
+// q, k, g: [B, T, H, K]; v, do: [B, T, H, V] (float32, bfloat16 or float16, last dim contiguous); hs: the forward's
+// states entering each chunk [rows, H, K, V]; dfinal: the final states' gradient [N, H, K, V] or none. Returns dq,
+// dk, dv, dg (contiguous, each in its input's dtype) and dh0 [N, H, K, V] float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& d_o,
     const at::Tensor& hs, const std::optional<at::Tensor>& dfinal, const std::optional<at::Tensor>& cu_seqlens,
@@ -157,21 +157,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_bac
                   hs.size(0) >= seqs.first_chunk[N] && hs.size(1) == H && hs.size(2) == K && hs.size(3) == V,
               op, ": hs must be the forward's contiguous float32 states [rows >= chunks, H, K, V]");
   if (dfinal.has_value()) check_state(*dfinal, N, H, K, V, "gla_cpu::chunk_backward: dfinal");
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dg = at::empty_like(g), dv = at::empty_like(v);
-  at::Tensor dh0 = at::empty({N, H, K, V}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
-              *gp = g.data_ptr<float>(), *dop = d_o.data_ptr<float>(), *hsp = hs.data_ptr<float>();
-  const float* dfp = dfinal.has_value() ? dfinal->data_ptr<float>() : nullptr;
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(),
-        *dgp = dg.data_ptr<float>(), *dhp = dh0.data_ptr<float>();
+  at::Tensor dq = at::empty({B, T, H, K}, q.options()), dk = at::empty({B, T, H, K}, k.options());
+  at::Tensor dg = at::empty({B, T, H, K}, g.options()), dv = at::empty({B, T, H, V}, v.options());
+  at::Tensor dh0 = at::empty({N, H, K, V}, q.options().dtype(at::kFloat));
   const int64_t tail = seqs.bounds[N];  // tokens after the last sequence get zero gradients
-  for (float* p : {dqp, dkp, dgp}) std::fill(p + tail * H * K, p + B * T * H * K, 0.f);
-  std::fill(dvp + tail * H * V, dvp + B * T * H * V, 0.f);
+  for (at::Tensor* x : {&dq, &dk, &dg, &dv}) x->view({B * T, -1}).narrow(0, tail, B * T - tail).zero_();
+  // float32 contiguous inputs are read in place and the gradients written in place; others go a chunk at a time
+  // through float32 buffers (Rows)
+  const bool direct = in_place({&q, &k, &g, &v, &d_o});
+  const Rows rq(q), rk(k), rg(g), rv(v), rdo(d_o), rdq(dq), rdk(dk), rdg(dg), rdv(dv);
+  const float* hsp = hs.data_ptr<float>();
+  const float* dfp = dfinal.has_value() ? dfinal->data_ptr<float>() : nullptr;
+  float* dhp = dh0.data_ptr<float>();
   const float s = static_cast<float>(scale);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     const OneBlasThread one;
     Work w(K, V);
     std::vector<double> runs((end - begin) * K);  // each task's gate-gradient sum
+    std::vector<float> in, out;  // one chunk's rows as float32 when not read in place: q k g v do / dq dk dg dv
+    if (!direct) {
+      in.resize(BT * (3 * K + 2 * V));
+      out.resize(BT * (3 * K + V));
+    }
     int64_t most = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / H;
@@ -189,11 +196,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_bac
         const int64_t ci = chunks - 1 - step;
         if (ci < 0) continue;
         const int64_t t0 = seqs.bounds[n] + ci * BT, L = std::min(BT, seqs.bounds[n + 1] - t0);
-        const int64_t ok = (t0 * H + h) * K, ov = (t0 * H + h) * V;
         const float* S = hsp + ((seqs.first_chunk[n] + ci) * H + h) * K * V;
-        chunk_grad(qp + ok, kp + ok, vp + ov, gp + ok, dop + ov, S, dfp != nullptr ? dfp + task * K * V : nullptr,
-                   step == 0, L, K, V, H * K, H * V, s, dqp + ok, dkp + ok, dvp + ov, dgp + ok, dhp + task * K * V,
-                   runs.data() + (task - begin) * K, w);
+        const float* df = dfp != nullptr ? dfp + task * K * V : nullptr;
+        double* run = runs.data() + (task - begin) * K;
+        if (direct) {
+          const int64_t ok = (t0 * H + h) * K, ov = (t0 * H + h) * V;
+          chunk_grad(q.data_ptr<float>() + ok, k.data_ptr<float>() + ok, v.data_ptr<float>() + ov,
+                     g.data_ptr<float>() + ok, d_o.data_ptr<float>() + ov, S, df, step == 0, L, K, V, H * K, H * V,
+                     s, dq.data_ptr<float>() + ok, dk.data_ptr<float>() + ok, dv.data_ptr<float>() + ov,
+                     dg.data_ptr<float>() + ok, dhp + task * K * V, run, w);
+        } else {
+          float *Q = in.data(), *Kc = Q + BT * K, *G = Kc + BT * K, *Vc = G + BT * K, *Do = Vc + BT * V;
+          float *dQ = out.data(), *dK = dQ + BT * K, *dG = dK + BT * K, *dV = dG + BT * K;
+          rq.read(t0, h, L, 0, K, Q, K);
+          rk.read(t0, h, L, 0, K, Kc, K);
+          rg.read(t0, h, L, 0, K, G, K);
+          rv.read(t0, h, L, 0, V, Vc, V);
+          rdo.read(t0, h, L, 0, V, Do, V);
+          chunk_grad(Q, Kc, Vc, G, Do, S, df, step == 0, L, K, V, K, V, s, dQ, dK, dV, dG, dhp + task * K * V,
+                     run, w);
+          rdq.write(dQ, K, t0, h, L, 0, K);
+          rdk.write(dK, K, t0, h, L, 0, K);
+          rdg.write(dG, K, t0, h, L, 0, K);
+          rdv.write(dV, V, t0, h, L, 0, V);
+        }
       }
   });
   return {dq, dk, dv, dg, dh0};

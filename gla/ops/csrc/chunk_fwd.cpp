@@ -5,7 +5,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 namespace gla_cpu {
@@ -23,10 +22,10 @@ void chunk(const float* q, const float* k, const float* v, const float* g, float
   f.carry(S, ldS, V, f.kd.data(), v, ldo);  // S = diag(e^B) S + (k ⊙ e^{B-b})^T v
 }
 
-// q, k, g: [B, T, H, K]; v: [B, T, H, V]; h0: [N, H, K, V] or none; cu_seqlens: [N + 1] int64 (then B == 1) or
-// none. Returns o [B, T, H, V], the final states [N, H, K, V] and, when state_rows > 0, the states entering each
-// chunk [state_rows, H, K, V] for the backward (Sequences::first_chunk gives the rows; rows past the last chunk
-// zero), else an empty tensor.
+// q, k, g: [B, T, H, K]; v: [B, T, H, V] (float32, bfloat16 or float16, last dim contiguous); h0: [N, H, K, V] or
+// none; cu_seqlens: [N + 1] int64 (then B == 1) or none. Returns o [B, T, H, V] in v's dtype, the final states
+// [N, H, K, V] and, when state_rows > 0, the states entering each chunk [state_rows, H, K, V] for the backward
+// (Sequences::first_chunk gives the rows; rows past the last chunk zero), else an empty tensor; states float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& g,
                                                              const std::optional<at::Tensor>& h0,
@@ -40,14 +39,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
   if (h0.has_value()) check_state(*h0, N, H, K, V, "gla_cpu::chunk_forward: h0");
   TORCH_CHECK(state_rows == 0 || state_rows >= seqs.first_chunk[N], op,
               ": state_rows must be 0 or at least the number of chunks");
-  at::Tensor o = at::empty_like(v);
-  at::Tensor ht = at::empty({N, H, K, V}, q.options());
-  at::Tensor hs = at::empty({state_rows, H, K, V}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
-              *gp = g.data_ptr<float>();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor o = at::empty({B, T, H, V}, v.options());
+  at::Tensor ht = at::empty({N, H, K, V}, f32);
+  at::Tensor hs = at::empty({state_rows, H, K, V}, f32);
+  o.view({B * T, H, V}).narrow(0, seqs.bounds[N], B * T - seqs.bounds[N]).zero_();  // tokens after the last sequence
+  // float32 contiguous inputs are read in place; others a chunk at a time through float32 buffers (Rows)
+  const bool direct = in_place({&q, &k, &g, &v});
+  const Rows rq(q), rk(k), rg(g), rv(v), ro(o);
+  const float *qp = direct ? q.data_ptr<float>() : nullptr, *kp = direct ? k.data_ptr<float>() : nullptr,
+              *vp = direct ? v.data_ptr<float>() : nullptr, *gp = direct ? g.data_ptr<float>() : nullptr;
+  float* op_ = direct ? o.data_ptr<float>() : nullptr;
   const float* h0p = h0.has_value() ? h0->data_ptr<float>() : nullptr;
-  float *op_ = o.data_ptr<float>(), *hp = ht.data_ptr<float>(), *hsp = hs.data_ptr<float>();
-  std::fill(op_ + seqs.bounds[N] * H * V, op_ + B * T * H * V, 0.f);  // tokens after the last sequence
+  float *hp = ht.data_ptr<float>(), *hsp = hs.data_ptr<float>();
   if (state_rows > 0) std::fill(hsp + seqs.first_chunk[N] * H * K * V, hsp + state_rows * H * K * V, 0.f);
   const float s = static_cast<float>(scale);
   // Slices of the value columns only where sequences x heads would leave threads idle (each slice repeats its
@@ -60,6 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
     Factors f(K);
     std::vector<float> A(BT * BT);
     std::vector<double> bd;
+    std::vector<float> Q, Kc, G, Vc, O;  // one chunk's rows as float32 when not read in place
+    if (!direct) {
+      for (auto* buf : {&Q, &Kc, &G}) buf->resize(BT * K);
+      Vc.resize(BT * width);
+      O.resize(BT * width);
+    }
     int64_t most = 0;  // chunks of the longest sequence among this thread's tasks
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nh = task / parts, n = nh / H, v0 = task % parts * width, Vp = std::min(width, V - v0);
@@ -84,10 +94,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q
         if (state_rows > 0)
           for (int64_t r = 0; r < K; ++r)
             std::copy(S + r * V, S + r * V + Vp, hsp + ((c * H + h) * K + r) * V + v0);
-        const int64_t L = std::min(BT, seqs.bounds[n + 1] - t0), ok = (t0 * H + h) * K;
-        const int64_t ov = (t0 * H + h) * V + v0;
-        f.load(qp + ok, kp + ok, gp + ok, L, H * K, s);
-        chunk(qp + ok, kp + ok, vp + ov, gp + ok, op_ + ov, S, f, Vp, H * K, H * V, V, s, A.data(), bd);
+        const int64_t L = std::min(BT, seqs.bounds[n + 1] - t0);
+        if (direct) {
+          const int64_t ok = (t0 * H + h) * K, ov = (t0 * H + h) * V + v0;
+          f.load(qp + ok, kp + ok, gp + ok, L, H * K, s);
+          chunk(qp + ok, kp + ok, vp + ov, gp + ok, op_ + ov, S, f, Vp, H * K, H * V, V, s, A.data(), bd);
+        } else {
+          rq.read(t0, h, L, 0, K, Q.data(), K);
+          rk.read(t0, h, L, 0, K, Kc.data(), K);
+          rg.read(t0, h, L, 0, K, G.data(), K);
+          rv.read(t0, h, L, v0, Vp, Vc.data(), Vp);
+          f.load(Q.data(), Kc.data(), G.data(), L, K, s);
+          chunk(Q.data(), Kc.data(), Vc.data(), G.data(), O.data(), S, f, Vp, K, Vp, V, s, A.data(), bd);
+          ro.write(O.data(), Vp, t0, h, L, v0, Vp);
+        }
       }
   });
   return {o, ht, hs};

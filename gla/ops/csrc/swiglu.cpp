@@ -11,27 +11,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <bit>
-
 namespace gla_cpu {
 namespace {
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) { return std::bit_cast<float>(static_cast<uint32_t>(x) << 16); }
-
-// To the storage type: float32 as is; bfloat16 rounded to nearest even as torch's own conversion, a NaN kept a NaN.
-template <typename T>
-inline T narrow(float x);
-template <>
-inline float narrow<float>(float x) {
-  return x;
-}
-template <>
-inline uint16_t narrow<uint16_t>(float x) {
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(x != x ? 0x7fc0u : rounded);
-}
 
 // σ(a) without overflow: e^{-|a|} <= 1, then σ = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
 inline float sigmoid(float a) {
