@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gla.ops import decode_step_, gated_linear_attention, validate_cu_seqlens
+from gla.ops import cpu_kernels, decode_step_, gated_linear_attention, validate_cu_seqlens
 from .conv import ShortConv
 from .fused import as_one_matmul
 from .norm import RMSNorm, make_norm
@@ -201,8 +201,12 @@ class GatedLinearAttention(nn.Module):
             # NaN from upstream should reach the trainer's non-finite-loss guard, not raise here).
             o, s = gated_linear_attention(q, k, v, gk, initial_state=h0, output_final_state=use_cache,
                                           cu_seqlens=cu_seqlens, backend=self.backend, check_values=False)
-        o = self.g_norm(o)
-        if self.output_gate is not None:
-            o = o * OUTPUT_GATES[self.output_gate](r).view(B, T, H, self.head_v)
+        if (self.output_gate == "swish" and type(self.g_norm) is RMSNorm  # one pass each way on the CPU
+                and cpu_kernels.trains_eagerly(o, r)):
+            o = cpu_kernels.gated_rms_norm(o, r, self.g_norm.weight, self.g_norm.eps)
+        else:
+            o = self.g_norm(o)
+            if self.output_gate is not None:
+                o = o * OUTPUT_GATES[self.output_gate](r).view(B, T, H, self.head_v)
         y = self.dropout(self.o_proj(o.reshape(B, T, H * self.head_v)))
         return y, (GLAState(s, conv_state) if use_cache else None)

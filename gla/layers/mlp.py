@@ -35,7 +35,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.kind == "swiglu":
             y = joint_matmul(self, x, self.input_linears())
-            if y is not None and cpu_kernels.swiglu_serves(y):  # one pass each way, no split to concatenate back
+            if y is not None and cpu_kernels.trains_eagerly(y):  # one pass each way, no split to concatenate back
                 h = cpu_kernels.swiglu(y)
             else:
                 gate, up = y.chunk(2, -1) if y is not None else (self.gate_proj(x), self.up_proj(x))

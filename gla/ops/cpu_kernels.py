@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp", CSRC / "swiglu.cpp"]
+SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp", CSRC / "swiglu.cpp", CSRC / "gated_norm.cpp"]
 HEADERS = [CSRC / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 _state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
@@ -180,12 +180,14 @@ class EagerChunk(torch.autograd.Function):
         return dq, dk, dv, dg, dh0, None, None, None
 
 
-def swiglu_serves(y: torch.Tensor) -> bool:
-    """Whether a model should run ``swiglu`` on y: a float32 or bfloat16 CPU tensor in eager training (where autograd
-    keeps y, not the split and the activation). Inference keeps torch's operators, so that a static decoder's step
-    equals the model's own step bit for bit; so does torch.compile, which fuses them itself and may recompute the
-    product in the backward instead of keeping it (``partitioning``), which it cannot do with an opaque one."""
-    return (y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and torch.is_grad_enabled()
+def trains_eagerly(*xs: torch.Tensor) -> bool:
+    """Whether a model should run the fused glue below (``swiglu``, ``gated_rms_norm``) on xs: float32 or bfloat16
+    CPU tensors of one dtype in eager training (where autograd then keeps the inputs, not each intermediate).
+    Inference keeps torch's operators, so that a static decoder's step equals the model's own step bit for bit; so
+    does torch.compile, which fuses them itself and may recompute their results in the backward instead of keeping
+    them (``partitioning``), which it cannot do with an opaque operator."""
+    return (all(x.device.type == "cpu" and x.dtype == xs[0].dtype for x in xs)
+            and xs[0].dtype in (torch.float32, torch.bfloat16) and torch.is_grad_enabled()
             and not _state["off"] and not torch.compiler.is_compiling() and available())
 
 
@@ -205,3 +207,27 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dh):
         (y,) = ctx.saved_tensors
         return torch.ops.gla_cpu.swiglu_backward(dh.to(y.dtype), y)
+
+
+def gated_rms_norm(o: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The GLA layer's output: RMSNorm of each head's o (weight [V], float32) times swish(r), differentiable, one pass
+    each way (csrc/gated_norm.cpp). o: [B, T, H, V]; r: [B, T, H * V] (o's dtype, e.g. a slice of the layer's joint
+    projection). Returns [B, T, H, V] in o's dtype."""
+    B, T, H, V = o.shape
+    return _GatedNorm.apply(o.reshape(B * T, H, V).contiguous(), r.reshape(B * T, H * V), weight.float(),
+                            eps).view(B, T, H, V)
+
+
+class _GatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, r, weight, eps: float):
+        r = r if r.stride(-1) == 1 else r.contiguous()
+        y, rstd = torch.ops.gla_cpu.gated_norm_forward(o, r, weight, eps)
+        ctx.save_for_backward(o, r, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        o, r, weight, rstd = ctx.saved_tensors
+        do, dr, dw = torch.ops.gla_cpu.gated_norm_backward(dy.to(o.dtype), o, r, weight, rstd)
+        return do, dr, dw, None

@@ -117,26 +117,31 @@ def test_a_decoder_is_rebuilt_when_adapters_replace_the_projections():
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "default")
 def test_training_forward_as_one_matmul_equals_separate_layers(kw, monkeypatch):
-    """A CPU training forward runs each layer's input projections as one matmul of the concatenated weights: loss
-    and every parameter's gradient equal those of the separate layers (the path switched off)."""
+    """A CPU training forward runs each layer's input projections as one matmul of the concatenated weights, SwiGLU
+    and the head norm x swish gate as fused operators: loss and every parameter's gradient equal those of the
+    separate layers and torch's operators (those paths switched off)."""
     from gla.layers import fused
     from gla.ops import cpu_kernels
     m = model(**kw).train()
     ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(4))
-    calls, swiglu = [], []
-    real, real_swiglu = fused.as_one, cpu_kernels.swiglu
+    calls, swiglu, gated = [], [], []
+    real, real_swiglu, real_gated = fused.as_one, cpu_kernels.swiglu, cpu_kernels.gated_rms_norm
     monkeypatch.setattr(fused, "as_one", lambda x, lins: calls.append(len(lins)) or real(x, lins))
     monkeypatch.setattr(cpu_kernels, "swiglu", lambda y: swiglu.append(y.shape) or real_swiglu(y))
+    monkeypatch.setattr(cpu_kernels, "gated_rms_norm", lambda *a: gated.append(1) or real_gated(*a))
     results = []
     for on in (True, False):
         if not on:
             monkeypatch.setattr(fused, "trains_as_one", lambda x, lins: False)
+            monkeypatch.setattr(cpu_kernels, "trains_eagerly", lambda *xs: False)
         m.zero_grad()
         logits, _ = m(ids, use_cache=False)
         logits.square().mean().backward()
         results.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
     assert calls  # the concatenated path served the first pass, SwiGLU on the joint output where compiled
     assert bool(swiglu) == (cpu_kernels.available() and "mlp" not in kw), (swiglu, kw)
+    swish = kw.get("output_gate", "swish") == "swish" and kw.get("mixer") != "seed"
+    assert bool(gated) == (cpu_kernels.available() and swish), (gated, kw)
     (want, want_g), (got, got_g) = results[1], results[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got_g.keys() == want_g.keys() and len(want_g) == sum(p.requires_grad for p in m.parameters())

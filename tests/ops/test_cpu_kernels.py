@@ -310,3 +310,39 @@ def test_swiglu_bad_input_gets_a_clear_error(case):
             torch.ops.gla_cpu.swiglu_forward(torch.randn(10, 4).t())
         else:
             torch.ops.gla_cpu.swiglu_backward(dh[:, :4], y)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
+@pytest.mark.parametrize("H,V", [(1, 3), (3, 7), (2, 100)])  # V=1: do is eps-sized cancellation
+def test_gated_rms_norm_matches_reference(H, V, dtype, tol):
+    """RMSNorm(o) * w * swish(r) with r a strided slice (as the layer's joint projection gives it), and its
+    gradients of o, r and w, against float64; extremes in r (|r| = 100, 0)."""
+    gen = torch.Generator().manual_seed(H * V)
+    B, T = 2, 5
+    o = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    joint = torch.randn(B, T, H * V + 3, generator=gen, dtype=torch.float64) * 3
+    joint.view(-1)[:3] = torch.tensor([100.0, -100.0, 0.0])
+    w = torch.rand(V, generator=gen, dtype=torch.float64) + 0.5
+    dy = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (o, joint, w)]
+    n = ref_in[0] / torch.sqrt(ref_in[0].pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref = n * ref_in[2] * torch.nn.functional.silu(ref_in[1][..., :H * V]).view(B, T, H, V)
+    ref.backward(dy)
+    ours_in = [o.to(dtype).requires_grad_(), joint.to(dtype).requires_grad_(), w.float().requires_grad_()]
+    out = cpu_kernels.gated_rms_norm(ours_in[0], ours_in[1][..., :H * V], ours_in[2], 1e-6)
+    out.backward(dy.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape and rel_err(out, ref) <= tol
+    for name, a, b in zip(("do", "dr", "dw"), ours_in, ref_in):
+        assert a.grad.dtype == a.dtype and rel_err(a.grad, b.grad) <= tol, (name, rel_err(a.grad, b.grad))
+
+
+def test_gated_norm_bad_input_gets_a_clear_error():
+    o, r, w = torch.randn(4, 2, 5), torch.randn(4, 10), torch.ones(5)
+    with pytest.raises(RuntimeError, match="o must be"):
+        torch.ops.gla_cpu.gated_norm_forward(o.double(), r, w, 1e-6)
+    with pytest.raises(RuntimeError, match="r must be"):
+        torch.ops.gla_cpu.gated_norm_forward(o, r[:, :9], w, 1e-6)
+    with pytest.raises(RuntimeError, match="w must be"):
+        torch.ops.gla_cpu.gated_norm_forward(o, r, torch.ones(4), 1e-6)
+    with pytest.raises(RuntimeError, match="rstd must be"):
+        torch.ops.gla_cpu.gated_norm_backward(o, o, r, w, torch.ones(3))

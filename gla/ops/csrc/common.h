@@ -61,6 +61,12 @@ inline float exp_approx(float x) {
   return p;
 }
 
+// σ(a) without overflow: e^{-|a|} <= 1, then σ = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
+inline float sigmoid(float a) {
+  const float e = exp_approx(-std::fabs(a)), r = 1.f / (1.f + e);
+  return a >= 0.f ? r : e * r;
+}
+
 // Storage types to float32 and back: bfloat16 as its upper 16 bits (rounded to nearest even, as torch converts, a NaN
 // kept a NaN), float16 through c10::Half. Value casts, not memcpy through pointers: loops over them vectorise.
 inline float widen(float x) { return x; }

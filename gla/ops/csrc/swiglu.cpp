@@ -14,12 +14,6 @@
 namespace gla_cpu {
 namespace {
 
-// σ(a) without overflow: e^{-|a|} <= 1, then σ = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
-inline float sigmoid(float a) {
-  const float e = exp_approx(-std::fabs(a)), r = 1.f / (1.f + e);
-  return a >= 0.f ? r : e * r;
-}
-
 template <typename T>
 void forward_rows(const T* y, T* h, int64_t r0, int64_t r1, int64_t F) {
   for (int64_t r = r0; r < r1; ++r) {
