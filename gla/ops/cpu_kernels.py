@@ -152,7 +152,7 @@ def chunk_backward(q, k, v, g, do, hs, dfinal, cu_seqlens, scale: float):
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as the operators read it: any strides but a contiguous last dim (a broadcast or transposed one is copied)."""
+    """x as the operators read it: any strides (broadcast ones too) but a contiguous last dim, else a copy."""
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 

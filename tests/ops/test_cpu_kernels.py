@@ -79,6 +79,20 @@ def test_eager_training_call_matches_reference(through, monkeypatch):
     assert all(e <= tol for e in errs.values()), errs
 
 
+def test_empty_and_broadcast_inputs_in_training():
+    """T = 0 (the final state is h0, its gradient passes through) and a broadcast gate (fixed decay: stride-0 rows,
+    read in place) through the eager training call, against the float64 reference."""
+    q, k, v, g, h0 = gla_inputs(2, 0, 2, 8, 12, state=True)
+    o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend="chunk")
+    ds = torch.randn(s.shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad((s * ds).sum(), (q, h0))
+    assert o.shape == (2, 0, 2, 12) and torch.equal(s, h0) and grads[0].shape == q.shape and torch.equal(grads[1], ds)
+    q, k, v, _, h0 = gla_inputs(2, 70, 2, 8, 12, state=True, seed=3)
+    base = torch.nn.functional.logsigmoid(torch.randn(1, 1, 2, 8, generator=torch.Generator().manual_seed(1)))
+    base.requires_grad_()
+    assert_close(compare_to_reference(q, k, v, base.expand(2, 70, 2, 8), h0, backend="chunk"))
+
+
 @pytest.mark.parametrize("strong", [1.0, 2.5, 3.0, 8.0, "mixed"])
 def test_a_few_strong_channels_match_reference(strong, monkeypatch):
     """A trained model's gates: most channels weak, a few forgetting fast (log-decay -strong per token). One such

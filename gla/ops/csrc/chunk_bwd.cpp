@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_bac
   at::Tensor dg = at::empty({B, T, H, K}, g.options()), dv = at::empty({B, T, H, V}, v.options());
   at::Tensor dh0 = at::empty({N, H, K, V}, q.options().dtype(at::kFloat));
   const int64_t tail = seqs.bounds[N];  // tokens after the last sequence get zero gradients
-  for (at::Tensor* x : {&dq, &dk, &dg, &dv}) x->view({B * T, -1}).narrow(0, tail, B * T - tail).zero_();
+  for (at::Tensor* x : {&dq, &dk, &dg, &dv}) x->view({B * T, H * x->size(3)}).narrow(0, tail, B * T - tail).zero_();
   // float32 contiguous inputs are read in place and the gradients written in place; others go a chunk at a time
   // through float32 buffers (Rows)
   const bool direct = in_place({&q, &k, &g, &v, &d_o});

@@ -341,7 +341,7 @@ inline void check_inputs(std::initializer_list<const at::Tensor*> qkg, std::init
     for (const at::Tensor* x : group) {
       const auto t = x->scalar_type();
       TORCH_CHECK((t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && x->device().is_cpu() &&
-                      x->dim() == 4 && (x->size(3) <= 1 || x->stride(3) == 1),
+                      x->dim() == 4 && (x->numel() == 0 || x->size(3) <= 1 || x->stride(3) == 1),
                   op, " takes float32, bfloat16 or float16 CPU tensors [B, T, H, D] with a contiguous last dim");
     }
   for (const at::Tensor* x : qkg) TORCH_CHECK(x->sizes() == q.sizes(), op, ": q, k, g [B, T, H, K] must agree");
