@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "chunk_fwd.cpp", CSRC / "chunk_bwd.cpp", CSRC / "swiglu.cpp", CSRC / "gated_norm.cpp"]
+SOURCES = [CSRC / f"{name}.cpp" for name in ("chunk_fwd", "chunk_bwd", "swiglu", "gated_norm", "rms_norm")]
 HEADERS = [CSRC / "common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-w"]
 _state: dict = {"off": False}  # and "ok": bool, "why": str once the first call decided
@@ -181,7 +181,8 @@ class EagerChunk(torch.autograd.Function):
 
 
 def trains_eagerly(*xs: torch.Tensor) -> bool:
-    """Whether a model should run the fused glue below (``swiglu``, ``gated_rms_norm``) on xs: float32 or bfloat16
+    """Whether a model should run the fused glue below (``swiglu``, ``gated_rms_norm``, ``rms_norm_bf16``) on xs:
+    float32 or bfloat16
     CPU tensors of one dtype in eager training (where autograd then keeps the inputs, not each intermediate).
     Inference keeps torch's operators, so that a static decoder's step equals the model's own step bit for bit; so
     does torch.compile, which fuses them itself and may recompute their results in the backward instead of keeping
@@ -231,3 +232,24 @@ class _GatedNorm(torch.autograd.Function):
         o, r, weight, rstd = ctx.saved_tensors
         do, dr, dw = torch.ops.gla_cpu.gated_norm_backward(dy.to(o.dtype), o, r, weight, rstd)
         return do, dr, dw, None
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 x [..., D] (weight [D]) straight into bfloat16, differentiable (csrc/rms_norm.cpp): what
+    the next matmul reads under bf16 autocast, without the float32 result and autocast's copy of it."""
+    shape = x.shape
+    return _RMSNormBF16.apply(x.reshape(-1, shape[-1]).contiguous(), weight.float(), eps).view(shape)
+
+
+class _RMSNormBF16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        y, rstd = torch.ops.gla_cpu.rms_norm_bf16_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.gla_cpu.rms_norm_bf16_backward(dy.to(torch.bfloat16), x, weight, rstd)
+        return dx, dw, None

@@ -6,6 +6,7 @@ import torch
 from gla import GLATransformer
 from gla.decoding import StaticDecoder
 from gla.layers.fused import FusedProjections
+from tests.utils import rel_err
 
 OPTIONS = [{}, {"num_kv_heads": 1, "use_short_conv": True}, {"qkv_bias": True, "feature_map": "elu1"},
            {"output_gate": None, "mlp": "gelu"}, {"mixer": "retnet"}, {"mixer": "linear", "qk_norm": True}]
@@ -147,3 +148,33 @@ def test_training_forward_as_one_matmul_equals_separate_layers(kw, monkeypatch):
     assert got_g.keys() == want_g.keys() and len(want_g) == sum(p.requires_grad for p in m.parameters())
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_training_with_the_fused_cpu_operators_follows_torchs(monkeypatch):
+    """Under CPU bf16 autocast (gla train's CPU default where bf16 matmuls are fast) the fused operators also take
+    the norms of the float32 residual stream straight into bf16: the loss and every parameter's gradient stay
+    within bf16 rounding of the same step through torch's operators."""
+    from gla.layers import norm
+    from gla.ops import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip(cpu_kernels.status())
+    m = model().train()
+    ids = torch.randint(0, 61, (3, 70), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = cpu_kernels.rms_norm_bf16
+    monkeypatch.setattr(cpu_kernels, "rms_norm_bf16", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(cpu_kernels, "trains_eagerly", lambda *xs: False)
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = m(ids, use_cache=False)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert len(calls) == 2 * 2 + 1  # each layer's two norms and the final one, in the fused pass only
+    (loss_on, g_on), (loss_off, g_off) = results
+    assert abs(loss_on - loss_off) <= 1e-4 * abs(loss_off)  # measured 7e-7; gradients 1e-2
+    for n in g_off:
+        assert rel_err(g_on[n], g_off[n]) <= 3e-2, (n, rel_err(g_on[n], g_off[n]))

@@ -360,3 +360,26 @@ def test_gated_norm_bad_input_gets_a_clear_error():
         torch.ops.gla_cpu.gated_norm_forward(o, r, torch.ones(4), 1e-6)
     with pytest.raises(RuntimeError, match="rstd must be"):
         torch.ops.gla_cpu.gated_norm_backward(o, o, r, w, torch.ones(3))
+
+
+@pytest.mark.parametrize("D", [3, 37, 128])  # D=1: dx is an eps-sized cancellation
+def test_rms_norm_bf16_matches_reference(D):
+    """RMSNorm of float32 rows into bfloat16 (one rounding of the float64 result), and dx, dw (float32) from a
+    bfloat16 dy against float64; bad inputs get a clear error."""
+    gen = torch.Generator().manual_seed(D)
+    x = torch.randn(33, D, generator=gen, dtype=torch.float64) * 3
+    w = torch.rand(D, generator=gen, dtype=torch.float64) + 0.5
+    dy = torch.randn(33, D, generator=gen).to(torch.bfloat16)
+    ref_in = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    ref = ref_in[0] / torch.sqrt(ref_in[0].pow(2).mean(-1, keepdim=True) + 1e-6) * ref_in[1]
+    ref.backward(dy.double())
+    ours_in = [x.float().requires_grad_(), w.float().requires_grad_()]
+    out = cpu_kernels.rms_norm_bf16(ours_in[0], ours_in[1], 1e-6)
+    out.backward(dy)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= 2 ** -8
+    for a, b in zip(ours_in, ref_in):
+        assert a.grad.dtype == torch.float32 and rel_err(a.grad, b.grad) <= 1e-5, rel_err(a.grad, b.grad)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.gla_cpu.rms_norm_bf16_forward(x, w.float(), 1e-6)
+    with pytest.raises(RuntimeError, match="dy must be"):
+        torch.ops.gla_cpu.rms_norm_bf16_backward(dy.float(), x.float(), w.float(), torch.ones(33))
