@@ -67,6 +67,10 @@ inline float sigmoid(float a) {
   return a >= 0.f ? r : e * r;
 }
 
+// Rows per task of the elementwise operators (swiglu.cpp, gated_norm.cpp, rms_norm.cpp) whose rows have `width`
+// elements: ~8K elements a task, so that a small call stays on one thread and a large one spreads over all.
+inline int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)); }
+
 // Storage types to float32 and back: bfloat16 as its upper 16 bits (rounded to nearest even, as torch converts, a NaN
 // kept a NaN), float16 through c10::Half. Value casts, not memcpy through pointers: loops over them vectorise.
 inline float widen(float x) { return x; }

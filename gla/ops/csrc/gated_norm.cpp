@@ -30,8 +30,6 @@ void check(const at::Tensor& o, const at::Tensor& r, const at::Tensor& w, const 
               ": w must be a contiguous float32 [V]");
 }
 
-int64_t grain(int64_t V) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(V, 1)); }
-
 // Returns y [M, H, V] (o's dtype) and rstd [M * H] float32, kept for the backward.
 std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& o, const at::Tensor& r, const at::Tensor& w,
                                                       double eps) {
@@ -44,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& o, const
     using T = std::remove_pointer_t<decltype(op)>;
     const T* rr = static_cast<const T*>(r.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
-    at::parallel_for(0, M * H, grain(V), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, M * H, rows_per_task(V), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const T* __restrict__ oi = op + i * V;
         const T* __restrict__ ri = rr + i / H * ldr + i % H * V;
@@ -86,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_norm_backward(const at::Ten
     using T = std::remove_pointer_t<decltype(op)>;
     const T *rr = static_cast<const T*>(r.data_ptr()), *dyp = static_cast<const T*>(dy.data_ptr());
     T *dop = static_cast<T*>(d_o.data_ptr()), *drp = static_cast<T*>(dr.data_ptr());
-    at::parallel_for(0, M * H, grain(V), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, M * H, rows_per_task(V), [&](int64_t i0, int64_t i1) {
       float* __restrict__ dw = pp + at::get_thread_num() * V;
       std::vector<float> dn(V);
       for (int64_t i = i0; i < i1; ++i) {

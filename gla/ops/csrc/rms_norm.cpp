@@ -21,8 +21,6 @@ void check(const at::Tensor& x, const at::Tensor& w, const char* op) {
               ": w must be a contiguous float32 [D]");
 }
 
-int64_t grain(int64_t D) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)); }
-
 // x [M, D] float32, w [D] -> y [M, D] bfloat16 and rstd [M] float32 (kept for the backward).
 std::tuple<at::Tensor, at::Tensor> rms_norm_bf16_forward(const at::Tensor& x, const at::Tensor& w, double eps) {
   check(x, w, "gla_cpu::rms_norm_bf16_forward");
@@ -31,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bf16_forward(const at::Tensor& x, co
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
   uint16_t* yp = static_cast<uint16_t*>(y.data_ptr());
-  at::parallel_for(0, M, grain(D), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, M, rows_per_task(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* __restrict__ xi = xp + i * D;
       uint16_t* __restrict__ yi = yp + i * D;
@@ -62,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bf16_backward(const at::Tensor& dy_,
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   const uint16_t* gp = static_cast<const uint16_t*>(dy.data_ptr());
   float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
-  at::parallel_for(0, M, grain(D), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, M, rows_per_task(D), [&](int64_t i0, int64_t i1) {
     float* __restrict__ dw = pp + at::get_thread_num() * D;
     for (int64_t i = i0; i < i1; ++i) {
       const float* __restrict__ xi = xp + i * D;

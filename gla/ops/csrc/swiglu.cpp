@@ -52,9 +52,6 @@ void check_joint(const at::Tensor& y, const char* op) {
               y.sizes());
 }
 
-// Rows per task: about 64 KB of y, so that a small call runs on one thread and a large one on all.
-int64_t grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(2 * F, 1)); }
-
 // y [..., 2F] -> h [..., F] = silu(y[..., :F]) ⊙ y[..., F:], y's dtype.
 at::Tensor swiglu_forward(const at::Tensor& y) {
   check_joint(y, "gla_cpu::swiglu_forward");
@@ -62,7 +59,7 @@ at::Tensor swiglu_forward(const at::Tensor& y) {
   std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
   shape.back() = F;
   at::Tensor h = at::empty(shape, y.options());
-  at::parallel_for(0, rows, grain(F), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) {
     if (y.scalar_type() == at::kFloat)
       forward_rows(y.data_ptr<float>(), h.data_ptr<float>(), r0, r1, F);
     else
@@ -83,7 +80,7 @@ at::Tensor swiglu_backward(const at::Tensor& dh_, const at::Tensor& y) {
               dh_.sizes());
   const at::Tensor dh = dh_.contiguous();
   at::Tensor dy = at::empty_like(y);
-  at::parallel_for(0, rows, grain(F), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) {
     if (y.scalar_type() == at::kFloat)
       backward_rows(dh.data_ptr<float>(), y.data_ptr<float>(), dy.data_ptr<float>(), r0, r1, F);
     else
