@@ -59,12 +59,9 @@ at::Tensor swiglu_forward(const at::Tensor& y) {
   std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
   shape.back() = F;
   at::Tensor h = at::empty(shape, y.options());
-  at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) {
-    if (y.scalar_type() == at::kFloat)
-      forward_rows(y.data_ptr<float>(), h.data_ptr<float>(), r0, r1, F);
-    else
-      forward_rows(reinterpret_cast<const uint16_t*>(y.data_ptr()), reinterpret_cast<uint16_t*>(h.data_ptr()),
-                   r0, r1, F);
+  with_storage(y.scalar_type(), y.data_ptr(), [&](auto* yp) {
+    auto* hp = static_cast<decltype(yp)>(h.data_ptr());
+    at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) { forward_rows(yp, hp, r0, r1, F); });
   });
   return h;
 }
@@ -80,12 +77,11 @@ at::Tensor swiglu_backward(const at::Tensor& dh_, const at::Tensor& y) {
               dh_.sizes());
   const at::Tensor dh = dh_.contiguous();
   at::Tensor dy = at::empty_like(y);
-  at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) {
-    if (y.scalar_type() == at::kFloat)
-      backward_rows(dh.data_ptr<float>(), y.data_ptr<float>(), dy.data_ptr<float>(), r0, r1, F);
-    else
-      backward_rows(reinterpret_cast<const uint16_t*>(dh.data_ptr()), reinterpret_cast<const uint16_t*>(y.data_ptr()),
-                    reinterpret_cast<uint16_t*>(dy.data_ptr()), r0, r1, F);
+  with_storage(y.scalar_type(), y.data_ptr(), [&](auto* yp) {
+    using T = std::remove_pointer_t<decltype(yp)>;
+    const T* gp = static_cast<const T*>(dh.data_ptr());
+    T* dyp = static_cast<T*>(dy.data_ptr());
+    at::parallel_for(0, rows, rows_per_task(F), [&](int64_t r0, int64_t r1) { backward_rows(gp, yp, dyp, r0, r1, F); });
   });
   return dy;
 }
