@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from gla.layers import GLALayer
-from gla.layers.cross_entropy import linear_cross_entropy
+from gla.layers.cross_entropy import compile_options, linear_cross_entropy
 from gla.layers.gla_attention import GateProj
 from gla.layers.norm import make_norm
 from gla.layers.packing import packed_info
@@ -207,7 +207,7 @@ class GLATransformer(nn.Module):
         where the whole 24-layer model takes minutes; embeddings and the final norm stay eager. Returns self."""
         for layer in self.layers:
             layer.compile(**options)
-        self._loss = torch.compile(linear_cross_entropy, **options)
+        self._loss = torch.compile(linear_cross_entropy, **compile_options(options))
         return self
 
     def num_parameters(self) -> int:

@@ -161,3 +161,17 @@ def test_one_default_block_takes_the_plain_head(monkeypatch):
     assert not calls
     linear_cross_entropy(h, w, y, block_rows=64)  # an explicit block size keeps the blockwise function
     assert calls
+
+
+def test_compiled_with_its_options_equals_eager():
+    """The loss as compile_blocks compiles it (the cap on fused buffers splits the fp32 sum of 40 blocks' weight
+    gradients over several kernels): loss and gradients equal the eager function's."""
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(200, 16, generator=g), torch.randn(37, 16, generator=g)
+    y = torch.randint(0, 37, (200,), generator=g)
+    compiled = torch.compile(linear_cross_entropy, **cross_entropy.compile_options({}))
+    ours = _grads(lambda a, b, c: compiled(a, b, c, block_rows=5), h, w, y, 0.5)
+    ref = _grads(lambda a, b, c: linear_cross_entropy(a, b, c, block_rows=5), h, w, y, 0.5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert cross_entropy.compile_options({"mode": "max-autotune"}) == {"mode": "max-autotune"}
