@@ -68,8 +68,8 @@ def test_sampling_filters():
 
 def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
     """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
-    after each model call of generate(): 3 prefill calls for the 10-token prompt, then one per generated token but the
-    last (nothing reads the state after it)."""
+    after each model call of generate()'s plain loop (cuda_graph=False: a new state from every call): 3 prefill calls
+    for the 10-token prompt, then one per generated token but the last (nothing reads the state after it)."""
     sizes, forward = [], m.forward
 
     def recording(*args, **kwargs):
@@ -78,7 +78,7 @@ def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
         return logits, state
 
     monkeypatch.setattr(m, "forward", recording)
-    gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4)
+    gla.generate(m, torch.randint(0, 64, (2, 10)), new_tokens, temperature=0, prefill_chunk=4, cuda_graph=False)
     assert len(sizes) == 3 + new_tokens - 1
     return sizes
 
