@@ -37,11 +37,6 @@ def static_state(model) -> bool:
     return isinstance(model, GLATransformer)
 
 
-def graphable(model, device) -> bool:
-    """Whether ``StaticDecoder`` captures this model's step: a CUDA device and a plain GLATransformer."""
-    return torch.device(device).type == "cuda" and static_state(model)
-
-
 KV_ROUND = 256
 
 
@@ -127,7 +122,10 @@ class StaticDecoder:
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
-        self.fused = FusedProjections(model)
+        # Fused copies of the input projections' weights only on a GPU, whose captured step is bound by its number of
+        # kernels: on a 2-core CPU they gave 2-3% (gla-340m 61.2 -> 59.8 ms/token, demo 1.59 -> 1.54) for a second
+        # copy of most of the weights (0.9 GB at gla-340m in fp32).
+        self.fused = FusedProjections(model if self.state.seen.is_cuda else None)
         # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager.
         # On CUDA the step's matmuls are autotuned (Triton GEMV templates with the norms fused in, or cuBLAS) and the
         # graph is captured here, not by Inductor: H100, gla-340m, captured step 0.97 -> 0.78 ms at B=1 and

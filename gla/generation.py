@@ -89,7 +89,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     step on the CPU, every EOS_CHECK steps on a GPU, where each check waits for the GPU).
     cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
     uncaptured, on a CPU); None = wherever the model allows it (a plain GLATransformer: on a 2-core CPU the static
-    step took 1.49 against 1.71 ms per token at the demo model, 61 against 65 at gla-340m). compile_step: the
+    step took 1.52 against 1.65 ms per token at the demo model, 59.2 against 61.0 at gla-340m). compile_step: the
     static step goes through torch.compile first (fused kernels, matmuls autotuned on CUDA: 244 kernels per token
     at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100); its logits then differ
     from the eager step's by bf16 rounding, so greedy tokens may too.

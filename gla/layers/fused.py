@@ -92,10 +92,12 @@ def as_one_matmul(module: nn.Module, x: torch.Tensor, linears: list[nn.Linear]) 
 
 class FusedProjections:
     """Every module of ``model`` that offers ``input_linears()`` (GLA mixers, SwiGLU MLPs) gets a FusedLinear of
-    them while the context is active; its ``forward`` then uses it where the inputs allow (no padding mask)."""
+    them while the context is active; its ``forward`` then uses it where the inputs allow (no padding mask).
+    model None: nothing is fused (every module keeps its separate layers)."""
 
-    def __init__(self, model: nn.Module):
-        self.fused = [(m, FusedLinear(m.input_linears())) for m in model.modules()
+    def __init__(self, model: nn.Module | None):
+        modules = model.modules() if model is not None else []
+        self.fused = [(m, FusedLinear(m.input_linears())) for m in modules
                       if hasattr(m, "input_linears") and len(m.input_linears()) > 1 and plain(m.input_linears())]
 
     def refresh(self) -> None:
