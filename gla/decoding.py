@@ -4,11 +4,11 @@ A decode step of a small model is bound by kernel launches (about a thousand per
 replaying a captured graph launches them all at once. Capture needs every tensor the step reads or writes to keep its
 address, so the model state lives in buffers allocated once per request (recurrent state [B, H, K, V] fp32 and
 short-convolution caches per GLA layer) that each step overwrites in place, and the token goes in through a fixed
-[B, 1] buffer. The step runs with each layer's input projections fused into one matmul (gla.layers.fused: five
-GEMVs per GLA layer instead of ten), on copies of the weights refreshed at each request. The softmax layers of
+[B, 1] buffer. On a GPU the step runs with each layer's input projections fused into one matmul (gla.layers.fused:
+five GEMVs per GLA layer instead of ten), on copies of the weights refreshed at each request. The softmax layers of
 hybrid models keep their keys in a StaticKVCache sized to the request, written one slot per step, with attention
-over every slot under a validity mask. One decoder per model and state layout is kept and reused by later requests
-(``decoder_for``): the capture is paid once, not per call.
+over every slot under a validity mask. One captured or compiled decoder per model and state layout is kept and
+reused by later requests (``decoder_for``): the capture is paid once, not per call.
 """
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def _tensors(x) -> list:
     out = []
     map_tensors(out.append, x)
     return out
+
+
+def static_by_default(model, device) -> bool:
+    """Whether generate() decodes on a static state when not told: a plain GLATransformer, on a CPU only without
+    softmax layers (their static cache is allocated for every requested token up front and each step attends over
+    all of its slots, where the plain loop grows the cache as it goes)."""
+    if not static_state(model):
+        return False
+    return torch.device(device).type == "cuda" or all(layer.mixer != "softmax" for layer in model.layers)
 
 
 def static_state(model) -> bool:
@@ -81,14 +90,19 @@ def _allocate(state: ModelState, capacity: int | None) -> ModelState:
 def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,
                 new_tokens: int = 0) -> "StaticDecoder":
     """The model's decoder for this state layout (batch, shapes, dtypes, KV capacity for ``new_tokens`` more
-    tokens, where the weights are), reset to ``state``; built (and on the first step captured) only for a layout
-    not seen before."""
+    tokens, where the weights are), reset to ``state``. A captured or compiled one is kept and reused for the same
+    layout while no other stream is decoding with it (``busy``); an uncaptured, uncompiled one is built per request
+    (nothing to reuse, and its buffers are not held after the request)."""
     capacity = kv_capacity(state, new_tokens)
+    if not capture and not compiled:
+        return StaticDecoder(model, state, capture, compiled, capacity)
     # the projection modules themselves: an adapter injected since (peft) replaces them, and fused copies of the
     # old ones would drop its output
     projections = tuple(id(lin) for m in model.modules() if hasattr(m, "input_linears") for lin in m.input_linears())
     key = (capture, compiled, next(model.parameters()).data_ptr(), projections, _layout(state, capacity))
     cache = _DECODERS.setdefault(model, {})
+    if key in cache and cache[key].busy:  # another stream is mid-request on it: a private decoder for this one
+        return StaticDecoder(model, state, capture, compiled, capacity)
     if key not in cache:
         cache.clear()  # one layout at a time: a captured graph holds its own memory pool
         cache[key] = StaticDecoder(model, state, capture, compiled, capacity)
@@ -122,6 +136,7 @@ class StaticDecoder:
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
+        self.busy = False  # set by a stream while it decodes with this decoder (decoder_for gives others their own)
         # Fused copies of the input projections' weights only on a GPU, whose captured step is bound by its number of
         # kernels: on a 2-core CPU they gave 2-3% (gla-340m 61.2 -> 59.8 ms/token, demo 1.59 -> 1.54) for a second
         # copy of most of the weights (0.9 GB at gla-340m in fp32).

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from gla.decoding import decoder_for, static_state
+from gla.decoding import decoder_for, static_by_default, static_state
 from gla.layers.gemv import gemv_linears
 
 EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
@@ -88,8 +88,9 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     lengths. Rows that produced eos_token_id keep yielding it; the stream ends once every row has (checked every
     step on the CPU, every EOS_CHECK steps on a GPU, where each check waits for the GPU).
     cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
-    uncaptured, on a CPU); None = wherever the model allows it (a plain GLATransformer: on a 2-core CPU the static
-    step took 1.52 against 1.65 ms per token at the demo model, 59.2 against 61.0 at gla-340m). compile_step: the
+    uncaptured, on a CPU); None = a plain GLATransformer, on a CPU only without softmax layers
+    (decoding.static_by_default; on a 2-core CPU the static step took 1.52 against the plain loop's 1.65 ms per token
+    at the demo model, 59.2 against 61.0 at gla-340m). compile_step: the
     static step goes through torch.compile first (fused kernels, matmuls autotuned on CUDA: 244 kernels per token
     at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100); its logits then differ
     from the eager step's by bf16 rounding, so greedy tokens may too.
@@ -99,6 +100,7 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     was_training = model.training
     model.eval()
     linears = contextlib.ExitStack()
+    decoder = None
     try:
         if ids.device.type == "cpu":  # decoding's few-row linear layers at the memory's speed (gla.layers.gemv)
             linears.enter_context(gemv_linears(model))
@@ -109,11 +111,13 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
                                   logits_to_keep=1)  # only the prompt's last position is sampled from
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         if cuda_graph is None:
-            cuda_graph = static_state(model)
+            cuda_graph = static_by_default(model, ids.device) or (compile_step and static_state(model))
         if compile_step and not cuda_graph:
             raise ValueError("compile_step compiles the static decoding step: it needs cuda_graph")
         decoder = (decoder_for(model, state, capture=ids.device.type == "cuda", compiled=compile_step,
                                new_tokens=max_new_tokens) if cuda_graph else None)
+        if decoder is not None:
+            decoder.busy = True  # until this stream ends: an interleaved stream gets a decoder of its own
         check = EOS_CHECK if ids.device.type == "cuda" else 1
         logits = logits[:, -1]
         for i in range(max_new_tokens):
@@ -132,6 +136,8 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
                 logits, state = model(nxt.unsqueeze(1), state)
                 logits = logits[:, -1]
     finally:
+        if decoder is not None:
+            decoder.busy = False
         linears.close()
         model.train(was_training)
 

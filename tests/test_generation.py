@@ -201,16 +201,17 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(kw):
 
 
 def test_static_decoding_reuses_its_buffers():
-    """A second request of the same layout reuses the first one's decoder (and so its captured graph on a GPU),
-    starting from its own prompt's state."""
+    """A second request of the same layout reuses the first one's compiled (or captured) decoder, starting from its
+    own prompt's state; an uncompiled, uncaptured decoder is built per request."""
     from gla.decoding import decoder_for
     m = model().eval()
     a, b = (torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     with torch.no_grad():
         (_, sa), (_, sb) = m(a), m(b)
-    first = decoder_for(m, sa, capture=False)
-    again = decoder_for(m, sb, capture=False)
+    first = decoder_for(m, sa, capture=False, compiled=True)
+    again = decoder_for(m, sb, capture=False, compiled=True)
     assert again is first and torch.equal(again.state.layers[1].recurrent, sb.layers[1].recurrent)
+    assert decoder_for(m, sb, capture=False) is not decoder_for(m, sb, capture=False)
     for ids in (a, b):  # tokens equal the eager loop's for each request in turn
         assert torch.equal(gla.generate(m, ids, 6, temperature=0, cuda_graph=True),
                            gla.generate(m, ids, 6, temperature=0, cuda_graph=False))
@@ -240,3 +241,32 @@ def test_static_decoding_lets_the_model_go():
     del m
     gc.collect()
     assert alive() is None
+
+
+def test_interleaved_streams_each_give_their_own_tokens():
+    """Two streams of one model decoding in turns (two requests of a server, zipped generators) give what each
+    gives alone: they do not share a static state."""
+    torch.manual_seed(0)
+    m = model().eval()
+    a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
+    alone = [torch.cat(list(gla.stream(m, p, 8, temperature=0))) for p in (a, b)]
+    turns = list(zip(gla.stream(m, a, 8, temperature=0), gla.stream(m, b, 8, temperature=0)))
+    assert torch.equal(torch.cat([x for x, _ in turns]), alone[0])
+    assert torch.equal(torch.cat([y for _, y in turns]), alone[1])
+
+
+def test_a_kept_decoder_in_use_is_not_handed_out_again():
+    """decoder_for keeps a compiled (or captured) decoder per layout for later requests, but while a stream holds
+    it (busy) another request of the same layout gets a decoder of its own."""
+    from gla.decoding import decoder_for
+
+    m = model().eval()
+    with torch.no_grad():
+        _, state = m(torch.randint(0, 64, (1, 5)))
+    first = decoder_for(m, state, capture=False, compiled=True)
+    assert decoder_for(m, state, capture=False, compiled=True) is first
+    first.busy = True
+    other = decoder_for(m, state, capture=False, compiled=True)
+    assert other is not first and decoder_for(m, state, capture=False, compiled=False) is not first
+    first.busy = False
+    assert decoder_for(m, state, capture=False, compiled=True) is first

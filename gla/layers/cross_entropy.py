@@ -71,12 +71,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def compile_options(options: dict) -> dict:
     """torch.compile arguments for ``linear_cross_entropy``: ``options`` plus the cap on fused buffers above (left
-    out where the caller picks a mode, which excludes options, or where this Inductor lacks the setting)."""
+    out for a backend other than Inductor, where the caller picks a mode, which excludes options, or where this
+    Inductor lacks the setting); the caller's own Inductor options win."""
     import torch._inductor.config as inductor
 
-    if "mode" in options or not hasattr(inductor, "max_fusion_unique_io_buffers"):
+    if (options.get("mode") is not None or options.get("backend", "inductor") != "inductor"
+            or not hasattr(inductor, "max_fusion_unique_io_buffers")):
         return options
-    return {**options, "options": {"max_fusion_unique_io_buffers": FUSED_BUFFERS, **options.get("options", {})}}
+    extra = options.get("options") or {}
+    return {**options, "options": {"max_fusion_unique_io_buffers": FUSED_BUFFERS, **extra}}
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

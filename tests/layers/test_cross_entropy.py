@@ -164,14 +164,19 @@ def test_one_default_block_takes_the_plain_head(monkeypatch):
 
 
 def test_compiled_with_its_options_equals_eager():
-    """The loss as compile_blocks compiles it (the cap on fused buffers splits the fp32 sum of 40 blocks' weight
-    gradients over several kernels): loss and gradients equal the eager function's."""
+    """The loss as compile_blocks compiles it: the cap on fused buffers is passed (the fp32 sum of 20 blocks' weight
+    gradients then spans several kernels), and loss and gradients equal the eager function's."""
+    opts = cross_entropy.compile_options({})
+    assert opts["options"]["max_fusion_unique_io_buffers"] == cross_entropy.FUSED_BUFFERS
+    assert cross_entropy.compile_options({"options": {"max_fusion_unique_io_buffers": 4}})["options"] == {
+        "max_fusion_unique_io_buffers": 4}
+    for kept in ({"mode": "max-autotune"}, {"backend": "aot_eager"}):
+        assert cross_entropy.compile_options(kept) == kept
     g = torch.Generator().manual_seed(5)
     h, w = torch.randn(200, 16, generator=g), torch.randn(37, 16, generator=g)
     y = torch.randint(0, 37, (200,), generator=g)
-    compiled = torch.compile(linear_cross_entropy, **cross_entropy.compile_options({}))
-    ours = _grads(lambda a, b, c: compiled(a, b, c, block_rows=5), h, w, y, 0.5)
-    ref = _grads(lambda a, b, c: linear_cross_entropy(a, b, c, block_rows=5), h, w, y, 0.5)
+    compiled = torch.compile(linear_cross_entropy, **opts)
+    ours = _grads(lambda a, b, c: compiled(a, b, c, block_rows=10), h, w, y, 0.5)
+    ref = _grads(lambda a, b, c: linear_cross_entropy(a, b, c, block_rows=10), h, w, y, 0.5)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert cross_entropy.compile_options({"mode": "max-autotune"}) == {"mode": "max-autotune"}
