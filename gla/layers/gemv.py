@@ -7,8 +7,11 @@ head at 22 GB/s at one row (9 GB/s at four), while ``torch.bmm`` over the weight
 thread reached 70 and 47 GB/s (gla-340m decoded at 77 ms/token with ``F.linear``, 37 this way); on a 2-core Xeon
 with AVX-512 it was the other way round (F.linear 35-92 GB/s, the blocks 17-26: 131 against ~60 ms/token). So each
 process times both once (``_batched_faster``) and ``linear`` takes the batched route only where it won: float32, at
-most ROWS_MAX rows, weights of at least MIN_WEIGHT elements; anything else is ``F.linear``. The sums run in a
-different order than the BLAS GEMV, so results differ from it by rounding only.
+most ROWS_MAX rows, weights of at least MIN_WEIGHT elements; anything else is ``F.linear``. The timing streams its
+weights from memory, as decoding a model larger than the cache does (timed on one weight held in the cache, the two
+routes came within 10% of each other on the EPYC, so each process chose at random between them and gla-340m decoded
+at 50 or at 110 ms/token). The sums run in a different order than the BLAS GEMV, so results differ from it by
+rounding only.
 """
 from __future__ import annotations
 
@@ -23,17 +26,23 @@ import torch.nn.functional as F
 from gla.device import best_time, constant_to_compiler
 
 ROWS_MAX = 8
-MIN_WEIGHT = 1 << 20  # a 1024 x 1024 weight gained 80 -> 100 GB/s at one row on the EPYC; a 256 x 128 one lost
+# Weights streamed from memory at one row, 2 EPYC threads: 256 x 1024 gained 13.5 -> 25 GB/s, 512 x 1024 14 -> 27,
+# 2816 x 1024 13 -> 40; 256 x 128 tied (7 GB/s) and 16 x 1024 lost (8 -> 5)
+MIN_WEIGHT = 1 << 18
+STREAMED = 12  # distinct [2048, 1024] fp32 weights the timing cycles through: 96 MB, beyond a server's L3
 
 
 @functools.cache
 def _batched_faster(n: int) -> bool:
-    """Whether the batched route over n row blocks beats F.linear on this CPU: a [2048, 1024] fp32 weight at one row,
-    best of five each (~5 ms, once per process and thread count). It must win by 10%: a near tie keeps F.linear."""
+    """Whether the batched route over n row blocks beats F.linear on this CPU: STREAMED [2048, 1024] fp32 weights at
+    one row, best of five passes each (~0.1 s, once per process and thread count). It must win by 10%: a near tie
+    keeps F.linear. (On the EPYC the batched route took 0.44-0.58 of F.linear's time over eight fresh processes.)"""
     if n < 2:
         return False
-    w, x = torch.randn(2048, 1024), torch.randn(1, 1024)
-    return best_time(lambda: _batched(x, w, n), 5) < 0.9 * best_time(lambda: F.linear(x, w), 5)
+    weights = [torch.full((2048, 1024), 0.5) for _ in range(STREAMED)]
+    x = torch.full((1, 1024), 0.5)
+    batched = best_time(lambda: [_batched(x, w, n) for w in weights], 5)
+    return batched < 0.9 * best_time(lambda: [F.linear(x, w) for w in weights], 5)
 
 
 @constant_to_compiler  # a constant to torch.compile: a compiled decoding step keeps one graph
