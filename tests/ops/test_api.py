@@ -23,6 +23,11 @@ def test_rejects_bad_gates(value):
     bad("g", q, k, v, g)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", True])
+def test_rejects_a_scale_that_is_not_a_finite_number(scale):
+    bad("scale", *inputs(), scale=scale)
+
+
 def test_rejects_shape_mismatch():
     q, k, v, g = inputs()
     bad("k must have", q, k[:, :, :, :3], v, g)

@@ -272,3 +272,36 @@ def test_inference_segments_in_other_dtypes(dtype, tol, monkeypatch):
     q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
     assert max(_inference_errors(q, k, v, g, h0)) <= tol
     assert runs and all(ran for _, ran in runs)
+
+
+@pytest.mark.parametrize("backend", ["chunk", "pairwise"])
+@pytest.mark.parametrize("huge", [-1e4, -1e30, -3e38])
+def test_huge_finite_gates_match_reference(backend, huge):
+    """Finite gates far below any real one (a chunk's sums of them lost every small difference, or overflowed to
+    NaN) give the reference's outputs, final state and gradients: the chunked backends floor them at G_FLOOR."""
+    q, k, v, g, h0 = gla_inputs(1, 90, 2, 12, 20, state=True, seed=7)
+    with torch.no_grad():
+        g[0, 20, 0, :5] = huge
+        g[0, 21:24, 1, :] = huge  # a run of them: the sum of three overflows float32 from -1.2e38
+    assert_close(compare_to_reference(q, k, v, g, h0, backend=backend))
+
+
+def test_float64_gate_below_float32_range_beside_float32_inputs():
+    """A float64 gate finite in float64 but -inf in float32 (the backends compute in q's precision): floored before
+    the cast, so no NaN."""
+    q, k, v, g, h0 = gla_inputs(1, 40, 1, 8, 8, state=True, seed=8)
+    g64 = g.detach().double()
+    g64[0, 10, 0, :] = -1e39
+    o, s = gated_linear_attention(q, k, v, g64, initial_state=h0, output_final_state=True, backend="chunk")
+    o_r, s_r = gated_linear_attention(q.double(), k.double(), v.double(), g64, initial_state=h0.double(),
+                                      output_final_state=True, backend="recurrent")
+    assert rel_err(o, o_r) < FWD_TOL and rel_err(s, s_r) < FWD_TOL
+
+
+def test_broadcast_gate_stays_broadcast_under_the_floor():
+    """A gate expanded over batch and time (a fixed decay) is floored where it is stored: no [B, T, H, K] copy."""
+    from gla.ops import G_FLOOR, _floored
+    g = torch.full((1, 1, 3, 4), -2.0).expand(5, 70, 3, 4)
+    out = _floored(g)
+    assert out.stride()[:2] == (0, 0) and torch.equal(out, g)
+    assert torch.equal(_floored(torch.full((2, 3), -1e9)), torch.full((2, 3), G_FLOOR))

@@ -311,3 +311,16 @@ def test_broadcast_gate_recomputes_the_sums_with_the_same_gradients():
         grads.append(torch.autograd.grad(o, (q, k, v, base, h0), do))
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("huge", [-1e4, -3e38])
+def test_huge_finite_gates_match_reference(huge):
+    """Finite gates far below any real one (their in-chunk sums lost every small difference, or overflowed to NaN)
+    give the reference's outputs, final state and gradients: the operator floors them at G_FLOOR."""
+    q, k, v, g, h0 = gla_inputs(1, 90, 2, 16, 16, state=True, device=DEVICE, seed=7)
+    with torch.no_grad():
+        g[0, 20, 0, :5] = huge
+        g[0, 21:24, 1, :] = huge
+    errs = compare_to_reference(q, k, v, g, h0, backend="triton")
+    fwd_tol, grad_tol = TOL[torch.float32]
+    assert all(e <= (fwd_tol if n in ("o", "state") else grad_tol) for n, e in errs.items()), errs
