@@ -214,6 +214,10 @@ class _Stop(Exception):
 
 
 def _generate(args) -> int:
+    from gla.generation import check_sampling
+    if args.max_new_tokens < 0:  # before anything is printed
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
     tok, run = _sampler(args)
     ids = tok.encode(args.prompt)
     if not ids:

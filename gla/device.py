@@ -18,7 +18,14 @@ def resolve_device(name: str) -> torch.device:
     """"auto" -> the GPU when CUDA is available, else the CPU; any other name (cpu, cuda, cuda:1) as torch reads it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'})")
+    return device
 
 
 def constant_to_compiler(fn):

@@ -5,6 +5,8 @@ For a GLA-only model the memory used does not grow with the context: each layer 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Iterator
 
 import torch
@@ -31,19 +33,16 @@ def _left_pad(prompts, pad_id: int, device):
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator=None):
     """logits: [B, vocab] -> next tokens [B]. temperature 0 is greedy; top_k / top_p filter before sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted to a maximum of 0 first: a tiny temperature then sends the others to -inf, not every logit to +-inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
@@ -51,15 +50,49 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """ValueError unless temperature is a finite number >= 0, top_k None or an int >= 1, top_p None or in (0, 1]."""
+    if not (_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _count(name: str, value, least: int) -> None:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least):
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def _prepare(model, input_ids, attention_mask):
+    """(ids [B, T] long, mask [B, T] or None) on the model's device, the token ids checked against its vocabulary
+    (one read of their range per request: out of range, the embedding would fail on a CPU and assert on a GPU)."""
     device = next(model.parameters()).device
     if isinstance(input_ids, (list, tuple)):
         if attention_mask is not None:
             raise ValueError("attention_mask is built from the prompt lengths when prompts are given as lists")
-        return _left_pad([list(p) for p in input_ids], 0, device)
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
-    return input_ids.to(device), None if attention_mask is None else attention_mask.to(device)
+        ids, mask = _left_pad([list(p) for p in input_ids], 0, device)
+    else:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a [B, T] tensor with T >= 1, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        ids = input_ids.to(device, torch.long)
+        mask = None if attention_mask is None else attention_mask.to(device)
+    vocab = model.embeddings.num_embeddings
+    lo, hi = torch.aminmax(ids)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got {int(lo)}..{int(hi)}")
+    return ids, mask
 
 
 PREFILL_CUDA_TOKENS = 32768
@@ -95,6 +128,10 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100); its logits then differ
     from the eager step's by bf16 rounding, so greedy tokens may too.
     """
+    _count("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p)
+    if prefill_chunk is not None:
+        _count("prefill_chunk", prefill_chunk, 1)
     ids, mask = _prepare(model, input_ids, attention_mask)
     prefill_chunk = prefill_chunk or prefill_tokens(ids)
     was_training = model.training

@@ -117,6 +117,13 @@ def test_clear_errors(run, tmp_path, capsys, monkeypatch):
         (["train", "--data", str(binary), "--preset", "tiny", "--out", str(tmp_path / "o")], "is not UTF-8 text"),
         (["train", "--data", data, "--preset", "tiny", "--seq-len", "100000", "--out", str(tmp_path / "o")],
          "--seq-len 100000: --data"),
+        (["train", "--out", out, "--resume", "--steps", "2"], "leaves nothing to train"),
+        (["train", "--lr", "inf", "--out", str(tmp_path / "o")], "need a finite lr"),
+        (["train", "--weight-decay", "nan", "--out", str(tmp_path / "o")], "--weight-decay must be finite"),
+        (["train", "--device", "nosuch", "--preset", "tiny", "--data", data, "--out", str(tmp_path / "o")],
+         "unknown device 'nosuch'"),
+        (["generate", "--ckpt", out, "--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
+        (["generate", "--ckpt", out, "--temperature", "nan"], "temperature must be a finite number"),
         # the preset is checked before the data: a missing data file is not what the user hears about
         (["train", "--preset", "nosuch", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
          "--preset 'nosuch' is not a preset"),

@@ -66,6 +66,35 @@ def test_sampling_filters():
         sample_next(logits, 1.0, top_p=0.0)
 
 
+def test_a_tiny_temperature_samples_the_argmax_without_nan():
+    """logits / 1e-45 overflowed every logit to +-inf and softmax gave NaN probabilities: shifted to a maximum of
+    0 first, the others go to -inf and the largest is drawn."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, -2.0, 0.1, 0.4]])
+    for t in (1e-45, 1e-30):
+        assert sample_next(logits, t, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"input_ids": [[1, 2, 64]]}, r"token ids must be in \[0, 64\)"),
+    ({"input_ids": torch.tensor([[3, -1]])}, r"token ids must be in \[0, 64\)"),
+    ({"input_ids": torch.tensor([[1.0, 2.0]])}, "integer token ids"),
+    ({"max_new_tokens": -3}, "max_new_tokens must be an int >= 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an int >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"top_k": 2.5}, "top_k must be an int >= 1"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ({"attention_mask": torch.ones(3)}, "attention_mask must have input_ids' shape"),
+    ({"prefill_chunk": -1}, "prefill_chunk must be an int >= 1"),
+])
+def test_bad_requests_are_clear_errors(kwargs, message):
+    """Each of these ended in a traceback from torch (embedding index, multinomial on NaN, range() of a float) or,
+    for a negative count, returned the prompt as if all were well."""
+    request = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        gla.generate(model(), **request)
+    assert gla.generate(model(), torch.tensor([[1, 2, 3]]), 0).tolist() == [[1, 2, 3]]
+
+
 def decoding_state_bytes(m, monkeypatch, new_tokens: int) -> list[int]:
     """The bytes of the whole state tree (every tensor: recurrent states, conv caches, KV caches, seen, key mask)
     after each model call of generate()'s plain loop (cuda_graph=False: a new state from every call): 3 prefill calls

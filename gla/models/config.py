@@ -14,6 +14,29 @@ def strict_from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+def _is(value, kind: type) -> bool:
+    """isinstance for config values: bool is not an int here, and an int is a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else (tuple, list) if kind is tuple else kind)
+
+
+def check_field_types(obj, flags: bool = False) -> None:
+    """Every field of dataclass ``obj`` holds a value of its annotated type (int, float, bool, str or tuple, "| None"
+    allowing None): a config read from JSON with "abc" or null where a number belongs fails here, naming the field
+    (as a command-line flag, --like-this, with ``flags``), instead of deep inside the model."""
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+    for f in dataclasses.fields(obj):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        value = getattr(obj, f.name)
+        if value is None and "None" in parts:
+            continue
+        allowed = [kinds[p] for p in parts if p in kinds]
+        if allowed and not any(_is(value, k) for k in allowed):
+            name = "--" + f.name.replace("_", "-") if flags else f.name
+            raise ValueError(f"{name} must be {' or '.join(parts)}, got {value!r}")
+
+
 def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
     """SwiGLU width with the parameter count of a ratio*d MLP: d * ratio * 2/3, rounded up to ``multiple``."""
     n = int(d_model * ratio * 2 / 3)
@@ -74,11 +97,14 @@ class GLAConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        self.attn_layers = tuple(int(i) for i in self.attn_layers)
+        check_field_types(self)
+        self.attn_layers = tuple(self.attn_layers)
+        self.layer_mixers = tuple(self.layer_mixers)
+        if not all(_is(i, int) for i in self.attn_layers):
+            raise ValueError(f"attn_layers must be layer indices (ints), got {list(self.attn_layers)}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"attn_layers {bad} are outside 0..{self.n_layers - 1}")
-        self.layer_mixers = tuple(self.layer_mixers)
         if self.layer_mixers and len(self.layer_mixers) != self.n_layers:
             raise ValueError(f"layer_mixers needs one entry per layer ({self.n_layers}), got {len(self.layer_mixers)}")
         from gla.layers.block import MIXERS
@@ -90,9 +116,20 @@ class GLAConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
         if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
             raise ValueError(f"gate_bias_init must be a finite number, got {self.gate_bias_init!r}")
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
-            if getattr(self, name) <= 0:
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "gate_low_rank_dim",
+                     "conv_size", "num_kv_heads", "attn_heads", "attn_kv_heads", "attn_head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # where a value outside these ranges gave NaN logits or a layer that cannot be built, not an error
+        for name in ("norm_eps", "gate_logit_normalizer", "rope_theta", "expand_k", "expand_v"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.clamp_min is not None and not (math.isfinite(self.clamp_min) and self.clamp_min <= 0):
+            raise ValueError(f"clamp_min bounds the log-gates from below: a finite number <= 0, got {self.clamp_min}")
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"initializer_range must be a finite number >= 0, got {self.initializer_range}")
 
     def mixer_of(self, i: int) -> str:
         """The token mixer of layer i."""

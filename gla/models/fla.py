@@ -49,19 +49,24 @@ def config_from_fla(fla: dict) -> GLAConfig:
     bad = []
     if get("hidden_act", "swish") not in ("swish", "silu"):
         bad.append(f"hidden_act={get('hidden_act')!r} (only swish/silu: it is both the MLP and output-gate activation)")
-    if get("feature_map") not in FEATURE_MAPS:
+    if not isinstance(get("feature_map"), (str, type(None))) or get("feature_map") not in FEATURE_MAPS:
         bad.append(f"feature_map={get('feature_map')!r} (supported: {sorted(k for k in FEATURE_MAPS if k)} or null)")
     if get("attnres_block_size") is not None:
         bad.append(f"attnres_block_size={get('attnres_block_size')!r} (attention residuals)")
     if get("conv_bias", False):
         bad.append("conv_bias=true (short convolutions with bias)")
     clamp_min = get("clamp_min")
-    if clamp_min is not None and clamp_min >= 0:
+    if clamp_min is not None and (isinstance(clamp_min, bool) or not isinstance(clamp_min, (int, float))):
+        bad.append(f"clamp_min={clamp_min!r} (a number or null)")
+    elif clamp_min is not None and clamp_min >= 0:
         bad.append(f"clamp_min={clamp_min} (>= 0 removes all decay; our layer needs a negative bound)")
     attn_kw = {}
     specs = get("attn") or None  # FLA: None, one spec dict, or a list of them
-    if specs is not None:
-        specs = [specs] if isinstance(specs, dict) else list(specs)
+    if specs is not None and not (isinstance(specs, dict) or (isinstance(specs, list)
+                                                             and all(isinstance(x, dict) for x in specs))):
+        bad.append(f"attn={specs!r} (null, one spec dict, or a list of them)")
+    elif specs is not None:
+        specs = [specs] if isinstance(specs, dict) else specs
         shared = {(s.get("num_heads"), s.get("num_kv_heads") or s.get("num_heads"), float(s.get("rope_theta", 1e4)),
                    bool(s.get("qkv_bias", False))) for s in specs}
         if len(shared) > 1:
@@ -82,7 +87,11 @@ def config_from_fla(fla: dict) -> GLAConfig:
     if unknown:
         warnings.warn(f"ignoring FLA config keys we do not know: {unknown}")
     hidden = get("hidden_size", 2048)
-    d_ff = get("intermediate_size") or ffn_size(hidden, get("hidden_ratio") or 4)
+    ratio = get("hidden_ratio") or 4
+    if get("intermediate_size") is None and not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                    for x in (hidden, ratio)):
+        raise ValueError(f"FLA config: hidden_size and hidden_ratio must be numbers, got {hidden!r}, {ratio!r}")
+    d_ff = get("intermediate_size") or ffn_size(hidden, ratio)
     feature_map = FEATURE_MAPS[get("feature_map")]
     return GLAConfig(
         vocab_size=get("vocab_size", 32000), d_model=hidden, n_heads=get("num_heads", 4), d_ff=d_ff,
@@ -91,7 +100,7 @@ def config_from_fla(fla: dict) -> GLAConfig:
         initializer_range=get("initializer_range", 0.02), expand_k=get("expand_k", 0.5),
         expand_v=get("expand_v", 1.0), num_kv_heads=get("num_kv_heads"), feature_map=feature_map,
         output_gate="swish" if get("use_output_gate", True) else None,
-        gate_low_rank_dim=get("gate_low_rank_dim", 16), gate_logit_normalizer=float(get("gate_logit_normalizer", 16)),
+        gate_low_rank_dim=get("gate_low_rank_dim", 16), gate_logit_normalizer=get("gate_logit_normalizer", 16.0),
         clamp_min=clamp_min, use_short_conv=get("use_short_conv", False), conv_size=get("conv_size", 4),
         bos_token_id=get("bos_token_id", 1), eos_token_id=get("eos_token_id", 2), **attn_kw)
 

@@ -10,7 +10,8 @@ import torch.utils.checkpoint
 
 from gla.layers import GLALayer
 from gla.layers.cross_entropy import compile_options, linear_cross_entropy
-from gla.layers.gla_attention import GateProj
+from gla.layers.gla_attention import GateProj, GLAState
+from gla.layers.softmax import KVCache, StaticKVCache
 from gla.layers.norm import make_norm
 from gla.layers.packing import packed_info
 from gla.ops import validate_cu_seqlens
@@ -145,6 +146,10 @@ class GLATransformer(nn.Module):
             raise ValueError("pass either cu_seqlens (packed documents) or attention_mask (padding), not both")
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(attention_mask.shape)}")
+        if T == 0:
+            raise ValueError("input_ids has no tokens (T = 0)")
+        if state is not None:
+            self._check_state(state, B if cu_seqlens is None else cu_seqlens.numel() - 1)
         has_softmax = any(layer.mixer == "softmax" for layer in self.layers)
         seen = state.seen if state is not None else torch.zeros(B, dtype=torch.long, device=dev)
         gla_kw, sm_kw = {}, {}
@@ -195,6 +200,29 @@ class GLATransformer(nn.Module):
         else:
             new_state = ModelState(new_layers, seen + n_real, sm_kw.get("key_mask"))
         return h, new_state
+
+    def _check_state(self, state, rows: int) -> None:
+        """A state to continue must come from a model of this layout, for ``rows`` sequences: one entry per layer,
+        of the layer's kind (a KV cache for softmax layers, a GLAState with convolution caches where the layer has
+        a short convolution), shapes only (no value is read)."""
+        if not isinstance(state, ModelState):
+            raise ValueError(f"state must be the ModelState an earlier call returned, got {type(state).__name__}")
+        if len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, this model {len(self.layers)}: a state "
+                             "continues only the model that made it")
+        if state.seen.shape != (rows,):
+            raise ValueError(f"state is for {state.seen.shape[0]} sequences, the input has {rows}")
+        for i, (layer, s) in enumerate(zip(self.layers, state.layers)):
+            if layer.mixer == "softmax":
+                ok, want = isinstance(s, (KVCache, StaticKVCache)), "a KV cache"
+            else:
+                convs = getattr(layer.attn, "convs", None) is not None
+                ok = isinstance(s, GLAState) and (s.conv is not None) == convs
+                want = "a GLAState" + (" with convolution caches" if convs else " without convolution caches")
+            if not ok:
+                got = "None (packed input keeps no softmax cache)" if s is None else type(s).__name__
+                raise ValueError(f"state layer {i} ({layer.mixer}) must be {want}, got {got}: a state continues "
+                                 "only the model that made it")
 
     _loss = staticmethod(linear_cross_entropy)
     # Activation checkpointing of every layer in training (``gla train --checkpoint-activations``): memory for

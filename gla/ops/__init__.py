@@ -220,6 +220,13 @@ def decode_step_(q, k, v, g, state, scale: float | None = None):
     CUDA graph needs). scale: defaults to K ** -0.5. Returns o [B, H, V] in v's dtype (the Triton kernel on CUDA when
     it can run, else the reference step). Not differentiable; shapes and dtypes are checked, values are not.
     """
+    tensors = (q, k, v, g, state)
+    if not all(isinstance(x, torch.Tensor) for x in tensors) or any(x.dim() != 3 for x in tensors[:4]):
+        raise ValueError("decode_step_ needs tensors q, k, g [B, H, K], v [B, H, V] and state [B, H, K, V], got "
+                         + ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                                     for x in tensors))
+    if not all(x.is_floating_point() for x in tensors):
+        raise ValueError(f"decode_step_ needs floating-point tensors, got {[x.dtype for x in tensors]}")
     B, H, K = q.shape
     if k.shape != q.shape or g.shape != q.shape or v.shape[:2] != (B, H):
         raise ValueError(f"decode_step_ needs q, k, g [B, H, K] and v [B, H, V], got {tuple(q.shape)}, "

@@ -29,6 +29,8 @@ def pairwise_gla(q, k, v, g, scale: float, initial_state=None, output_final_stat
     acc, out_dtype = state_dtype(q.dtype), v.dtype
     s0 = initial_state.to(acc) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=acc)
     q, k, v, g = (x.to(acc) for x in (q, k, v, g))
+    if T == 0:  # nothing read: the state passes through
+        return v.new_empty(B, 0, H, V, dtype=out_dtype), (s0.clone() if output_final_state else None)
     if T == 1:  # eager decoding; an export traces T > 1, where the general path below serves T = 1 as well
         o, s = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0, scale)
         return o.unsqueeze(1).to(out_dtype), (s if output_final_state else None)

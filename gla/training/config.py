@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from gla.layers.block import GATED_MIXERS
+from gla.models.config import check_field_types
 
 # overrides of the preset's GLAConfig fields
 MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "mixer", "gate_bias_init")
@@ -61,6 +62,7 @@ class TrainConfig:
     lora: int = 0                    # distil stage 2: LoRA adapters of this rank on the GLA layers (0: full)
 
     def __post_init__(self):
+        check_field_types(self, flags=True)  # a resumed run reads these from train_config.json
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
                      "nonfinite_limit"):
             if getattr(self, name) < 1:
@@ -70,12 +72,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.ckpt_every is not None and self.ckpt_every < 1:
             raise ValueError(f"--ckpt-every must be >= 1, got {self.ckpt_every}")
-        if not self.lr > 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        min_lr_ok = self.min_lr is None or 0 <= self.min_lr <= self.lr
+        if not (math.isfinite(self.lr) and self.lr > 0 and min_lr_ok):
+            raise ValueError(f"need a finite lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("--grad-clip and --weight-decay must be >= 0")
+        if not (0 <= self.grad_clip < math.inf and 0 <= self.weight_decay < math.inf):  # NaN fails both too
+            raise ValueError(f"--grad-clip and --weight-decay must be finite and >= 0, got {self.grad_clip}, "
+                             f"{self.weight_decay}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.dtype not in DTYPES:

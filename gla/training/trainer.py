@@ -224,6 +224,9 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"][self.d.rank], self.device)
         else:
             _say(self.d, f"resuming on {self.d.world} processes from {len(rng['torch'])}: dropout RNG reseeded")
+        if self.step >= self.cfg.steps:  # checked before the run's files are touched
+            raise ValueError(f"--resume: {self.cfg.out!r} is at step {self.step}, so --steps {self.cfg.steps} leaves "
+                             "nothing to train; pass a larger --steps")
         if self.d.main:
             report.truncate_metrics(self.cfg.out, self.step)
         self.saved_step = self.first_step = self.step

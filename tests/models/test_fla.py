@@ -167,6 +167,10 @@ def test_config_mapping():
     (dict(attn=[{"layers": [0], "num_heads": 2}, {"layers": [1], "num_heads": 4}]), "different heads"),
     (dict(attnres_block_size=2), "attnres_block_size"),
     (dict(clamp_min=0.0), "clamp_min"),
+    # values of the wrong type (a config edited by hand): named, not a TypeError from inside the conversion
+    (dict(attn="abc"), "attn='abc'"), (dict(attn=5), "attn=5"), (dict(clamp_min="x"), "clamp_min='x'"),
+    (dict(feature_map=["relu"]), "feature_map"), (dict(hidden_size="32", intermediate_size=None), "hidden_size"),
+    (dict(vocab_size=None), "vocab_size must be int"), (dict(gate_logit_normalizer="x"), "gate_logit_normalizer"),
 ])
 def test_unsupported_options_are_named(option, match):
     with pytest.raises(ValueError, match=match):

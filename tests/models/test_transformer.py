@@ -145,6 +145,45 @@ def test_bad_inputs():
         GLAConfig(n_layers=2, attn_layers=(5,))
     with pytest.raises(ValueError, match="preset"):
         GLAConfig.preset("gla-7b")
+    with pytest.raises(ValueError, match="no tokens"):
+        m(torch.zeros(2, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", "abc", "vocab_size must be int, got 'abc'"), ("d_model", None, "d_model must be int"),
+    ("attn_layers", 5, "attn_layers must be tuple"), ("gate_logit_normalizer", 0.0, "finite positive"),
+    ("gate_logit_normalizer", float("nan"), "finite positive"), ("norm_eps", -1.0, "finite positive"),
+    ("rope_theta", 0.0, "finite positive"), ("expand_k", -1, "finite positive"), ("conv_size", 0, "positive"),
+    ("clamp_min", float("nan"), "clamp_min"), ("clamp_min", 0.5, "clamp_min"), ("dropout", 1.0, "dropout"),
+    ("n_layers", True, "n_layers must be int")])
+def test_config_values_that_would_break_the_model_are_refused(field, value, message):
+    """Each of these gave NaN logits, a layer that cannot be built, or a TypeError deep inside (a config.json
+    edited by hand): now a ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        GLAConfig(**{field: value})
+
+
+def test_a_state_continues_only_the_model_that_made_it():
+    """A state from a model of another layout (depth, layer kinds, convolution caches, batch) is refused by
+    shape, before any layer reads it: it had been ignored in part or failed deep inside a layer."""
+    ids = torch.randint(0, 101, (2, 5))
+    base = model()
+    others = {"deeper": GLATransformer(101, 48, 4, 96, 4, dropout=0.0), "hybrid": model("hybrid"),
+              "conv": model("conv")}
+    messages = {"deeper": "state has 4 layers, this model 3", "hybrid": "layer 1 .gla. must be a GLAState",
+                "conv": "layer 0 .gla. must be a GLAState without convolution caches"}
+    for name, other in others.items():
+        _, state = other(ids)
+        with pytest.raises(ValueError, match=messages[name]):
+            base(ids, state)
+    _, state = base(ids)
+    with pytest.raises(ValueError, match="state is for 2 sequences, the input has 1"):
+        base(ids[:1], state)
+    with pytest.raises(ValueError, match="must be the ModelState"):
+        base(ids, [state.layers])
+    with pytest.raises(ValueError, match=r"layer 1 \(softmax\) must be a KV cache"):
+        model("hybrid")(ids, state)
+    assert rel_err(base(ids[:, :1], state)[0], base(torch.cat([ids, ids[:, :1]], 1))[0][:, -1:]) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["gla", "hybrid", "no_mlp", "retnet"])
@@ -264,8 +303,8 @@ def test_gate_bias_init_sets_the_starting_decay_and_checkpoints_keep_trained_bia
     assert torch.equal(m2.layers[2].attn.gk_proj[1].bias, biases[1])
     ids = torch.randint(0, 101, (1, 9))
     assert torch.equal(m(ids)[0], m2(ids)[0])
-    for bad in (float("inf"), None, "3"):
-        with pytest.raises(ValueError, match="gate_bias_init must be a finite number"):
+    for bad, message in ((float("inf"), "a finite number"), (None, "float, got None"), ("3", "float, got '3'")):
+        with pytest.raises(ValueError, match="gate_bias_init must be " + message):
             GLAConfig(gate_bias_init=bad)
 
 

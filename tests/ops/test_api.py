@@ -107,7 +107,7 @@ def test_auto_backend_choice(monkeypatch):
 def test_empty_time_axis():
     q, k, v, g = inputs(T=0)
     h0 = torch.randn(1, 2, 4, 6)
-    for backend in ("chunk", "recurrent"):
+    for backend in ("chunk", "recurrent", "pairwise"):
         o, s = gated_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
         assert o.shape == (1, 0, 2, 6) and torch.equal(s, h0)
         assert s.data_ptr() != h0.data_ptr(), backend  # a new tensor: changing it must not change the caller's
@@ -148,7 +148,9 @@ def test_decode_step_updates_the_state_in_place():
     for bad, match in (((q, k, v, g, h0.transpose(-1, -2).contiguous()), "contiguous float32"),
                        ((q, k, v, g, h0.to(torch.bfloat16)), "contiguous float32"),
                        ((q, k, v, g, h0.transpose(-1, -2)), "contiguous float32"),
-                       ((q, k[:, :1], v, g, h0), r"q, k, g \[B, H, K\]")):
+                       ((q, k[:, :1], v, g, h0), r"q, k, g \[B, H, K\]"),
+                       ((q[:, None], k, v, g, h0), r"q, k, g \[B, H, K\], v \[B, H, V\]"),
+                       ((q.long(), k, v, g, h0), "floating-point")):
         before = bad[-1].clone()
         with pytest.raises(ValueError, match=match):
             decode_step_(*bad)

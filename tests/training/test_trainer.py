@@ -39,9 +39,14 @@ def test_config_errors():
         TrainConfig(batch_size=6, grad_accum=4)
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"bogus": 1})
-    for bad in (float("nan"), float("inf"), "3"):
+    for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="--gate-bias-init must be a finite number"):
             TrainConfig(gate_bias_init=bad)
+    # a train_config.json edited by hand: the wrong type is named with its flag
+    with pytest.raises(ValueError, match="--gate-bias-init must be float or None, got '3'"):
+        TrainConfig(gate_bias_init="3")
+    with pytest.raises(ValueError, match="--seq-len must be int, got 'abc'"):
+        TrainConfig.from_dict({"seq_len": "abc"})
     with pytest.raises(ValueError, match="--mixer linear has none"):
         TrainConfig(mixer="linear", gate_bias_init=3.0)
 
