@@ -22,12 +22,14 @@ __all__ = ["gated_linear_attention", "decode_step_", "recurrent_step", "validate
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton", "pairwise")
 G_FLOOR = -64.0
-"""The chunked backends read log-gates below this as this. Their cumulative sums over a chunk lose the small
-differences between strong gates (relative error 1e-4 at -1e4 per entry, wrong results from -1e30, NaN once the
-sum overflows float32); exp(-64) = 1.6e-28 already erases the state before it, in float32 and float64 alike, so the
-outputs move by less than the dtype's rounding, and the gradient of a gate below it (~exp(g)) is zero to the same
-precision. What remains: a run of many such gates inside one chunk (19 tokens at -64 each) leaves the tokens after
-it within 2.5e-5 of the reference in float32, against ~1e-6 for ordinary gates."""
+"""The chunked backends read log-gates below this as this: chunk and pairwise through ``_floored``, Triton in its
+cumulative-sum kernel (no extra pass; its gate gradient there is the floored gate's, ~exp(-64) of the others).
+Their sums of gates over a chunk lose the small differences between strong gates (relative error 1e-4 at -1e4 per
+entry, wrong results from -1e30, NaN once the sum overflows float32); exp(-64) = 1.6e-28 already erases the state
+before it, in float32 and float64 alike, so the outputs move by less than the dtype's rounding, and the gradient
+of a gate below it (~exp(g)) is zero to the same precision. What remains: a run of many such gates inside one
+chunk (19 tokens at -64 each) leaves the tokens after it within 2.5e-5 of the reference in float32, against ~1e-6
+for ordinary gates."""
 TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
 
 
@@ -192,8 +194,9 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
             raise ValueError(f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}')
         if _is_decode_step(q, k, v, g, initial_state, cu_seqlens):
             return _triton_decode(q, k, v, g, float(scale), initial_state, output_final_state)
-        from .triton import triton_gla as impl
-    elif backend == "chunk":
+        from .triton import triton_gla  # floors g in its cumulative-sum kernel (triton/gate.py)
+        return triton_gla(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
+    if backend == "chunk":
         from .chunk import chunk_gla as impl
     elif backend == "pairwise":
         from .pairwise import pairwise_gla as impl
