@@ -21,15 +21,13 @@ from .recurrent import recurrent_gla, recurrent_step, recurrent_step_
 __all__ = ["gated_linear_attention", "decode_step_", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton", "pairwise")
-G_FLOOR = -64.0
-"""The chunked backends read log-gates below this as this: chunk and pairwise through ``_floored``, Triton in its
-cumulative-sum kernel (no extra pass; its gate gradient there is the floored gate's, ~exp(-64) of the others).
-Their sums of gates over a chunk lose the small differences between strong gates (relative error 1e-4 at -1e4 per
-entry, wrong results from -1e30, NaN once the sum overflows float32); exp(-64) = 1.6e-28 already erases the state
-before it, in float32 and float64 alike, so the outputs move by less than the dtype's rounding, and the gradient
-of a gate below it (~exp(g)) is zero to the same precision. What remains: a run of many such gates inside one
-chunk (19 tokens at -64 each) leaves the tokens after it within 2.5e-5 of the reference in float32, against ~1e-6
-for ordinary gates."""
+G_FLOOR = -110.0
+"""The chunked backends read log-gates below this as this when they compute in float32 (chunk and pairwise through
+``_floored``, Triton in its cumulative-sum kernel at no cost): exp(-110) is 0 in float32 (below its smallest
+subnormal, exp(-103.3)), so no float32 result changes, while far smaller finite gates no longer break the chunk's
+sums of gates (relative error 1e-4 at -1e4 per entry, wrong results from -1e30, NaN once a sum overflows float32).
+In float64 the floor is G_FLOOR_FP64, past its underflow (exp(-745)). NaN gates stay NaN."""
+G_FLOOR_FP64 = -750.0
 TRITON_RANGE = ((3, 6), (3, 10))  # Triton versions the kernels are tested on: 3.6 (GPU image) to 3.9, [lo, hi)
 
 
@@ -166,14 +164,34 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output
         return _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
 
 
-def _floored(g: torch.Tensor) -> torch.Tensor:
-    """g with entries below G_FLOOR raised to it (differentiable). A broadcast gate (stride 0, e.g. a fixed decay
-    expanded over batch and time) is floored where it is stored and expanded again, not materialised."""
-    compact = g
-    for d in range(g.dim()):
-        if g.stride(d) == 0 and g.shape[d] > 1:
-            compact = compact.narrow(d, 0, 1)
-    return compact.clamp_min(G_FLOOR).expand(g.shape)
+class _BroadcastFloor(torch.autograd.Function):
+    """clamp_min of a broadcast gate (stride 0 along some dims, e.g. a fixed decay expanded over batch and time),
+    computed where it is stored and expanded again instead of materialised; each element's gradient passes where
+    it is not below the floor, as clamp_min's would."""
+
+    @staticmethod
+    def forward(ctx, g, floor: float):
+        compact = g
+        for d in range(g.dim()):
+            if g.stride(d) == 0 and g.shape[d] > 1:
+                compact = compact.narrow(d, 0, 1)
+        ctx.save_for_backward(g)
+        ctx.floor = floor
+        return compact.clamp_min(floor).expand(g.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return grad.masked_fill(g < ctx.floor, 0), None
+
+
+def _floored(g: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """g with entries below the floor for ``compute`` (the backend's accumulation dtype) raised to it
+    (differentiable; NaN stays NaN); a broadcast gate stays broadcast."""
+    floor = G_FLOOR_FP64 if compute == torch.float64 else G_FLOOR
+    if 0 in g.stride():
+        return _BroadcastFloor.apply(g, floor)
+    return g.clamp_min(floor)
 
 
 def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
@@ -202,7 +220,8 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
         from .pairwise import pairwise_gla as impl
     else:  # step by step: no sums of gates to lose precision in
         return recurrent_gla(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
-    return impl(q, k, v, _floored(g), float(scale), initial_state, output_final_state, cu_seqlens)
+    # both accumulate in float64 for float64 q and in float32 otherwise (recurrent.state_dtype)
+    return impl(q, k, v, _floored(g, q.dtype), float(scale), initial_state, output_final_state, cu_seqlens)
 
 
 def wants_grad(*tensors) -> bool:

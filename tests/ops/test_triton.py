@@ -316,11 +316,20 @@ def test_broadcast_gate_recomputes_the_sums_with_the_same_gradients():
 @pytest.mark.parametrize("huge", [-1e4, -3e38])
 def test_huge_finite_gates_match_reference(huge):
     """Finite gates far below any real one (their in-chunk sums lost every small difference, or overflowed to NaN)
-    give the reference's outputs, final state and gradients: the operator floors them at G_FLOOR."""
+    give the reference's outputs, final state and gradients: the cumulative-sum kernel floors them at G_FLOOR."""
     q, k, v, g, h0 = gla_inputs(1, 90, 2, 16, 16, state=True, device=DEVICE, seed=7)
     with torch.no_grad():
         g[0, 20, 0, :5] = huge
-        g[0, 21:24, 1, :] = huge
+        g[0, 21:23, 1, :] = huge
     errs = compare_to_reference(q, k, v, g, h0, backend="triton")
     fwd_tol, grad_tol = TOL[torch.float32]
     assert all(e <= (fwd_tol if n in ("o", "state") else grad_tol) for n, e in errs.items()), errs
+
+
+def test_nan_gates_stay_nan():
+    """The floor in the cumulative-sum kernel does not turn a NaN gate into a number (tl.maximum's default would
+    return the other operand on a GPU)."""
+    q, k, v, g = (x.detach() for x in gla_inputs(1, 20, 1, 16, 16, device=DEVICE, seed=9)[:4])
+    g[0, 5, 0, 0] = float("nan")
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="triton", check_values=False)
+    assert o[0, 5:].isnan().any() and s.isnan().any()

@@ -16,7 +16,7 @@ from gla.ops import G_FLOOR
 
 from .utils import BT, ChunkMeta, cdiv, chunk_bounds, config, tile
 
-FLOOR = tl.constexpr(G_FLOOR)  # read as the floor here, for free: no pass over g before the kernels
+FLOOR = tl.constexpr(G_FLOOR)  # float32 sums: the floor applied here, for free (no pass over g before)
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def chunk_cumsum_fwd_kernel(g, gc, cu_seqlens, chunk_indices, chunk_offsets, T,
     o_x = (bos * H + i_h) * K
     p_g, m = tile(g + o_x, i_t * BT, L, i_k * BK, K, H * K, 1, BT, BK)
     p_gc, _ = tile(gc + o_x, i_t * BT, L, i_k * BK, K, H * K, 1, BT, BK)
-    b_g = tl.maximum(tl.load(p_g, mask=m, other=0.).to(tl.float32), FLOOR)
+    b_g = tl.maximum(tl.load(p_g, mask=m, other=0.).to(tl.float32), FLOOR, propagate_nan=tl.PropagateNan.ALL)
     tl.store(p_gc, tl.cumsum(b_g, 0), mask=m)
 
 
