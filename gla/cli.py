@@ -202,6 +202,10 @@ def _batched(cb, n: int):
 
 def _cmd_generate(args) -> int:
     from gla.export import export_meta
+    from gla.generation import check_sampling
+    if args.max_new_tokens < 0:  # before an export (--quantize) or anything printed
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
     if args.compile and (args.quantize or export_meta(args.ckpt) is not None):
         raise ValueError("--compile compiles a PyTorch model's decoding step; with --quantize or an export directory "
                          "the model runs on ONNX Runtime")
@@ -214,10 +218,6 @@ class _Stop(Exception):
 
 
 def _generate(args) -> int:
-    from gla.generation import check_sampling
-    if args.max_new_tokens < 0:  # before anything is printed
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    check_sampling(args.temperature, args.top_k, args.top_p)
     tok, run = _sampler(args)
     ids = tok.encode(args.prompt)
     if not ids:

@@ -12,6 +12,7 @@ reused by later requests (``decoder_for``): the capture is paid once, not per ca
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -23,6 +24,7 @@ from gla.models import GLATransformer
 from gla.models.state import ModelState, map_tensors
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CLAIM = threading.Lock()
 
 
 def _tensors(x) -> list:
@@ -90,9 +92,10 @@ def _allocate(state: ModelState, capacity: int | None) -> ModelState:
 def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,
                 new_tokens: int = 0) -> "StaticDecoder":
     """The model's decoder for this state layout (batch, shapes, dtypes, KV capacity for ``new_tokens`` more
-    tokens, where the weights are), reset to ``state``. A captured or compiled one is kept and reused for the same
-    layout while no other stream is decoding with it (``busy``); an uncaptured, uncompiled one is built per request
-    (nothing to reuse, and its buffers are not held after the request)."""
+    tokens, where the weights are), reset to ``state`` and claimed (``busy``; the caller sets it back to False when
+    its request ends). A captured or compiled one is kept and reused for the same layout while no other request
+    holds it; an uncaptured, uncompiled one is built per request (nothing to reuse, and its buffers are not held
+    after the request)."""
     capacity = kv_capacity(state, new_tokens)
     if not capture and not compiled:
         return StaticDecoder(model, state, capture, compiled, capacity)
@@ -100,15 +103,18 @@ def decoder_for(model, state: ModelState, capture: bool, compiled: bool = False,
     # old ones would drop its output
     projections = tuple(id(lin) for m in model.modules() if hasattr(m, "input_linears") for lin in m.input_linears())
     key = (capture, compiled, next(model.parameters()).data_ptr(), projections, _layout(state, capacity))
-    cache = _DECODERS.setdefault(model, {})
-    if key in cache and cache[key].busy:  # another stream is mid-request on it: a private decoder for this one
-        return StaticDecoder(model, state, capture, compiled, capacity)
-    if key not in cache:
-        cache.clear()  # one layout at a time: a captured graph holds its own memory pool
-        cache[key] = StaticDecoder(model, state, capture, compiled, capacity)
-    else:
-        cache[key].reset(state)
-    return cache[key]
+    with _CLAIM:  # found free and marked busy in one step: two threads never get the same decoder
+        cache = _DECODERS.setdefault(model, {})
+        if key in cache and cache[key].busy:  # another stream is mid-request on it: a private decoder for this one
+            decoder = StaticDecoder(model, state, capture, compiled, capacity)
+        elif key not in cache:
+            cache.clear()  # one layout at a time: a captured graph holds its own memory pool
+            decoder = cache[key] = StaticDecoder(model, state, capture, compiled, capacity)
+        else:
+            decoder = cache[key]
+            decoder.reset(state)
+        decoder.busy = True  # until the caller's request ends (it sets busy back to False)
+    return decoder
 
 
 class StaticDecoder:
@@ -136,7 +142,7 @@ class StaticDecoder:
         B = self.state.seen.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
-        self.busy = False  # set by a stream while it decodes with this decoder (decoder_for gives others their own)
+        self.busy = False  # claimed by decoder_for for a request, released by its caller (others get their own)
         # Fused copies of the input projections' weights only on a GPU, whose captured step is bound by its number of
         # kernels: on a 2-core CPU they gave 2-3% (gla-340m 61.2 -> 59.8 ms/token, demo 1.59 -> 1.54) for a second
         # copy of most of the weights (0.9 GB at gla-340m in fp32).

@@ -90,7 +90,7 @@ def _prepare(model, input_ids, attention_mask):
         mask = None if attention_mask is None else attention_mask.to(device)
     vocab = model.embeddings.num_embeddings
     lo, hi = torch.aminmax(ids)
-    if lo < 0 or hi >= vocab:
+    if bool((lo < 0) | (hi >= vocab)):  # one read back
         raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got {int(lo)}..{int(hi)}")
     return ids, mask
 
@@ -153,8 +153,6 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
             raise ValueError("compile_step compiles the static decoding step: it needs cuda_graph")
         decoder = (decoder_for(model, state, capture=ids.device.type == "cuda", compiled=compile_step,
                                new_tokens=max_new_tokens) if cuda_graph else None)
-        if decoder is not None:
-            decoder.busy = True  # until this stream ends: an interleaved stream gets a decoder of its own
         check = EOS_CHECK if ids.device.type == "cuda" else 1
         logits = logits[:, -1]
         for i in range(max_new_tokens):

@@ -238,8 +238,10 @@ def test_static_decoding_reuses_its_buffers():
     with torch.no_grad():
         (_, sa), (_, sb) = m(a), m(b)
     first = decoder_for(m, sa, capture=False, compiled=True)
+    first.busy = False  # the first request ends
     again = decoder_for(m, sb, capture=False, compiled=True)
     assert again is first and torch.equal(again.state.layers[1].recurrent, sb.layers[1].recurrent)
+    again.busy = False
     assert decoder_for(m, sb, capture=False) is not decoder_for(m, sb, capture=False)
     for ids in (a, b):  # tokens equal the eager loop's for each request in turn
         assert torch.equal(gla.generate(m, ids, 6, temperature=0, cuda_graph=True),
@@ -272,29 +274,70 @@ def test_static_decoding_lets_the_model_go():
     assert alive() is None
 
 
-def test_interleaved_streams_each_give_their_own_tokens():
+@pytest.fixture
+def kept_decoders(monkeypatch):
+    """The compiled static step with torch.compile as the identity: decoders are kept and reused per layout, as
+    compiled or captured ones are, at eager cost."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+
+def test_interleaved_streams_each_give_their_own_tokens(kept_decoders):
     """Two streams of one model decoding in turns (two requests of a server, zipped generators) give what each
-    gives alone: they do not share a static state."""
+    gives alone: the second gets a decoder of its own while the first holds the kept one."""
     torch.manual_seed(0)
     m = model().eval()
     a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
-    alone = [torch.cat(list(gla.stream(m, p, 8, temperature=0))) for p in (a, b)]
-    turns = list(zip(gla.stream(m, a, 8, temperature=0), gla.stream(m, b, 8, temperature=0)))
+    kw = dict(temperature=0, compile_step=True)
+    alone = [torch.cat(list(gla.stream(m, p, 8, **kw))) for p in (a, b)]
+    turns = list(zip(gla.stream(m, a, 8, **kw), gla.stream(m, b, 8, **kw)))
     assert torch.equal(torch.cat([x for x, _ in turns]), alone[0])
     assert torch.equal(torch.cat([y for _, y in turns]), alone[1])
 
 
+def test_concurrent_requests_each_give_their_own_tokens(kept_decoders):
+    """Requests of one layout from several threads (a threaded server): a kept decoder is found free and claimed
+    in one step, so no two requests decode on one state; the CPU's few-row linear layers are patched in and out
+    once for overlapping requests."""
+    import sys
+    import threading
+    torch.manual_seed(0)
+    m = model().eval()
+    prompts = [torch.randint(0, 64, (1, 6)) for _ in range(4)]
+    kw = dict(temperature=0, compile_step=True)
+    want = [gla.generate(m, p, 8, **kw) for p in prompts]
+    got, errors = {}, []
+
+    def serve(i):
+        try:
+            for _ in range(15):
+                got.setdefault(i, []).append(gla.generate(m, prompts[i], 8, **kw))
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread's prompt)
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between almost any two bytecodes: races show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    assert all(torch.equal(out, want[i]) for i in range(4) for out in got[i])
+
+
 def test_a_kept_decoder_in_use_is_not_handed_out_again():
-    """decoder_for keeps a compiled (or captured) decoder per layout for later requests, but while a stream holds
-    it (busy) another request of the same layout gets a decoder of its own."""
+    """decoder_for keeps a compiled (or captured) decoder per layout for later requests and claims it for the
+    request (busy); while a request holds it, another of the same layout gets a decoder of its own."""
     from gla.decoding import decoder_for
 
     m = model().eval()
     with torch.no_grad():
         _, state = m(torch.randint(0, 64, (1, 5)))
     first = decoder_for(m, state, capture=False, compiled=True)
-    assert decoder_for(m, state, capture=False, compiled=True) is first
-    first.busy = True
+    assert first.busy
     other = decoder_for(m, state, capture=False, compiled=True)
     assert other is not first and decoder_for(m, state, capture=False, compiled=False) is not first
     first.busy = False

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
+import weakref
 
 import torch
 import torch.nn as nn
@@ -86,15 +88,26 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
+_USERS: "weakref.WeakKeyDictionary[nn.Linear, int]" = weakref.WeakKeyDictionary()  # open contexts per patched layer
+_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def gemv_linears(model: nn.Module):
     """Inside the context every plain nn.Linear of ``model`` computes through ``linear`` (decoding on a CPU); a
-    subclass (quantised, or with adapters) keeps its own forward. The modules are restored on exit."""
-    patched = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
-    for m in patched:
-        m.forward = types.MethodType(_forward, m)
+    subclass (quantised, or with adapters) keeps its own forward. The modules are restored when the last context
+    open on them exits (requests of one model may overlap: interleaved streams, server threads)."""
+    with _LOCK:
+        mine = [m for m in model.modules() if type(m) is nn.Linear and (m in _USERS or "forward" not in m.__dict__)]
+        for m in mine:
+            if m not in _USERS:
+                m.forward = types.MethodType(_forward, m)
+            _USERS[m] = _USERS.get(m, 0) + 1
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward
+        with _LOCK:
+            for m in mine:
+                _USERS[m] -= 1
+                if not _USERS[m]:
+                    del _USERS[m], m.forward

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -14,27 +17,57 @@ def strict_from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
-def _is(value, kind: type) -> bool:
-    """isinstance for config values: bool is not an int here, and an int is a float."""
-    if isinstance(value, bool):
-        return kind is bool
-    return isinstance(value, (int, float) if kind is float else (tuple, list) if kind is tuple else kind)
+def is_int(x) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    """A real number (int or float, Python's or numpy's), not a bool; NaN and inf included."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _as(value, kind: type):
+    """``value`` as config type ``kind`` (numpy numbers become Python's, any iterable of ints a tuple, a path a
+    str), or _WRONG."""
+    if kind is int:
+        return int(value) if is_int(value) else _WRONG
+    if kind is float:
+        if not is_real(value):
+            return _WRONG
+        return value if type(value) in (int, float) else float(value)
+    if kind is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if kind is str:
+        return value if isinstance(value, str) else os.fspath(value) if isinstance(value, os.PathLike) else _WRONG
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        return _WRONG
+    return tuple(int(x) if is_int(x) else x for x in value)
+
+
+_WRONG = object()
 
 
 def check_field_types(obj, flags: bool = False) -> None:
     """Every field of dataclass ``obj`` holds a value of its annotated type (int, float, bool, str or tuple, "| None"
-    allowing None): a config read from JSON with "abc" or null where a number belongs fails here, naming the field
-    (as a command-line flag, --like-this, with ``flags``), instead of deep inside the model."""
+    allowing None), normalised in place (numpy numbers to Python's, iterables to tuples, paths to str): a config
+    read from JSON with "abc" or null where a number belongs fails here, naming the field (as a command-line flag,
+    --like-this, with ``flags``), instead of deep inside the model."""
     kinds = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
     for f in dataclasses.fields(obj):
-        parts = [p.strip() for p in str(f.type).split("|")]
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        parts = [p.strip() for p in annotation.split("|")]
         value = getattr(obj, f.name)
         if value is None and "None" in parts:
             continue
         allowed = [kinds[p] for p in parts if p in kinds]
-        if allowed and not any(_is(value, k) for k in allowed):
+        if not allowed:
+            continue
+        converted = next((v for v in (_as(value, k) for k in allowed) if v is not _WRONG), _WRONG)
+        if converted is _WRONG:
             name = "--" + f.name.replace("_", "-") if flags else f.name
             raise ValueError(f"{name} must be {' or '.join(parts)}, got {value!r}")
+        setattr(obj, f.name, converted)
 
 
 def ffn_size(d_model: int, ratio: float = 4.0, multiple: int = 256) -> int:
@@ -98,9 +131,7 @@ class GLAConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        self.attn_layers = tuple(self.attn_layers)
-        self.layer_mixers = tuple(self.layer_mixers)
-        if not all(_is(i, int) for i in self.attn_layers):
+        if not all(is_int(i) for i in self.attn_layers):
             raise ValueError(f"attn_layers must be layer indices (ints), got {list(self.attn_layers)}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
         if bad:
@@ -114,7 +145,7 @@ class GLAConfig:
                 raise ValueError(f"unknown mixer {m!r}; choose from {MIXERS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
-        if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
+        if not math.isfinite(self.gate_bias_init):
             raise ValueError(f"gate_bias_init must be a finite number, got {self.gate_bias_init!r}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "gate_low_rank_dim",
                      "conv_size", "num_kv_heads", "attn_heads", "attn_kv_heads", "attn_head_dim"):

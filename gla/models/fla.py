@@ -62,7 +62,7 @@ def config_from_fla(fla: dict) -> GLAConfig:
         bad.append(f"clamp_min={clamp_min} (>= 0 removes all decay; our layer needs a negative bound)")
     attn_kw = {}
     specs = get("attn") or None  # FLA: None, one spec dict, or a list of them
-    if specs is not None and not (isinstance(specs, dict) or (isinstance(specs, list)
+    if specs is not None and not (isinstance(specs, dict) or (isinstance(specs, (list, tuple))
                                                              and all(isinstance(x, dict) for x in specs))):
         bad.append(f"attn={specs!r} (null, one spec dict, or a list of them)")
     elif specs is not None:
@@ -102,7 +102,8 @@ def config_from_fla(fla: dict) -> GLAConfig:
         output_gate="swish" if get("use_output_gate", True) else None,
         gate_low_rank_dim=get("gate_low_rank_dim", 16), gate_logit_normalizer=get("gate_logit_normalizer", 16.0),
         clamp_min=clamp_min, use_short_conv=get("use_short_conv", False), conv_size=get("conv_size", 4),
-        bos_token_id=get("bos_token_id", 1), eos_token_id=get("eos_token_id", 2), **attn_kw)
+        bos_token_id=get("bos_token_id", 1),
+        eos_token_id=None if isinstance(get("eos_token_id", 2), list) else get("eos_token_id", 2), **attn_kw)
 
 
 _RENAMES = [(re.compile(r"\.attn\.g_norm_swish_gate\."), ".attn.g_norm."),

@@ -93,8 +93,12 @@ class GLALMConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def to_gla_config(self) -> GLAConfig:
-        """The GLAConfig with these values (validated by GLAConfig)."""
-        return GLAConfig(**{name: getattr(self, name) for name in _GLA_FIELDS if hasattr(self, name)})
+        """The GLAConfig with these values (validated by GLAConfig). Several eos ids (a chat model's) stay in this
+        config for generate(); the GLAConfig, which holds one, gets none."""
+        values = {name: getattr(self, name) for name in _GLA_FIELDS if hasattr(self, name)}
+        if isinstance(values.get("eos_token_id"), (list, tuple)):
+            values["eos_token_id"] = None
+        return GLAConfig(**values)
 
     @classmethod
     def from_gla_config(cls, cfg: GLAConfig, **kwargs) -> GLALMConfig:

@@ -87,7 +87,7 @@ class TrainConfig:
         if self.compile not in COMPILE:
             raise ValueError(f"--compile must be one of {COMPILE}, got {self.compile!r}")
         if self.gate_bias_init is not None:
-            if not isinstance(self.gate_bias_init, (int, float)) or not math.isfinite(self.gate_bias_init):
+            if not math.isfinite(self.gate_bias_init):
                 raise ValueError(f"--gate-bias-init must be a finite number, got {self.gate_bias_init!r}")
             if self.gate_bias_init != 0 and self.mixer is not None and self.mixer not in GATED_MIXERS:
                 raise ValueError(f"--gate-bias-init sets the forget gate of {' and '.join(GATED_MIXERS)} layers; "
@@ -100,8 +100,10 @@ class TrainConfig:
                              f"{', '.join('--' + k.replace('_', '-') for k in self.model_overrides())}")
         if not 0 < self.memory_budget <= 1:
             raise ValueError(f"--memory-budget must be in (0, 1], got {self.memory_budget}")
-        if self.kl_weight < 0 or self.transfer_steps < 0 or self.lora < 0:
-            raise ValueError("--kl-weight, --transfer-steps and --lora must be >= 0")
+        if not (0 <= self.kl_weight < math.inf) or self.transfer_steps < 0 or self.lora < 0:  # NaN fails too
+            raise ValueError("--kl-weight (finite), --transfer-steps and --lora must be >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.lora and (self.init_from is None or self.parallel == "fsdp"):
             raise ValueError("--lora adapts a converted student (--student / --init-from), on one process or DDP "
                              "(FSDP shards frozen and trained weights alike)")
