@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Iterator
 
 import torch
 
 from gla.decoding import decoder_for, static_by_default, static_state
 from gla.layers.gemv import gemv_linears
+from gla.models.config import is_int, is_real
 
 EOS_CHECK = 16  # steps between checks that every row has finished, on a GPU (each check waits for it)
 
@@ -50,22 +50,18 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def check_sampling(temperature, top_k, top_p) -> None:
     """ValueError unless temperature is a finite number >= 0, top_k None or an int >= 1, top_p None or in (0, 1]."""
-    if not (_real(temperature) and temperature >= 0):
+    if not (is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
+    if top_k is not None:
+        _count("top_k", top_k, 1)
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):  # NaN fails the range
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def _count(name: str, value, least: int) -> None:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least):
+    if not (is_int(value) and value >= least):
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .config import GLAConfig, ffn_size
+from .config import GLAConfig, ffn_size, is_real
 from .transformer import GLATransformer, read_config
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -56,7 +56,7 @@ def config_from_fla(fla: dict) -> GLAConfig:
     if get("conv_bias", False):
         bad.append("conv_bias=true (short convolutions with bias)")
     clamp_min = get("clamp_min")
-    if clamp_min is not None and (isinstance(clamp_min, bool) or not isinstance(clamp_min, (int, float))):
+    if clamp_min is not None and not is_real(clamp_min):
         bad.append(f"clamp_min={clamp_min!r} (a number or null)")
     elif clamp_min is not None and clamp_min >= 0:
         bad.append(f"clamp_min={clamp_min} (>= 0 removes all decay; our layer needs a negative bound)")
@@ -88,8 +88,7 @@ def config_from_fla(fla: dict) -> GLAConfig:
         warnings.warn(f"ignoring FLA config keys we do not know: {unknown}")
     hidden = get("hidden_size", 2048)
     ratio = get("hidden_ratio") or 4
-    if get("intermediate_size") is None and not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                    for x in (hidden, ratio)):
+    if get("intermediate_size") is None and not (is_real(hidden) and is_real(ratio)):
         raise ValueError(f"FLA config: hidden_size and hidden_ratio must be numbers, got {hidden!r}, {ratio!r}")
     d_ff = get("intermediate_size") or ffn_size(hidden, ratio)
     feature_map = FEATURE_MAPS[get("feature_map")]
