@@ -106,7 +106,15 @@ def prefill_tokens(ids) -> int:
     return max(2048, PREFILL_CUDA_TOKENS // max(ids.shape[0], 1))
 
 
-@torch.inference_mode()
+def _request(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, prefill_chunk):
+    """A request's arguments checked (ValueError naming the bad one) and its prompt prepared: (ids, mask)."""
+    _count("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p)
+    if prefill_chunk is not None:
+        _count("prefill_chunk", prefill_chunk, 1)
+    return _prepare(model, input_ids, attention_mask)
+
+
 def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None,
            prefill_chunk: int | None = None, generator=None, cuda_graph: bool | None = None,
@@ -122,13 +130,18 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     at the demo model, 59.2 against 61.0 at gla-340m). compile_step: the
     static step goes through torch.compile first (fused kernels, matmuls autotuned on CUDA: 244 kernels per token
     at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100); its logits then differ
-    from the eager step's by bf16 rounding, so greedy tokens may too.
+    from the eager step's by bf16 rounding, so greedy tokens may too. Bad arguments raise ValueError here, at the
+    call, not at the first token.
     """
-    _count("max_new_tokens", max_new_tokens, 0)
-    check_sampling(temperature, top_k, top_p)
-    if prefill_chunk is not None:
-        _count("prefill_chunk", prefill_chunk, 1)
-    ids, mask = _prepare(model, input_ids, attention_mask)
+    ids, mask = _request(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    return _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk,
+                   generator, cuda_graph, compile_step)
+
+
+@torch.inference_mode()
+def _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk, generator,
+            cuda_graph, compile_step) -> Iterator[torch.Tensor]:
+    """``stream``'s tokens for a checked request (``_request``)."""
     prefill_chunk = prefill_chunk or prefill_tokens(ids)
     was_training = model.training
     model.eval()
@@ -179,10 +192,10 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
              compile_step: bool = False) -> torch.Tensor:
     """Generate up to max_new_tokens tokens; returns ids [B, T + new] (prompts left-padded with 0 when given as
     lists of different lengths). callback(tokens [B]) is called on every new token (streaming output)."""
-    ids, mask = _prepare(model, input_ids, attention_mask)
+    ids, mask = _request(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, prefill_chunk)
     out = [ids]
-    for tok in stream(model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, mask, prefill_chunk,
-                      generator, cuda_graph, compile_step):
+    for tok in _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk,
+                       generator, cuda_graph, compile_step):
         out.append(tok.unsqueeze(1))
         if callback is not None:
             callback(tok)
