@@ -16,7 +16,7 @@ import torch
 
 from gla.device import constant_to_compiler
 
-from .recurrent import recurrent_gla, recurrent_step, recurrent_step_
+from .recurrent import recurrent_gla, recurrent_step, recurrent_step_, state_dtype
 
 __all__ = ["gated_linear_attention", "decode_step_", "recurrent_step", "validate_cu_seqlens", "BACKENDS"]
 
@@ -186,7 +186,7 @@ class _BroadcastFloor(torch.autograd.Function):
 
 
 def _floored(g: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    """g with entries below the floor for ``compute`` (the backend's accumulation dtype) raised to it
+    """g with entries below the floor for ``compute`` (the backend's accumulation dtype, state_dtype) raised to it
     (differentiable; NaN stays NaN); a broadcast gate stays broadcast."""
     floor = G_FLOOR_FP64 if compute == torch.float64 else G_FLOOR
     if 0 in g.stride():
@@ -220,8 +220,8 @@ def _dispatch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, 
         from .pairwise import pairwise_gla as impl
     else:  # step by step: no sums of gates to lose precision in
         return recurrent_gla(q, k, v, g, float(scale), initial_state, output_final_state, cu_seqlens)
-    # both accumulate in float64 for float64 q and in float32 otherwise (recurrent.state_dtype)
-    return impl(q, k, v, _floored(g, q.dtype), float(scale), initial_state, output_final_state, cu_seqlens)
+    return impl(q, k, v, _floored(g, state_dtype(q.dtype)), float(scale), initial_state, output_final_state,
+                cu_seqlens)
 
 
 def wants_grad(*tensors) -> bool:

@@ -47,6 +47,19 @@ def test_training_step_matches_reference(B, T, H, K, V, normalizer, monkeypatch)
     assert calls and calls[0]["state_rows"] == B * -(-T // 64) and backward_calls
 
 
+@pytest.mark.parametrize("huge", [-1e4, -3e38])
+def test_huge_finite_gates_match_reference(huge, monkeypatch):
+    """The compiled operators get the floored gate too (gla.ops.G_FLOOR): gates far below any real one, two of them
+    in a row (their float32 sum overflows), give the reference's outputs, final state and gradients."""
+    calls, backward_calls = _count_calls(monkeypatch), _count_calls(monkeypatch, "chunk_backward")
+    q, k, v, g, h0 = gla_inputs(1, 90, 2, 12, 20, state=True, seed=7)
+    with torch.no_grad():
+        g[0, 20, 0, :5] = huge
+        g[0, 21:23, 1, :] = huge
+    assert_close(compare_to_reference(q, k, v, g, h0, backend="chunk"))
+    assert calls and backward_calls
+
+
 @pytest.mark.parametrize("through", ["final state", "output"])
 def test_eager_training_call_matches_reference(through, monkeypatch):
     """An eager training call takes ``EagerChunk`` (no torch.library dispatch): gradients through the final state
