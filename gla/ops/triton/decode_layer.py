@@ -1,0 +1,147 @@
+"""The kernels of a fused GLA decoding step: a few rows (one per sequence) through a whole layer in five launches.
+
+A decoding step at batch 1 is a chain of matrix-vector products, each bound by a fixed cost per kernel as much as by
+its bytes (benchmarks/NOTES.md: a 2-6 MB weight took 3-6 us in any kernel, cuBLAS's or Inductor's). Two things here
+cut that cost:
+- each program holds its whole slice of the weight ([BN, K], K at most a few thousand) in registers, loaded in one
+  go: many loads in flight per SM, no loop;
+- the loads that do not depend on the previous kernel (weights, norm weights, a GLA layer's own state) are issued
+  before ``griddepcontrol.wait``: under programmatic dependent launch (Hopper) a kernel starts while its predecessor
+  finishes, and its weights stream in the meantime.
+The norms, the output gate, SwiGLU and the residual adds ride on the matrix products as prologues and epilogues, with
+the model's roundings (each intermediate the eager model keeps in 16 bits is rounded here too).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.2 on CUDA; the kernels take PDL=False where it is absent (the interpreter never uses it)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
+from .utils import cdiv, pow2
+
+
+@triton.jit
+def _rms_rows(x, eps, D: tl.constexpr, BK: tl.constexpr):
+    """x [BK] fp32 (zeros past the real size) as BK // D groups of D, each divided by its root mean square."""
+    xh = tl.reshape(x, [BK // D, D])
+    rstd = tl.rsqrt(tl.sum(xh * xh, 1) / D + eps)
+    return tl.reshape(xh * rstd[:, None], [BK])
+
+
+@triton.jit
+def row_linear_kernel(x, w, y, res, r, nw, N, K, sx, sy, sres, sr, eps,
+                      M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HD: tl.constexpr,
+                      SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr):
+    """y[m] = epilogue(pre(x[m]) @ w^T) for the M rows of x [M, K] (row stride sx); w: [N, K] contiguous ([2N, K],
+    gate rows then up rows, with SWIGLU); y: [M, N] (row stride sy).
+    pre: NORM 0 none; 1 RMSNorm with weight nw [K]; 2 RMSNorm per group of HD with weight nw [HD] (K a power of two,
+    HD dividing it), times swish(r[m]) (r [M, K], row stride sr): GLA's normalised, gated head outputs.
+    epilogue: SWIGLU silu(gate) * up; RES + res[m] (row stride sres). Rounded to y's dtype where the model rounds."""
+    dt = y.dtype.element_ty
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    m_n, m_k = o_n < N, o_k < K
+    m_w = m_n[:, None] & m_k[None, :]
+    p_w = w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
+    b_w = tl.load(p_w, mask=m_w, other=0.)
+    if SWIGLU:
+        b_u = tl.load(p_w + N * K, mask=m_w, other=0.)
+    if NORM == 1:
+        b_nw = tl.load(nw + o_k, mask=m_k, other=0.).to(tl.float32)
+    if NORM == 2:
+        b_nw = tl.load(nw + o_k % HD, mask=m_k, other=0.).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    for m in tl.static_range(M):
+        b_x = tl.load(x + m * sx + o_k, mask=m_k, other=0.).to(tl.float32)
+        if NORM == 1:
+            b_x = (b_x * tl.rsqrt(tl.sum(b_x * b_x) / K + eps) * b_nw).to(dt).to(tl.float32)
+        if NORM == 2:
+            b_x = (_rms_rows(b_x, eps, HD, BK) * b_nw).to(dt).to(tl.float32)
+            b_r = tl.load(r + m * sr + o_k, mask=m_k, other=0.).to(tl.float32)
+            b_x = (b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+        if SWIGLU:
+            g = acc.to(dt).to(tl.float32)
+            u = tl.sum(b_u.to(tl.float32) * b_x[None, :], 1).to(dt).to(tl.float32)
+            acc = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * u
+        if RES:
+            acc = acc.to(dt).to(tl.float32) + tl.load(res + m * sres + o_n, mask=m_n, other=0.).to(tl.float32)
+        tl.store(y + m * sy + o_n, acc.to(dt), mask=m_n)
+
+
+@triton.jit
+def gated_step_kernel(p, w2, b2, s, o, sp, so, scale, normalizer, H, R, OFF_K, OFF_V, OFF_G,
+                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr,
+                      PDL: tl.constexpr):
+    """One GLA token per row with the forget gate computed in place. p: [B, *] the layer's joint projection rows
+    (row stride sp): q [H*K] at 0, k at OFF_K, v [H*V] at OFF_V, the gate's rank-R activations at OFF_G; w2 [H*K, R],
+    b2 [H*K]: the gate's second projection; s: [B*H, K, V] fp32, updated in place; o: [B, H*V] (row stride so).
+    g = logsigmoid(round(a w2^T + b2)) / normalizer (GLA paper §4.4), S' = diag(exp(g)) S + k^T v, o = scale q S'."""
+    i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_r = tl.arange(0, BR)
+    m_k, m_v, m_r = o_k < K, o_v < V, o_r < R
+    b_w2 = tl.load(w2 + (i_h * K + o_k)[:, None] * R + o_r[None, :], mask=m_k[:, None] & m_r[None, :], other=0.)
+    b_b2 = tl.load(b2 + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    # this layer's own state: written only by this kernel, in the previous token's step
+    b_s = tl.load(s + p_s, mask=m_kv, other=0.)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    row = p + i_b * sp
+    b_a = tl.load(row + OFF_G + o_r, mask=m_r, other=0.).to(tl.float32)
+    b_g = (tl.sum(b_w2.to(tl.float32) * b_a[None, :], 1) + b_b2).to(p.dtype.element_ty).to(tl.float32)
+    b_g = (tl.minimum(b_g, 0.) - tl.log(1 + tl.exp(-tl.abs(b_g)))) / normalizer
+    b_q = tl.load(row + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+    b_k = tl.load(row + OFF_K + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(row + OFF_V + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
+    tl.store(s + p_s, b_s, mask=m_kv)
+    tl.store(o + i_b * so + i_h * V + o_v, tl.sum(b_s * b_q[:, None], 0).to(o.dtype.element_ty), mask=m_v)
+
+
+MAX_ROWS = 16  # rows unrolled in row_linear_kernel; more sequences go to the compiled step
+TILE = 4096  # weight elements a program holds: ~32-64 registers per thread at 4-8 warps (bf16)
+MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle at 1024 x 1024
+
+
+def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: int = 0, swiglu: bool = False,
+               eps: float = 0.0, pdl: bool = False) -> None:
+    """Launch row_linear_kernel: y [M, N] from x [M, K] and w ([N, K], or [2N, K] with swiglu); see the kernel."""
+    M, K = x.shape
+    N = y.shape[1]
+    BK = pow2(K, lo=1)
+    BN = max(1, TILE // BK // (2 if swiglu else 1))
+    while BN > 1 and cdiv(N, BN) < MIN_PROGRAMS:
+        BN //= 2
+    warps = 8 if BN * BK * (2 if swiglu else 1) >= TILE else 4
+    dummy = y
+    row_linear_kernel[(cdiv(N, BN),)](
+        x, w, y, dummy if res is None else res, dummy if r is None else r, dummy if nw is None else nw,
+        N, K, x.stride(0), y.stride(0), 0 if res is None else res.stride(0), 0 if r is None else r.stride(0), eps,
+        M=M, BN=BN, BK=BK, NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+
+
+def gated_step(p, w2, b2, s, o, *, heads: int, head_k: int, head_v: int, offsets: tuple[int, int, int],
+               scale: float, normalizer: float, pdl: bool = False) -> None:
+    """Launch gated_step_kernel over s [B*H, K, V] (see the kernel); offsets: (k, v, gate) within p's rows."""
+    B = p.shape[0]
+    R = w2.shape[1]
+    BK = pow2(head_k, lo=1)
+    BV = max(16, min(pow2(head_v), 4096 // BK))
+    gated_step_kernel[(B * heads, cdiv(head_v, BV))](
+        p, w2, b2, s, o, p.stride(0), o.stride(0), scale, normalizer, heads, R, *offsets,
+        K=head_k, V=head_v, BK=BK, BV=BV, BR=pow2(R, lo=1), PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))

@@ -1,0 +1,78 @@
+"""The fused decoding step (gla.decoding_fused, Triton kernels in gla.ops.triton.decode_layer) against the model's own
+step, under the Triton interpreter: logits and every layer's new state, over several tokens."""
+import os
+
+import pytest
+
+GPU = os.environ.get("GLA_TEST_GPU") == "1"
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from gla import GLATransformer  # noqa: E402
+from gla.decoding import _allocate  # noqa: E402
+from gla.decoding_fused import FusedStep, supports  # noqa: E402
+from gla.layers.fused import FusedProjections  # noqa: E402
+from gla.layers.gla_attention import StaticGLAState  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
+
+DEVICE = "cuda" if GPU else "cpu"
+
+
+def model(dtype, **kw):
+    torch.manual_seed(0)
+    # d_ff 96: the down projection's K is not a power of two (masked tiles); head_k 16, head_v 32
+    opts = dict(expand_k=0.5, gate_logit_normalizer=4.0, gate_bias_init=1.0, **kw)
+    m = GLATransformer(61, 64, 2, 96, 2, dropout=0.0, tie_embeddings=True, **opts).eval().to(DEVICE, dtype)
+    with torch.no_grad():  # weights away from zero: the gate, norms and biases all matter
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_step_equals_the_model_step(dtype, tol, B):
+    m = model(dtype)
+    ids = torch.randint(0, 61, (B, 5), device=DEVICE)
+    with torch.inference_mode():
+        _, state = m(ids[:, :3], None)
+        static = _allocate(state, None)
+        for b, t in zip(static.layers, state.layers):
+            b.recurrent.copy_(t.recurrent)
+        static.seen.copy_(state.seen)
+        tokens = torch.zeros(B, 1, dtype=torch.long, device=DEVICE)
+        with FusedProjections(m):
+            assert supports(m, static)
+            step = FusedStep(m, static, tokens)
+            for t in range(3, 5):
+                logits, state = m(ids[:, t:t + 1], state)
+                tokens.copy_(ids[:, t:t + 1])
+                fused = step(m)
+                assert fused.dtype == logits.dtype
+                assert rel_err(fused, logits[:, -1]) <= tol, (t, rel_err(fused, logits[:, -1]))
+                for b, s in zip(static.layers, state.layers):
+                    assert rel_err(b.recurrent, s.recurrent) <= tol
+                assert torch.equal(static.seen, state.seen)
+
+
+def test_fused_step_declines_what_it_does_not_serve():
+    for kw in ({"use_short_conv": True}, {"num_kv_heads": 1}, {"attn_layers": (1,)}, {"feature_map": "relu"}):
+        m = model(torch.float32, **kw)
+        with torch.inference_mode():
+            _, state = m(torch.randint(0, 61, (1, 3)), None)
+        static = _allocate(state, 256)
+        with FusedProjections(m):
+            assert not supports(m, static), kw
+    m = model(torch.float32)
+    with torch.inference_mode():
+        _, state = m(torch.randint(0, 61, (1, 3)), None)
+    static = _allocate(state, None)
+    assert isinstance(static.layers[0], StaticGLAState)
+    assert not supports(m, static)  # outside a FusedProjections context: no joint weights
+    with FusedProjections(m):
+        assert supports(m, static)
+    with pytest.raises(ValueError, match="FusedStep serves"):
+        FusedStep(m, static, torch.zeros(1, 1, dtype=torch.long))
