@@ -36,7 +36,7 @@ $(NEWEST)/.installed: $(STAMP)
 test: $(STAMP) $(NEWEST)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 	PYTHONPATH=$(NEWEST) $(BIN)/python -c "import triton; assert triton.__version__ == '$(TRITON_NEWEST)', triton.__version__"
-	PYTHONPATH=$(NEWEST) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/ops/test_triton.py tests/ops/test_triton_aot.py
+	PYTHONPATH=$(NEWEST) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/ops/test_triton.py tests/ops/test_decode_layer.py tests/ops/test_triton_aot.py
 
 bench-cpu: $(STAMP)
 	$(BIN)/python -m gla.bench.ops

@@ -48,11 +48,12 @@ class _Grid:
 
 def record() -> list:
     """Run every launcher (forward, backward, decode) over CASES; returns the launches."""
-    from gla.ops.triton import chunk_bwd, chunk_output, chunk_state, decode, gate
+    from gla.ops.triton import chunk_bwd, chunk_output, chunk_state, decode, decode_layer, gate
     from gla.ops.triton.utils import chunk_meta
     rec = Recorder()
-    for mod in (chunk_bwd, chunk_output, chunk_state, decode, gate):
+    for mod in (chunk_bwd, chunk_output, chunk_state, decode, decode_layer, gate):
         mod.wrap_triton = rec
+    _record_decode_layer(decode_layer)
     T = 150
     for dtype, g_dtype, varlen, h0, B, H, K, V in CASES:
         q, k = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(2))
@@ -73,6 +74,29 @@ def record() -> list:
         decode._launch(q[:, 0], k[:, 0], v[:, 0], g[:, 0].float(), torch.zeros(q.shape[0], H, K, V),
                        torch.zeros(q.shape[0], H, K, V), 0.1)
     return rec.launches
+
+
+def _record_decode_layer(dl) -> None:
+    """The fused decoding step's launches at gla-340m's shapes (bf16, programmatic dependent launch on), 1 and 16
+    rows: input projections with the norm, the gated GLA step, the output projection with the gated head norm and
+    the residual, SwiGLU, the down projection (K not a power of two at other presets: 2816 here), the head."""
+    d, dk, dv, ff, R = 1024, 512, 1024, 2816, 16
+    for M in (1, 16):
+        x = torch.randn(M, d, dtype=torch.bfloat16)
+        p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=torch.bfloat16)
+        o, h = torch.randn(M, dv, dtype=torch.bfloat16), torch.randn(M, ff, dtype=torch.bfloat16)
+        w = torch.randn(d, dtype=torch.bfloat16)
+        dl.row_linear(x, torch.randn(p.shape[1], d, dtype=torch.bfloat16), p, nw=w, norm=1, eps=1e-6, pdl=True)
+        dl.gated_step(p, torch.randn(dk, R, dtype=torch.bfloat16), torch.randn(dk, dtype=torch.bfloat16),
+                      torch.zeros(M * 4, 128, 256), o, heads=4, head_k=128, head_v=256,
+                      offsets=(dk, 2 * dk, 2 * dk + dv), scale=0.1, normalizer=16.0, pdl=True)
+        dl.row_linear(o, torch.randn(d, dv, dtype=torch.bfloat16), x, res=x, r=p[:, -dv:], nw=w[:256], norm=2,
+                      head_dim=256, eps=1e-6, pdl=True)
+        dl.row_linear(x, torch.randn(2 * ff, d, dtype=torch.bfloat16), h, nw=w, norm=1, swiglu=True, eps=1e-6,
+                      pdl=True)
+        dl.row_linear(h, torch.randn(d, ff, dtype=torch.bfloat16), x, res=x, pdl=True)
+        dl.row_linear(x, torch.randn(32000, d, dtype=torch.bfloat16), torch.empty(M, 32000, dtype=torch.bfloat16),
+                      nw=w, norm=1, eps=1e-6, pdl=True)
 
 
 def _arg_type(x):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 try:  # Triton >= 3.2 on CUDA; the kernels take PDL=False where it is absent (the interpreter never uses it)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -127,7 +128,7 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
         BN //= 2
     warps = 8 if BN * BK * (2 if swiglu else 1) >= TILE else 4
     dummy = y
-    row_linear_kernel[(cdiv(N, BN),)](
+    wrap_triton(row_linear_kernel)[(cdiv(N, BN),)](
         x, w, y, dummy if res is None else res, dummy if r is None else r, dummy if nw is None else nw,
         N, K, x.stride(0), y.stride(0), 0 if res is None else res.stride(0), 0 if r is None else r.stride(0), eps,
         M=M, BN=BN, BK=BK, NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
@@ -141,7 +142,7 @@ def gated_step(p, w2, b2, s, o, *, heads: int, head_k: int, head_v: int, offsets
     R = w2.shape[1]
     BK = pow2(head_k, lo=1)
     BV = max(16, min(pow2(head_v), 4096 // BK))
-    gated_step_kernel[(B * heads, cdiv(head_v, BV))](
+    wrap_triton(gated_step_kernel)[(B * heads, cdiv(head_v, BV))](
         p, w2, b2, s, o, p.stride(0), o.stride(0), scale, normalizer, heads, R, *offsets,
         K=head_k, V=head_v, BK=BK, BV=BV, BR=pow2(R, lo=1), PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}))
