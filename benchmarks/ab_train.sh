@@ -4,10 +4,12 @@
 #     bash benchmarks/ab_train.sh OUT [benchmarks/patches/NAME.patch ...]
 #
 # Runs `gla bench train` (arguments in $ARGS; default: gla-340m, B=8 T=2048, compiled blocks, bf16 weights, kernel
-# profile) on this checkout ("head"), then on a copy of it per patch, each in its own process with Inductor's caches
-# off: with them on, every variant was served the first one's compiled code (benchmarks/NOTES.md, sixteenth
-# session). Writes OUT/NAME.md and OUT/NAME/train.json per variant, and OUT/kernels.md: for each variant the kernels
-# that no other variant ran, so a patch that did not take effect shows as an empty list.
+# profile) on this checkout ("head"), then once per patch with the patch applied to this checkout in place (and
+# reverted after, also on failure), each in its own process with Inductor's caches off: with them on, every variant
+# was served the first one's compiled code (benchmarks/NOTES.md, sixteenth session). Patched copies of the package
+# elsewhere on PYTHONPATH were not what ran on the GPU machine (eighteenth session), hence in place. Writes
+# OUT/NAME.md and OUT/NAME/train.json per variant, and OUT/kernels.md: for each variant the kernels that no other
+# variant ran, so a patch that did not take effect shows as an empty list.
 set -euo pipefail
 out=$1
 shift
@@ -16,19 +18,19 @@ args=${ARGS:---device cuda --preset gla-340m --batch 8 --seq-len 2048 --models g
              --steps 10 --profile}
 export TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
 
-run() {  # name, source tree
-    echo "== $1 ($2)" >&2
-    (cd "$2" && PYTHONPATH="$2" python3 -m gla.cli bench train $args --out "$out/$1") > "$out/$1.md"
+run() {  # name
+    echo "== $1" >&2
+    python3 -c "import gla.layers.gla_attention as m; print('imported', m.__file__)" >&2
+    python3 -m gla.cli bench train $args --out "$out/$1" > "$out/$1.md"
 }
 
-run head "$PWD"
+run head
 for patch in "$@"; do
-    name=$(basename "$patch" .patch)
-    tree=/tmp/ab-$name
-    rm -rf "$tree" && mkdir -p "$tree"
-    cp -r gla tests Makefile pyproject.toml "$tree"
-    patch -d "$tree" -p1 --forward --quiet < "$patch"
-    run "$name" "$tree"
+    git apply "$patch"
+    trap 'git apply -R "$patch"' EXIT
+    run "$(basename "$patch" .patch)"
+    git apply -R "$patch"
+    trap - EXIT
 done
 
 python3 - "$out" head "$@" <<'EOF'
