@@ -125,10 +125,13 @@ class StaticDecoder:
     capture: record the step as a CUDA graph on its first call and replay it after (CUDA only); False runs the same
     in-place step eagerly (CPU, debugging). compiled: the step goes through torch.compile first (fused elementwise
     kernels: fewer launches in the graph, each one shorter). capacity: KV slots of the softmax layers (prompt and
-    new tokens; ``kv_capacity``), needed when the model has any.
+    new tokens; ``kv_capacity``), needed when the model has any. fused: where gla.decoding_fused serves the model,
+    the step is its five Triton kernels per layer instead (compiled or not); off by default until measured on a GPU
+    (benchmarks/NOTES.md, eighteenth session).
     """
 
-    def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False, capacity: int | None = None):
+    def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False, capacity: int | None = None,
+                 fused: bool = False):
         if not static_state(model):
             raise ValueError("static decoding needs a plain GLATransformer (wrappers hook the forward that a graph "
                              "replays): pass cuda_graph=False")
@@ -146,18 +149,18 @@ class StaticDecoder:
         self.busy = False  # claimed by decoder_for for a request, released by its caller (others get their own)
         # Fused copies of the input projections' weights only on a GPU, whose captured step is bound by its number of
         # kernels: on a 2-core CPU they gave 2-3% (gla-340m 61.2 -> 59.8 ms/token, demo 1.59 -> 1.54) for a second
-        # copy of most of the weights (0.9 GB at gla-340m in fp32).
-        self.fused = FusedProjections(model if self.state.seen.is_cuda else None)
+        # copy of most of the weights (0.9 GB at gla-340m in fp32). The fused Triton step reads them on any device.
+        self.fused = FusedProjections(model if self.state.seen.is_cuda or fused else None)
         # not fullgraph: past dynamo's recompile limit (one compile per state layout) the step falls back to eager.
         # On CUDA the step's matmuls are autotuned (Triton GEMV templates with the norms fused in, or cuBLAS) and the
         # graph is captured here, not by Inductor: H100, gla-340m, captured step 0.97 -> 0.78 ms at B=1 and
         # 1.24 -> 1.22 ms at B=16, for 39 s instead of 17 s of compilation at B=1 (56 s instead of 23 at B=16).
         mode = "max-autotune-no-cudagraphs" if self.state.seen.is_cuda else None
         self.run = torch.compile(self._step, dynamic=False, mode=mode) if compiled else self._step
-        # A captured, uncompiled step of plain GLA layers runs as five Triton kernels per layer (gla.decoding_fused)
-        with self.fused:
-            if capture and not compiled and supports_fused(model, self.state):
-                self.run = FusedStep(model, self.state, self.tokens)
+        if fused:
+            with self.fused:
+                if supports_fused(model, self.state):
+                    self.run = FusedStep(model, self.state, self.tokens)
         self.graph = None
         self.logits = None
         self.reset(state, refresh=False)

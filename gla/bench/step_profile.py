@@ -1,10 +1,11 @@
 """Where a decode step's time goes: the captured static step of gla.generate, kernel by kernel (CUDA).
 
     gla bench step-profile [--preset gla-340m] [--batch 1 --batch 16 ...] [--prompt-len 512] [--eager-step]
-                           [--reps 100] [--top 12] [--out DIR] [--json]
+                           [--fused-step] [--reps 100] [--top 12] [--out DIR] [--json]
 
 For each batch size: the model (random weights, bf16) prefills a prompt, its StaticDecoder (gla.decoding) captures
-one step (compiled, as ``gla.generate(compile_step=True)`` runs it, unless --eager-step), and the graph is replayed:
+one step (compiled, as ``gla.generate(compile_step=True)`` runs it, unless --eager-step; with --fused-step the fused
+Triton step of gla.decoding_fused where it serves the model), and the graph is replayed:
 wall ms per step from CUDA events over ``--reps`` replays, then under torch.profiler the kernels per step, their
 summed time (the GPU-busy time: a graph's kernels run one after another on one stream), the mean gap between one
 kernel's end and the next one's start, and the bytes a step must move at least (every weight it reads once, the
@@ -76,7 +77,7 @@ def summarize(events: list[tuple[str, float, float]], reps: int) -> dict:
                 top=sorted(((n, c / reps, t / reps) for n, (c, t) in per_name.items()), key=lambda r: -r[2]))
 
 
-def run_one(cfg, B: int, prompt_len: int, compiled: bool, reps: int) -> dict:
+def run_one(cfg, B: int, prompt_len: int, compiled: bool, reps: int, fused: bool = False) -> dict:
     from gla.decoding import StaticDecoder, kv_capacity
     from gla.models import GLATransformer
     torch.manual_seed(0)
@@ -85,12 +86,13 @@ def run_one(cfg, B: int, prompt_len: int, compiled: bool, reps: int) -> dict:
     with torch.inference_mode():
         _, state = model(ids, None, logits_to_keep=1)
         replays = 1 + 10 + 2 * reps  # the KV caches of softmax layers (if any) take one slot per replay
-        decoder = StaticDecoder(model, state, capture=True, compiled=compiled, capacity=kv_capacity(state, replays))
+        decoder = StaticDecoder(model, state, capture=True, compiled=compiled and not fused,
+                                capacity=kv_capacity(state, replays), fused=fused)
         decoder.step(ids[:, -1])  # compiles and captures
         r = profile_step(decoder.graph.replay, reps)
     from gla.decoding_fused import FusedStep
     moved = step_bytes(model, decoder)
-    step = "compiled" if compiled else "fused" if isinstance(decoder.run, FusedStep) else "uncompiled"
+    step = "fused" if isinstance(decoder.run, FusedStep) else "compiled" if compiled else "uncompiled"
     return dict(B=B, prompt=prompt_len, step=step, bytes=moved, gb_s=moved / r["wall_ms"] / 1e6, **r)
 
 
@@ -100,8 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="gla-340m")
     p.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1, 16, 64)")
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--eager-step", action="store_true",
-                   help="capture the uncompiled step (the fused Triton step where it serves the model)")
+    p.add_argument("--eager-step", action="store_true", help="capture the uncompiled step")
+    p.add_argument("--fused-step", action="store_true",
+                   help="capture the fused Triton step (gla.decoding_fused) where it serves the model")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--top", type=int, default=12, help="kernel names listed per batch size")
     p.add_argument("--out", default=None, help="write DIR/step-profile.md and .json")
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("the step profile replays a CUDA graph: it needs a GPU")
     cfg = GLAConfig.preset(a.preset, max_seq_len=a.prompt_len + 2 * a.reps + 64)
-    rows = [run_one(cfg, B, a.prompt_len, not a.eager_step, a.reps) for B in a.batch or [1, 16, 64]]
+    rows = [run_one(cfg, B, a.prompt_len, not a.eager_step, a.reps, a.fused_step) for B in a.batch or [1, 16, 64]]
     summary = md_table(["B", "step", "ms/step", "kernels", "GPU busy ms", "gap us", "MB moved", "GB/s"],
                        [[str(r["B"]), r["step"], f"{r['wall_ms']:.3f}", f"{r['kernels']:.0f}", f"{r['busy_ms']:.3f}",
                          f"{r['gap_us']:.2f}", f"{r['bytes'] / 1e6:.0f}", f"{r['gb_s']:.0f}"] for r in rows])

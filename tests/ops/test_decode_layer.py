@@ -76,3 +76,19 @@ def test_fused_step_declines_what_it_does_not_serve():
         assert supports(m, static)
     with pytest.raises(ValueError, match="FusedStep serves"):
         FusedStep(m, static, torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
+    from gla.decoding import StaticDecoder
+    m = model(torch.float32)
+    ids = torch.randint(0, 61, (2, 6), device=DEVICE)
+    with torch.inference_mode():
+        _, state = m(ids[:, :3], None)
+        plain = StaticDecoder(m, state, capture=GPU)
+        fused = StaticDecoder(m, state, capture=GPU, fused=True)
+        assert isinstance(fused.run, FusedStep) and not isinstance(plain.run, FusedStep)
+        for t in range(3, 6):
+            a, b = plain.step(ids[:, t]), fused.step(ids[:, t])
+            assert rel_err(b, a) <= 1e-5, (t, rel_err(b, a))
+        for x, y in zip(plain.buffers, fused.buffers):
+            assert rel_err(y.double(), x.double()) <= 1e-5
