@@ -21,11 +21,16 @@ from tests.utils import rel_err  # noqa: E402
 DEVICE = "cuda" if GPU else "cpu"
 
 
-def model(dtype, **kw):
+# (vocab, d_model, heads, d_ff): d_ff 96 makes the down projection's K no power of two (masked tiles), head_k 16 and
+# head_v 32; on a GPU also two layers of gla-340m's shapes (the launch configurations the model runs)
+SIZES = {"small": (61, 64, 2, 96), "gla-340m": (32000, 1024, 4, 2816)}
+
+
+def model(dtype, size="small", **kw):
     torch.manual_seed(0)
-    # d_ff 96: the down projection's K is not a power of two (masked tiles); head_k 16, head_v 32
+    vocab, d, heads, d_ff = SIZES[size]
     opts = dict(expand_k=0.5, gate_logit_normalizer=4.0, gate_bias_init=1.0, **kw)
-    m = GLATransformer(61, 64, 2, 96, 2, dropout=0.0, tie_embeddings=True, **opts).eval().to(DEVICE, dtype)
+    m = GLATransformer(vocab, d, heads, d_ff, 2, dropout=0.0, tie_embeddings=True, **opts).eval().to(DEVICE, dtype)
     with torch.no_grad():  # weights away from zero: the gate, norms and biases all matter
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -33,10 +38,11 @@ def model(dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("B", [1, 3])
-def test_fused_step_equals_the_model_step(dtype, tol, B):
-    m = model(dtype)
-    ids = torch.randint(0, 61, (B, 5), device=DEVICE)
+@pytest.mark.parametrize("B", [1, 3] + ([16] if GPU else []))
+@pytest.mark.parametrize("size", ["small"] + (["gla-340m"] if GPU else []))
+def test_fused_step_equals_the_model_step(dtype, tol, B, size):
+    m = model(dtype, size)
+    ids = torch.randint(0, SIZES[size][0], (B, 5), device=DEVICE)
     with torch.inference_mode():
         _, state = m(ids[:, :3], None)
         static = _allocate(state, None)
