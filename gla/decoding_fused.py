@@ -15,6 +15,8 @@ convolution, feature map, key/query norm or GQA) at up to MAX_ROWS sequences; ``
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gla.layers.gla_attention import GatedLinearAttention, StaticGLAState
@@ -28,9 +30,11 @@ def _plain_layer(layer) -> bool:
     a, mlp = layer.attn, layer.mlp
     return (layer.mixer == "gla" and type(a) is GatedLinearAttention and a.decay == "data"
             and a.feature_map is None and a.output_gate == "swish" and a.convs is None and a.q_norm is None
-            and a.num_kv_heads == a.n_heads and a.clamp_min is None and a.q_proj.bias is None
-            and all(type(n) is RMSNorm for n in (layer.attn_norm, a.g_norm, getattr(layer, "mlp_norm", None)))
+            and a.num_kv_heads == a.n_heads and a.clamp_min is None
             and type(mlp) is MLP and mlp.kind == "swiglu" and a.fused is not None and mlp.fused is not None
+            and a.fused.bias is None and mlp.fused.bias is None  # the kernels add no biases
+            and a.o_proj.bias is None and mlp.down_proj.bias is None
+            and all(type(n) is RMSNorm for n in (layer.attn_norm, a.g_norm, getattr(layer, "mlp_norm", None)))
             and _pow2(a.head_v) and _pow2(a.head_v * a.n_heads))
 
 
@@ -40,10 +44,12 @@ def _pow2(n: int) -> bool:
 
 def supports(model, state) -> bool:
     """Whether FusedStep serves this model and state: every layer a plain GLA layer (module docstring) with its
-    projections fused (inside a FusedProjections context), at most MAX_ROWS rows, GLA states on static buffers,
-    the final norm an RMSNorm, Triton usable."""
+    projections fused (inside a FusedProjections context), in eval mode, at most MAX_ROWS rows, GLA states on
+    static buffers, the final norm an RMSNorm, no head bias, Triton usable: on CUDA (or under its interpreter)."""
     from gla.ops import triton_status
-    return (triton_status() is None and state.seen.shape[0] <= MAX_ROWS and type(model.norm) is RMSNorm
+    on_triton = state.seen.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (on_triton and triton_status() is None and not model.training and state.seen.shape[0] <= MAX_ROWS
+            and type(model.norm) is RMSNorm and model.lm_head.bias is None
             and all(isinstance(s, StaticGLAState) for s in state.layers)
             and all(_plain_layer(layer) for layer in model.layers))
 

@@ -86,8 +86,8 @@ def run_one(cfg, B: int, prompt_len: int, compiled: bool, reps: int, fused: bool
     with torch.inference_mode():
         _, state = model(ids, None, logits_to_keep=1)
         replays = 1 + 10 + 2 * reps  # the KV caches of softmax layers (if any) take one slot per replay
-        decoder = StaticDecoder(model, state, capture=True, compiled=compiled and not fused,
-                                capacity=kv_capacity(state, replays), fused=fused)
+        decoder = StaticDecoder(model, state, capture=True, compiled=compiled, capacity=kv_capacity(state, replays),
+                                fused=fused)
         decoder.step(ids[:, -1])  # compiles and captures
         r = profile_step(decoder.graph.replay, reps)
     from gla.decoding_fused import FusedStep

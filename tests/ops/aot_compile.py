@@ -116,7 +116,7 @@ def compile_launch(kernel, args, kwargs):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    options = {name: kwargs[name] for name in ("num_warps", "num_stages") if name in kwargs}
+    options = {name: kwargs[name] for name in ("num_warps", "num_stages", "launch_pdl") if name in kwargs}
     values = dict(zip(kernel.arg_names, args))
     values.update({name: x for name, x in kwargs.items() if name not in options})
     signature, constexprs = {}, {}

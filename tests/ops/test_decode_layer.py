@@ -37,7 +37,12 @@ def model(dtype, size="small", **kw):
     return m
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# fp16 checks the roundings to the model's 16-bit intermediates (measured 1.8e-4 as written, 1.4e-3 with them left
+# out); bf16 cannot under the interpreter, whose bf16 casts truncate where torch's round to nearest
+TOLS = [(torch.float32, 1e-5), (torch.float16, 6e-4), (torch.bfloat16, 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,tol", TOLS)
 @pytest.mark.parametrize("B", [1, 3] + ([16] if GPU else []))
 @pytest.mark.parametrize("size", ["small"] + (["gla-340m"] if GPU else []))
 def test_fused_step_equals_the_model_step(dtype, tol, B, size):
@@ -64,24 +69,41 @@ def test_fused_step_equals_the_model_step(dtype, tol, B, size):
                 assert torch.equal(static.seen, state.seen)
 
 
-def test_fused_step_declines_what_it_does_not_serve():
-    for kw in ({"use_short_conv": True}, {"num_kv_heads": 1}, {"attn_layers": (1,)}, {"feature_map": "relu"}):
+def test_fused_step_declines_what_it_does_not_serve(monkeypatch):
+    for kw in ({"use_short_conv": True}, {"num_kv_heads": 1}, {"attn_layers": (1,)}, {"feature_map": "relu"},
+               {"qkv_bias": True}, {"norm": "layer"}, {"output_gate": "sigmoid"}):
         m = model(torch.float32, **kw)
         with torch.inference_mode():
-            _, state = m(torch.randint(0, 61, (1, 3)), None)
+            _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
         static = _allocate(state, 256)
         with FusedProjections(m):
             assert not supports(m, static), kw
     m = model(torch.float32)
+    m.layers[1].attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64, device=DEVICE))
     with torch.inference_mode():
-        _, state = m(torch.randint(0, 61, (1, 3)), None)
+        _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
+    static = _allocate(state, None)
+    with FusedProjections(m):
+        assert not supports(m, static)  # the kernels add no biases
+        m.layers[1].attn.o_proj.bias = None
+        assert supports(m, static)
+        m.train()  # dropout
+        assert not supports(m, static)
+        m.eval()
+    m = model(torch.float32)
+    with torch.inference_mode():
+        _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
     static = _allocate(state, None)
     assert isinstance(static.layers[0], StaticGLAState)
     assert not supports(m, static)  # outside a FusedProjections context: no joint weights
     with FusedProjections(m):
         assert supports(m, static)
     with pytest.raises(ValueError, match="FusedStep serves"):
-        FusedStep(m, static, torch.zeros(1, 1, dtype=torch.long))
+        FusedStep(m, static, torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
+    if not GPU:  # CPU tensors need the interpreter
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with FusedProjections(m):
+            assert not supports(m, static)
 
 
 def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():

@@ -17,10 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-try:  # Triton >= 3.2 on CUDA; the kernels take PDL=False where it is absent (the interpreter never uses it)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .utils import cdiv, pow2
 
@@ -95,7 +92,9 @@ def gated_step_kernel(p, w2, b2, s, o, sp, so, scale, normalizer, H, R, OFF_K, O
     b_b2 = tl.load(b2 + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
     m_kv = m_k[:, None] & m_v[None, :]
     p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
-    # this layer's own state: written only by this kernel, in the previous token's step
+    # this layer's own state, written only by this kernel in the previous token's step. Safe to read before the
+    # wait because each step starts with ordinary launches (FusedStep's embedding gather; the state's own resets
+    # are ordinary copies): no kernel of the previous step can still be running.
     b_s = tl.load(s + p_s, mask=m_kv, other=0.)
     if PDL:
         gdc_launch_dependents()
@@ -112,7 +111,6 @@ def gated_step_kernel(p, w2, b2, s, o, sp, so, scale, normalizer, H, R, OFF_K, O
     tl.store(o + i_b * so + i_h * V + o_v, tl.sum(b_s * b_q[:, None], 0).to(o.dtype.element_ty), mask=m_v)
 
 
-MAX_ROWS = 16  # rows unrolled in row_linear_kernel; more sequences go to the compiled step
 TILE = 4096  # weight elements a program holds: ~32-64 registers per thread at 4-8 warps (bf16)
 MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle at 1024 x 1024
 
