@@ -45,12 +45,14 @@ def _pow2(n: int) -> bool:
 def supports(model, state) -> bool:
     """Whether FusedStep serves this model and state: every layer a plain GLA layer (module docstring) with its
     projections fused (inside a FusedProjections context), in eval mode, at most MAX_ROWS rows, GLA states on
-    static buffers, the final norm an RMSNorm, no head bias, Triton usable: on CUDA (or under its interpreter)."""
+    fp32 static buffers, weights in fp32, bf16 or fp16, the final norm an RMSNorm, no head bias, Triton usable: on
+    CUDA (or under its interpreter)."""
     from gla.ops import triton_status
     on_triton = state.seen.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return (on_triton and triton_status() is None and not model.training and state.seen.shape[0] <= MAX_ROWS
             and type(model.norm) is RMSNorm and model.lm_head.bias is None
-            and all(isinstance(s, StaticGLAState) for s in state.layers)
+            and model.embeddings.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(isinstance(s, StaticGLAState) and s.recurrent.dtype == torch.float32 for s in state.layers)
             and all(_plain_layer(layer) for layer in model.layers))
 
 

@@ -90,6 +90,9 @@ def test_fused_step_declines_what_it_does_not_serve(monkeypatch):
         m.train()  # dropout
         assert not supports(m, static)
         m.eval()
+        m.double()  # Triton's products take fp32, bf16 and fp16 here
+        assert not supports(m, static)
+        m.float()
     m = model(torch.float32)
     with torch.inference_mode():
         _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)

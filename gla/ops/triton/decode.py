@@ -48,14 +48,19 @@ def _rows(x):
     return x, x.stride(0)
 
 
+def state_slab(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV): each decoding program's [K, BV] fp32 slab of one head's state, 16 KiB (registers unspilled)."""
+    BK = pow2(K)
+    return BK, max(16, min(pow2(V), 4096 // BK))
+
+
 def _launch(q, k, v, g, s, s_new, scale: float):
     B, H, K = q.shape
     V = v.shape[-1]
     o = v.new_empty(B, H, V)
     if B * H == 0:
         return o
-    BK = pow2(K)
-    BV = max(16, min(pow2(V), 4096 // BK))  # [K, BV] fp32 slab: 16 KiB per program keeps registers unspilled
+    BK, BV = state_slab(K, V)
     (q, sq), (k, sk), (v, sv), (g, sg) = (_rows(x) for x in (q, k, v, g))
     wrap_triton(recurrent_step_fwd_kernel)[(B * H, cdiv(V, BV))](
         q, k, v, g, s, o, s_new, scale, sq, sk, sv, sg, H, K=K, V=V, BK=BK, BV=BV, num_warps=4)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .decode import state_slab
 from .utils import cdiv, pow2
 
 
@@ -138,8 +138,7 @@ def gated_step(p, w2, b2, s, o, *, heads: int, head_k: int, head_v: int, offsets
     """Launch gated_step_kernel over s [B*H, K, V] (see the kernel); offsets: (k, v, gate) within p's rows."""
     B = p.shape[0]
     R = w2.shape[1]
-    BK = pow2(head_k, lo=1)
-    BV = max(16, min(pow2(head_v), 4096 // BK))
+    BK, BV = state_slab(head_k, head_v)
     wrap_triton(gated_step_kernel)[(B * heads, cdiv(head_v, BV))](
         p, w2, b2, s, o, p.stride(0), o.stride(0), scale, normalizer, heads, R, *offsets,
         K=head_k, V=head_v, BK=BK, BV=BV, BR=pow2(R, lo=1), PDL=pdl, num_warps=4,
