@@ -23,7 +23,7 @@ from gla.layers.gla_attention import GatedLinearAttention, StaticGLAState
 from gla.layers.mlp import MLP
 from gla.layers.norm import RMSNorm
 
-MAX_ROWS = 16
+MAX_ROWS = 64  # measured up to here (benchmarks/NOTES.md); the products of more rows run on tensor cores
 
 
 def _plain_layer(layer) -> bool:

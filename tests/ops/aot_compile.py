@@ -78,10 +78,11 @@ def record() -> list:
 
 def _record_decode_layer(dl) -> None:
     """The fused decoding step's launches at gla-340m's shapes (bf16, programmatic dependent launch on), 1 and 16
-    rows: input projections with the norm, the gated GLA step, the output projection with the gated head norm and
-    the residual, SwiGLU, the down projection (K not a power of two at other presets: 2816 here), the head."""
+    rows (the unrolled kernel) and 64 (tensor cores): input projections with the norm, the gated GLA step, the output
+    projection with the gated head norm and the residual, SwiGLU, the down projection (K not a power of two at other
+    presets: 2816 here), the head."""
     d, dk, dv, ff, R = 1024, 512, 1024, 2816, 16
-    for M in (1, 16):
+    for M in (1, 16, 64):
         x = torch.randn(M, d, dtype=torch.bfloat16)
         p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=torch.bfloat16)
         o, h = torch.randn(M, dv, dtype=torch.bfloat16), torch.randn(M, ff, dtype=torch.bfloat16)

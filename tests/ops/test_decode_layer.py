@@ -42,8 +42,15 @@ def model(dtype, size="small", **kw):
 TOLS = [(torch.float32, 1e-5), (torch.float16, 6e-4), (torch.bfloat16, 2e-2)]
 
 
-@pytest.mark.parametrize("dtype,tol", TOLS)
-@pytest.mark.parametrize("B", [1, 3] + ([16] if GPU else []))
+# B=20 and 64: the tensor-core products of rows_mma_kernel. The 16-bit bounds were measured at 1-3 rows; with more
+# rows more entries sit near a rounding boundary (20 rows, through either kernel: fp16 6.8e-4, bf16 under the
+# interpreter's truncating casts 2.01e-2), so there the 16-bit cases run on the GPU only, in bf16. The mma kernel's
+# roundings are checked against the unrolled kernel's entry by entry (test_tensor_core_rows_equal_unrolled_rows).
+CASES = [(B, dt, tol) for B in [1, 3, 20] + ([16, 64] if GPU else []) for dt, tol in TOLS
+         if B <= 3 or dt == torch.float32 or (GPU and dt == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("B,dtype,tol", CASES)
 @pytest.mark.parametrize("size", ["small"] + (["gla-340m"] if GPU else []))
 def test_fused_step_equals_the_model_step(dtype, tol, B, size):
     m = model(dtype, size)
@@ -123,3 +130,35 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
             assert rel_err(b, a) <= 1e-5, (t, rel_err(b, a))
         for x, y in zip(plain.buffers, fused.buffers):
             assert rel_err(y.double(), x.double()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["norm", "head_norm", "swiglu", "res"])
+def test_tensor_core_rows_equal_unrolled_rows(dtype, case):
+    """rows_mma_kernel (more than ROWS_UNROLLED rows) against row_linear_kernel on the same rows, 16 at a time, at
+    sizes that leave every tile ragged: K 200 (four steps of 64, the last masked), N 75, 37 rows (two row tiles)."""
+    from gla.ops.triton import decode_layer as dl
+    torch.manual_seed(1)
+    M, K, N = 37, 200, 75
+    opts = dict(eps=1e-6)
+    if case == "norm":
+        opts.update(norm=1, nw=1 + 0.1 * torch.randn(K, device=DEVICE, dtype=dtype))
+    if case == "head_norm":  # groups of 32 in a K of 128: two steps of two groups each
+        K = 128
+        opts.update(norm=2, head_dim=32, nw=1 + 0.1 * torch.randn(32, device=DEVICE, dtype=dtype),
+                    r=torch.randn(M, K + 5, device=DEVICE, dtype=dtype)[:, 5:])
+    if case == "swiglu":
+        opts.update(norm=1, nw=1 + 0.1 * torch.randn(K, device=DEVICE, dtype=dtype), swiglu=True)
+    if case == "res":
+        opts.update(res=torch.randn(M, N, device=DEVICE, dtype=dtype))
+    x = torch.randn(M, K + 3, device=DEVICE, dtype=dtype)[:, 3:]  # strided rows
+    w = torch.randn(N * (2 if case == "swiglu" else 1), K, device=DEVICE, dtype=dtype) / K ** 0.5
+    mma = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+    dl.row_linear(x, w, mma, **opts)
+    rows = torch.full_like(mma, float("nan"))
+    for i in range(0, M, dl.ROWS_UNROLLED):
+        part = {k: v[i:i + dl.ROWS_UNROLLED] if k in ("r", "res") else v for k, v in opts.items()}
+        dl.row_linear(x[i:i + dl.ROWS_UNROLLED], w, rows[i:i + dl.ROWS_UNROLLED], **part)
+    # fp32: exact products in both; fp16: each rounds the same fp32 sums, summed in another order
+    print("ERR", case, dtype, rel_err(mma, rows))
+    assert rel_err(mma, rows) <= (1e-6 if dtype == torch.float32 else 1e-3), rel_err(mma, rows)

@@ -28,4 +28,5 @@ def test_every_kernel_compiles_for_sm90():
     assert n and int(n.group(1)) >= 6 * 4, out.stdout  # six chunk-path kernels at each of the four cases at least
     assert kernels >= {"chunk_cumsum_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
                        "chunk_state_bwd_kernel", "chunk_dv_bwd_kernel", "chunk_dqkg_bwd_kernel",
-                       "recurrent_step_fwd_kernel", "row_linear_kernel", "gated_step_kernel"}, kernels
+                       "recurrent_step_fwd_kernel", "row_linear_kernel", "gated_step_kernel",
+                       "rows_mma_kernel"}, kernels

@@ -19,7 +19,7 @@ from torch.library import wrap_triton
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .decode import state_slab
-from .utils import cdiv, pow2
+from .utils import cdiv, dot16, pow2
 
 
 @triton.jit
@@ -74,6 +74,77 @@ def row_linear_kernel(x, w, y, res, r, nw, N, K, sx, sy, sres, sr, eps,
 
 
 @triton.jit
+def _dot_t(x, w, acc, F32: tl.constexpr):
+    """acc + x @ w^T. F32 (``dot16(w.dtype) != 1``): exact fp32 products of the operands' values, for fp32 weights
+    (tensor cores would round them to tf32) and for 16-bit ones under the interpreter (it cannot multiply bf16
+    blocks); bf16 and fp16 are exact in fp32, so these are the GPU's products."""
+    if F32:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HD: tl.constexpr,
+                    SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr):
+    """row_linear_kernel for more rows: a [BM, BN] tile of y per program on tensor cores, K walked in BK steps (with
+    NORM 2, BK divides HD). Same arguments, prologues, epilogues and roundings; F32: see _dot_t."""
+    dt = y.dtype.element_ty
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    o_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    o_k = tl.arange(0, BK)
+    m_n, m_m = o_n < N, o_m < M
+    p_w = w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
+    p_x = x + o_m[:, None].to(tl.int64) * sx + o_k[None, :]
+    # the first step's weights stream in while the previous kernel finishes; each later step's load is issued
+    # before the product of the one before it
+    b_w = tl.load(p_w, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
+    if SWIGLU:
+        b_u = tl.load(p_w + N * K, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    # K in groups normalised alone (all of K with NORM 1, each head's HD with NORM 2): a pass for the group's root
+    # mean square (its rows come again from L1/L2), then one for its products
+    G = HD if NORM == 2 else K
+    for g0 in range(0, K, G):
+        if NORM > 0:
+            ss = tl.zeros([BM], tl.float32)
+            for k0 in range(g0, g0 + G, BK):
+                b_x = tl.load(p_x + k0, mask=m_m[:, None] & (k0 + o_k < K)[None, :], other=0.).to(tl.float32)
+                ss += tl.sum(b_x * b_x, 1)
+            rstd = tl.rsqrt(ss / G + eps)
+        for k0 in range(g0, g0 + G, BK):
+            m_k = k0 + o_k < K
+            b_x = tl.load(p_x + k0, mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            if NORM == 1:
+                b_x = b_x * rstd[:, None] * tl.load(nw + k0 + o_k, mask=m_k, other=0.).to(tl.float32)[None, :]
+            if NORM == 2:
+                b_nw = tl.load(nw + k0 - g0 + o_k).to(tl.float32)
+                b_x = (b_x * rstd[:, None] * b_nw[None, :]).to(dt).to(tl.float32)
+                b_r = tl.load(r + o_m[:, None].to(tl.int64) * sr + k0 + o_k[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
+                b_x = b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32)
+            b_x = b_x.to(dt)
+            m_next = m_n[:, None] & (k0 + BK + o_k < K)[None, :]
+            acc = _dot_t(b_x, b_w, acc, F32)
+            b_w = tl.load(p_w + k0 + BK, mask=m_next, other=0.)
+            if SWIGLU:
+                acc_u = _dot_t(b_x, b_u, acc_u, F32)
+                b_u = tl.load(p_w + N * K + k0 + BK, mask=m_next, other=0.)
+    if SWIGLU:
+        g = acc.to(dt).to(tl.float32)
+        acc = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+    m_y = m_m[:, None] & m_n[None, :]
+    if RES:
+        acc = acc.to(dt).to(tl.float32) + tl.load(res + o_m[:, None].to(tl.int64) * sres + o_n[None, :], mask=m_y,
+                                                  other=0.).to(tl.float32)
+    tl.store(y + o_m[:, None].to(tl.int64) * sy + o_n[None, :], acc.to(dt), mask=m_y)
+
+
+@triton.jit
 def gated_step_kernel(p, w2, b2, s, o, sp, so, scale, normalizer, H, R, OFF_K, OFF_V, OFF_G,
                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr,
                       PDL: tl.constexpr):
@@ -115,22 +186,34 @@ TILE = 4096  # weight elements a program holds: ~32-64 registers per thread at 4
 MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle at 1024 x 1024
 
 
+ROWS_UNROLLED = 16  # up to this many rows each program unrolls them over its weights held in registers
+
+
 def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: int = 0, swiglu: bool = False,
                eps: float = 0.0, pdl: bool = False) -> None:
-    """Launch row_linear_kernel: y [M, N] from x [M, K] and w ([N, K], or [2N, K] with swiglu); see the kernel."""
+    """Launch row_linear_kernel (up to ROWS_UNROLLED rows) or rows_mma_kernel: y [M, N] from x [M, K] and w ([N, K],
+    or [2N, K] with swiglu); see the kernels."""
     M, K = x.shape
     N = y.shape[1]
+    dummy = y
+    args = (x, w, y, dummy if res is None else res, dummy if r is None else r, dummy if nw is None else nw)
+    strides = (x.stride(0), y.stride(0), 0 if res is None else res.stride(0), 0 if r is None else r.stride(0))
+    flags = dict(NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
+                 **({"launch_pdl": True} if pdl else {}))
+    if M > ROWS_UNROLLED:
+        BM = min(64, pow2(M))
+        BK = min(64, head_dim) if norm == 2 else 64
+        BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
+        wrap_triton(rows_mma_kernel)[(cdiv(N, BN), cdiv(M, BM))](
+            *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, F32=dot16(w.dtype) != 1, num_warps=8, **flags)
+        return
     BK = pow2(K, lo=1)
     BN = max(1, TILE // BK // (2 if swiglu else 1))
     while BN > 1 and cdiv(N, BN) < MIN_PROGRAMS:
         BN //= 2
     warps = 8 if BN * BK * (2 if swiglu else 1) >= TILE else 4
-    dummy = y
     wrap_triton(row_linear_kernel)[(cdiv(N, BN),)](
-        x, w, y, dummy if res is None else res, dummy if r is None else r, dummy if nw is None else nw,
-        N, K, x.stride(0), y.stride(0), 0 if res is None else res.stride(0), 0 if r is None else r.stride(0), eps,
-        M=M, BN=BN, BK=BK, NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        *args, N, K, *strides, eps, M=M, BN=BN, BK=BK, num_warps=warps, **flags)
 
 
 def gated_step(p, w2, b2, s, o, *, heads: int, head_k: int, head_v: int, offsets: tuple[int, int, int],
