@@ -85,54 +85,59 @@ def _dot_t(x, w, acc, F32: tl.constexpr):
 
 @triton.jit
 def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HD: tl.constexpr,
-                    SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr):
-    """row_linear_kernel for more rows: a [BM, BN] tile of y per program on tensor cores, K walked in BK steps (with
-    NORM 2, BK divides HD). Same arguments, prologues, epilogues and roundings; F32: see _dot_t."""
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, NORM: tl.constexpr,
+                    HD: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr):
+    """row_linear_kernel for more rows: a [BM, BN] tile of y per program on tensor cores. K is taken in BK steps
+    (ONE: a single step, K <= BK), each as large as registers allow: every step is a round trip to memory, and a
+    kernel of many small steps was bound by their latency (benchmarks/NOTES.md, nineteenth session). With NORM 2,
+    BK is a multiple of HD (whole head groups per step). Same arguments, prologues, epilogues and roundings as
+    row_linear_kernel; F32: see _dot_t."""
     dt = y.dtype.element_ty
-    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    o_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    # row tiles vary fastest: the programs that share a weight tile run side by side and find it in L2
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    o_n = tl.program_id(1) * BN + tl.arange(0, BN)
     o_k = tl.arange(0, BK)
     m_n, m_m = o_n < N, o_m < M
     p_w = w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
     p_x = x + o_m[:, None].to(tl.int64) * sx + o_k[None, :]
-    # the first step's weights stream in while the previous kernel finishes; each later step's load is issued
-    # before the product of the one before it
+    # the first step's weights (all of them when ONE) stream in while the previous kernel finishes
     b_w = tl.load(p_w, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
     if SWIGLU:
         b_u = tl.load(p_w + N * K, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    if NORM == 1 and not ONE:  # the root mean square over all of K first
+        ss = tl.zeros([BM], tl.float32)
+        for k0 in range(0, K, BK):
+            b_x = tl.load(p_x + k0, mask=m_m[:, None] & (k0 + o_k < K)[None, :], other=0.).to(tl.float32)
+            ss += tl.sum(b_x * b_x, 1)
+        rstd = tl.rsqrt(ss / K + eps)
     acc = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
-    # K in groups normalised alone (all of K with NORM 1, each head's HD with NORM 2): a pass for the group's root
-    # mean square (its rows come again from L1/L2), then one for its products
-    G = HD if NORM == 2 else K
-    for g0 in range(0, K, G):
-        if NORM > 0:
-            ss = tl.zeros([BM], tl.float32)
-            for k0 in range(g0, g0 + G, BK):
-                b_x = tl.load(p_x + k0, mask=m_m[:, None] & (k0 + o_k < K)[None, :], other=0.).to(tl.float32)
-                ss += tl.sum(b_x * b_x, 1)
-            rstd = tl.rsqrt(ss / G + eps)
-        for k0 in range(g0, g0 + G, BK):
-            m_k = k0 + o_k < K
-            b_x = tl.load(p_x + k0, mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            if NORM == 1:
-                b_x = b_x * rstd[:, None] * tl.load(nw + k0 + o_k, mask=m_k, other=0.).to(tl.float32)[None, :]
-            if NORM == 2:
-                b_nw = tl.load(nw + k0 - g0 + o_k).to(tl.float32)
-                b_x = (b_x * rstd[:, None] * b_nw[None, :]).to(dt).to(tl.float32)
-                b_r = tl.load(r + o_m[:, None].to(tl.int64) * sr + k0 + o_k[None, :],
-                              mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
-                b_x = b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32)
-            b_x = b_x.to(dt)
+    for k0 in range(0, K, BK):
+        m_k = k0 + o_k < K
+        b_x = tl.load(p_x + k0, mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if NORM == 1:
+            if ONE:
+                rstd = tl.rsqrt(tl.sum(b_x * b_x, 1) / K + eps)
+            b_x = b_x * rstd[:, None] * tl.load(nw + k0 + o_k, mask=m_k, other=0.).to(tl.float32)[None, :]
+        if NORM == 2:
+            xh = tl.reshape(b_x, [BM, BK // HD, HD])
+            xh = xh * tl.rsqrt(tl.sum(xh * xh, 2) / HD + eps)[:, :, None]
+            b_nw = tl.load(nw + o_k % HD).to(tl.float32)
+            b_x = (tl.reshape(xh, [BM, BK]) * b_nw[None, :]).to(dt).to(tl.float32)
+            b_r = tl.load(r + o_m[:, None].to(tl.int64) * sr + k0 + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
+                          other=0.).to(tl.float32)
+            b_x = b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32)
+        b_x = b_x.to(dt)
+        acc = _dot_t(b_x, b_w, acc, F32)
+        if SWIGLU:
+            acc_u = _dot_t(b_x, b_u, acc_u, F32)
+        if not ONE:
             m_next = m_n[:, None] & (k0 + BK + o_k < K)[None, :]
-            acc = _dot_t(b_x, b_w, acc, F32)
             b_w = tl.load(p_w + k0 + BK, mask=m_next, other=0.)
             if SWIGLU:
-                acc_u = _dot_t(b_x, b_u, acc_u, F32)
                 b_u = tl.load(p_w + N * K + k0 + BK, mask=m_next, other=0.)
     if SWIGLU:
         g = acc.to(dt).to(tl.float32)
@@ -186,7 +191,9 @@ TILE = 4096  # weight elements a program holds: ~32-64 registers per thread at 4
 MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle at 1024 x 1024
 
 
-ROWS_UNROLLED = 16  # up to this many rows each program unrolls them over its weights held in registers
+MMA_K = 1024  # the longest step along K of rows_mma_kernel
+ROWS_UNROLLED = 1  # up to this many rows each program unrolls them over its weights held in registers: at 16
+# rows (H100, gla-340m) the step took 3.56 ms, each row a reduction across the program (NOTES, nineteenth session)
 
 
 def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: int = 0, swiglu: bool = False,
@@ -201,11 +208,15 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
     flags = dict(NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
                  **({"launch_pdl": True} if pdl else {}))
     if M > ROWS_UNROLLED:
-        BM = min(64, pow2(M))
-        BK = min(64, head_dim) if norm == 2 else 64
+        # x's [16, BK] fp32 step and the [BN, BK] weights in registers: BK up to 1024 at 8 warps (~64 + 16-32 per
+        # thread); with NORM 2 a multiple of the head group
+        BM, BK = 16, min(pow2(K), MMA_K)
+        if norm == 2:
+            BK = max(BK, head_dim)
         BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
-        wrap_triton(rows_mma_kernel)[(cdiv(N, BN), cdiv(M, BM))](
-            *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, F32=dot16(w.dtype) != 1, num_warps=8, **flags)
+        wrap_triton(rows_mma_kernel)[(cdiv(M, BM), cdiv(N, BN))](
+            *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, ONE=K <= BK, F32=dot16(w.dtype) != 1, num_warps=8,
+            **flags)
         return
     BK = pow2(K, lo=1)
     BN = max(1, TILE // BK // (2 if swiglu else 1))
