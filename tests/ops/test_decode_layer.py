@@ -140,7 +140,7 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
 @pytest.mark.parametrize("mma_k", [64, None])
 def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, monkeypatch):
     """rows_mma_kernel (more than ROWS_UNROLLED rows) against row_linear_kernel on the same rows, ROWS_UNROLLED at a
-    time, at sizes that leave every tile ragged: K 200 (with steps of 64 along K: four, the last masked), N 75, 37
+    time, at sizes that leave every tile ragged: K 200 (with steps of 64 along K: four, the last masked), N 75, 18
     rows (two row tiles, the second ragged)."""
     from gla.ops.triton import decode_layer as dl
     if mma_k:
