@@ -77,26 +77,26 @@ def record() -> list:
 
 
 def _record_decode_layer(dl) -> None:
-    """The fused decoding step's launches at gla-340m's shapes (bf16, programmatic dependent launch on), 1 and 16
-    rows (the unrolled kernel) and 64 (tensor cores): input projections with the norm, the gated GLA step, the output
-    projection with the gated head norm and the residual, SwiGLU, the down projection (K not a power of two at other
-    presets: 2816 here), the head."""
+    """The fused decoding step's launches at gla-340m's shapes (programmatic dependent launch on), bf16 at 1 row (the
+    unrolled kernel), 16 and 64 (tensor cores), fp32 at 16: input projections with the norm, the gated GLA step, the
+    output projection with the gated head norm and the residual, SwiGLU, the down projection (K not a power of two at
+    other presets: 2816 here), the head."""
     d, dk, dv, ff, R = 1024, 512, 1024, 2816, 16
-    for M in (1, 16, 64):
-        x = torch.randn(M, d, dtype=torch.bfloat16)
-        p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=torch.bfloat16)
-        o, h = torch.randn(M, dv, dtype=torch.bfloat16), torch.randn(M, ff, dtype=torch.bfloat16)
-        w = torch.randn(d, dtype=torch.bfloat16)
-        dl.row_linear(x, torch.randn(p.shape[1], d, dtype=torch.bfloat16), p, nw=w, norm=1, eps=1e-6, pdl=True)
-        dl.gated_step(p, torch.randn(dk, R, dtype=torch.bfloat16), torch.randn(dk, dtype=torch.bfloat16),
+    for M, dt in ((1, torch.bfloat16), (16, torch.bfloat16), (64, torch.bfloat16), (16, torch.float32)):
+        x = torch.randn(M, d, dtype=dt)
+        p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=dt)
+        o, h = torch.randn(M, dv, dtype=dt), torch.randn(M, ff, dtype=dt)
+        w = torch.randn(d, dtype=dt)
+        dl.row_linear(x, torch.randn(p.shape[1], d, dtype=dt), p, nw=w, norm=1, eps=1e-6, pdl=True)
+        dl.gated_step(p, torch.randn(dk, R, dtype=dt), torch.randn(dk, dtype=dt),
                       torch.zeros(M * 4, 128, 256), o, heads=4, head_k=128, head_v=256,
                       offsets=(dk, 2 * dk, 2 * dk + dv), scale=0.1, normalizer=16.0, pdl=True)
-        dl.row_linear(o, torch.randn(d, dv, dtype=torch.bfloat16), x, res=x, r=p[:, -dv:], nw=w[:256], norm=2,
+        dl.row_linear(o, torch.randn(d, dv, dtype=dt), x, res=x, r=p[:, -dv:], nw=w[:256], norm=2,
                       head_dim=256, eps=1e-6, pdl=True)
-        dl.row_linear(x, torch.randn(2 * ff, d, dtype=torch.bfloat16), h, nw=w, norm=1, swiglu=True, eps=1e-6,
+        dl.row_linear(x, torch.randn(2 * ff, d, dtype=dt), h, nw=w, norm=1, swiglu=True, eps=1e-6,
                       pdl=True)
-        dl.row_linear(h, torch.randn(d, ff, dtype=torch.bfloat16), x, res=x, pdl=True)
-        dl.row_linear(x, torch.randn(32000, d, dtype=torch.bfloat16), torch.empty(M, 32000, dtype=torch.bfloat16),
+        dl.row_linear(h, torch.randn(d, ff, dtype=dt), x, res=x, pdl=True)
+        dl.row_linear(x, torch.randn(32000, d, dtype=dt), torch.empty(M, 32000, dtype=dt),
                       nw=w, norm=1, eps=1e-6, pdl=True)
 
 
@@ -120,7 +120,7 @@ def compile_launch(kernel, args, kwargs):
     options = {name: kwargs[name] for name in ("num_warps", "num_stages", "launch_pdl") if name in kwargs}
     values = dict(zip(kernel.arg_names, args))
     values.update({name: x for name, x in kwargs.items() if name not in options})
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         x = values[p.name]
         if p.is_constexpr or x is None:  # None arguments are constexprs to Triton's launcher as well
@@ -128,7 +128,14 @@ def compile_launch(kernel, args, kwargs):
             constexprs[(i,)] = x
         else:
             signature[p.name] = _arg_type(x)
-    src = ASTSource(kernel, signature, constexprs=constexprs)
+            # the launcher's specialisation: 16-byte aligned pointers and multiples of 16 are known as such, which
+            # lets the compiler pipeline loads through shared memory (without it, a kernel's shared memory here
+            # was 164 KiB where the GPU asked for 228)
+            aligned = x.data_ptr() % 16 == 0 if isinstance(x, torch.Tensor) else (
+                isinstance(x, int) and not isinstance(x, bool) and x % 16 == 0)
+            if aligned and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -158,7 +165,8 @@ def main() -> int:
             continue
         seen.add(key)
         compiled = compile_launch(kernel, args, kwargs)
-        print(f"{kernel.__name__}: {resources(compiled.asm['cubin'])} "
+        # SMEM: the dynamic shared memory the launch asks for (cuobjdump's SHARED counts only the static part)
+        print(f"{kernel.__name__}: {resources(compiled.asm['cubin'])} SMEM:{compiled.metadata.shared} "
               f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})")
     print(f"compiled {len(seen)} launches")
     return 0

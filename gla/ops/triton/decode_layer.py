@@ -192,6 +192,7 @@ MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle
 
 
 MMA_K = 1024  # the longest step along K of rows_mma_kernel
+MMA_SMEM = 192 * 1024  # its operands' shared memory per program (an H100 block may have 227 KiB)
 ROWS_UNROLLED = 1  # up to this many rows each program unrolls them over its weights held in registers: at 16
 # rows (H100, gla-340m) the step took 3.56 ms, each row a reduction across the program (NOTES, nineteenth session)
 
@@ -208,15 +209,19 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
     flags = dict(NORM=norm, HD=head_dim or 1, SWIGLU=swiglu, RES=res is not None, PDL=pdl,
                  **({"launch_pdl": True} if pdl else {}))
     if M > ROWS_UNROLLED:
-        # x's [16, BK] fp32 step and the [BN, BK] weights in registers: BK up to 1024 at 8 warps (~64 + 16-32 per
-        # thread); with NORM 2 a multiple of the head group
-        BM, BK = 16, min(pow2(K), MMA_K)
+        # K in steps as long as shared memory holds (up to MMA_K): the [16, BK] rows and the [BN, BK] weights (twice
+        # with swiglu) are staged there for the tensor cores; with NORM 2 a step is a multiple of the head group
+        BM = 16
+        BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
+        staged = (BM + BN * (2 if swiglu else 1)) * w.element_size()
+        BK = min(pow2(K), MMA_K, 1 << (MMA_SMEM // staged).bit_length() - 1)
         if norm == 2:
             BK = max(BK, head_dim)
-        BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
+        # num_stages 1: no software pipelining, the next step's weights are loaded by hand one step ahead (with it
+        # the GPU asked for three copies of the operands, 228 KiB)
         wrap_triton(rows_mma_kernel)[(cdiv(M, BM), cdiv(N, BN))](
             *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, ONE=K <= BK, F32=dot16(w.dtype) != 1, num_warps=8,
-            **flags)
+            num_stages=1, **flags)
         return
     BK = pow2(K, lo=1)
     BN = max(1, TILE // BK // (2 if swiglu else 1))
