@@ -157,7 +157,7 @@ def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, monkeypatch):
     if case == "swiglu":
         opts.update(norm=1, nw=1 + 0.1 * torch.randn(K, device=DEVICE, dtype=dtype), swiglu=True)
     if case == "res":
-        opts.update(res=torch.randn(M, N, device=DEVICE, dtype=dtype))
+        opts.update(res=torch.randn(M, N + 7, device=DEVICE, dtype=dtype)[:, 7:])  # a row stride of its own
     x = torch.randn(M, K + 3, device=DEVICE, dtype=dtype)[:, 3:]  # strided rows
     w = torch.randn(N * (2 if case == "swiglu" else 1), K, device=DEVICE, dtype=dtype) / K ** 0.5
     mma = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
