@@ -45,11 +45,16 @@ def _pow2(n: int) -> bool:
 def supports(model, state) -> bool:
     """Whether FusedStep serves this model and state: every layer a plain GLA layer (module docstring) with its
     projections fused (inside a FusedProjections context), in eval mode, at most MAX_ROWS rows, GLA states on
-    fp32 static buffers, weights in fp32, bf16 or fp16, the final norm an RMSNorm, no head bias, Triton usable: on
-    CUDA (or under its interpreter)."""
+    fp32 static buffers, weights in fp32, bf16 or fp16, the final norm an RMSNorm, no head bias, value heads of at
+    most MMA_K (1024; larger ones would ask for more shared memory than an H100 has), Triton usable: on CUDA (or under
+    its interpreter)."""
     from gla.ops import triton_status
     on_triton = state.seen.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return (on_triton and triton_status() is None and not model.training and state.seen.shape[0] <= MAX_ROWS
+    if not on_triton or triton_status() is not None:
+        return False
+    from gla.ops.triton.decode_layer import MMA_K  # a head group must fit one step of the products along K
+    return (not model.training and state.seen.shape[0] <= MAX_ROWS
+            and all(layer.attn.head_v <= MMA_K for layer in model.layers if layer.mixer == "gla")
             and type(model.norm) is RMSNorm and model.lm_head.bias is None
             and model.embeddings.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and all(isinstance(s, StaticGLAState) and s.recurrent.dtype == torch.float32 for s in state.layers)

@@ -88,6 +88,12 @@ def test_fused_step_declines_what_it_does_not_serve(monkeypatch):
         static = _allocate(state, 256)
         with FusedProjections(m):
             assert not supports(m, static), kw
+    torch.manual_seed(0)  # value heads of 2048 (past MMA_K): the head norm's products would not fit shared memory
+    m = GLATransformer(61, 2048, 1, 128, 1, expand_k=0.5).eval().to(DEVICE)
+    with torch.inference_mode():
+        _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
+    with FusedProjections(m):
+        assert m.layers[0].attn.head_v == 2048 and not supports(m, _allocate(state, None))
     m = model(torch.float32)
     m.layers[1].attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64, device=DEVICE))
     with torch.inference_mode():
