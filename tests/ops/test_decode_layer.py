@@ -172,6 +172,11 @@ def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, monkeypatch):
     for i in range(0, M, dl.ROWS_UNROLLED):
         part = {k: v[i:i + dl.ROWS_UNROLLED] if k in ("r", "res") else v for k, v in opts.items()}
         dl.row_linear(x[i:i + dl.ROWS_UNROLLED], w, rows[i:i + dl.ROWS_UNROLLED], **part)
-    # fp32: exact products in both; fp16: each rounds the same fp32 sums, summed in another order
-    print("ERR", case, dtype, rel_err(mma, rows))
-    assert rel_err(mma, rows) <= (1e-6 if dtype == torch.float32 else 1e-3), rel_err(mma, rows)
+    if dtype == torch.float32:  # exact products in both, summed in another order
+        assert rel_err(mma, rows) <= 1e-6, rel_err(mma, rows)
+    else:  # the same fp32 sums rounded at the same points: a sum on a rounding boundary may land one step apart,
+        # and SwiGLU's product of two such values one step more
+        ulp = torch.nextafter(rows.abs(), torch.tensor(float("inf"), dtype=dtype, device=DEVICE)) - rows.abs()
+        diff = (mma - rows).abs()
+        assert bool((diff <= 2 * ulp).all()), float((diff - 2 * ulp).max())
+        assert float((diff > 0).float().mean()) <= 0.01, float((diff > 0).float().mean())
