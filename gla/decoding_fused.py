@@ -23,7 +23,7 @@ from gla.layers.gla_attention import GatedLinearAttention, StaticGLAState
 from gla.layers.mlp import MLP
 from gla.layers.norm import RMSNorm
 
-MAX_ROWS = 64  # measured up to here (benchmarks/NOTES.md); the products of more rows run on tensor cores
+MAX_ROWS = 64  # the batches #22 targets; timed at 64 only with the first tensor-core kernel (benchmarks/NOTES.md)
 
 
 def _plain_layer(layer) -> bool:

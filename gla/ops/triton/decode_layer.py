@@ -88,7 +88,7 @@ def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, NORM: tl.constexpr,
                     HD: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr):
     """row_linear_kernel for more rows: a [BM, BN] tile of y per program on tensor cores. K is taken in BK steps
-    (ONE: a single step, K <= BK), each as large as registers allow: every step is a round trip to memory, and a
+    (ONE: a single step, K <= BK), each as large as shared memory allows: every step is a round trip to memory, and a
     kernel of many small steps was bound by their latency (benchmarks/NOTES.md, nineteenth session). With NORM 2,
     BK is a multiple of HD (whole head groups per step). Same arguments, prologues, epilogues and roundings as
     row_linear_kernel; F32: see _dot_t."""
