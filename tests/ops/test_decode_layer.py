@@ -180,3 +180,17 @@ def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, monkeypatch):
         diff = (mma - rows).abs()
         assert bool((diff <= 2 * ulp).all()), float((diff - 2 * ulp).max())
         assert float((diff > 0).float().mean()) <= 0.01, float((diff > 0).float().mean())
+
+
+def test_row_linear_rejects_operands_that_do_not_fit():
+    from gla.ops.triton import decode_layer as dl
+    x, w, y = (torch.randn(*s, device=DEVICE) for s in ((3, 8), (5, 8), (3, 5)))
+    with pytest.raises(TypeError, match="share a dtype"):
+        dl.row_linear(x, w.half(), y)
+    with pytest.raises(TypeError, match="share a dtype"):
+        dl.row_linear(x, w, y.bfloat16())
+    for bad in (dict(w=w[:, :7]), dict(w=w.t().contiguous().t()), dict(y=y[:2]), dict(x=x.t().contiguous().t()),
+                dict(swiglu=True)):
+        args = {"x": x, "w": w, "y": y, **bad}
+        with pytest.raises(ValueError, match="do not fit"):
+            dl.row_linear(args["x"], args["w"], args["y"], swiglu=bad.get("swiglu", False))

@@ -203,6 +203,12 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
     or [2N, K] with swiglu); see the kernels."""
     M, K = x.shape
     N = y.shape[1]
+    if not x.dtype == w.dtype == y.dtype:
+        raise TypeError(f"row_linear: x, w and y must share a dtype, got {x.dtype}, {w.dtype}, {y.dtype}")
+    if (w.shape != (N * (2 if swiglu else 1), K) or not w.is_contiguous() or y.shape[0] != M
+            or x.stride(1) != 1 or y.stride(1) != 1):
+        raise ValueError(f"row_linear: x {tuple(x.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)} do not fit "
+                         f"y = x @ w^T{' (swiglu)' if swiglu else ''} (w contiguous, rows of x and y unit-stride)")
     dummy = y
     args = (x, w, y, dummy if res is None else res, dummy if r is None else r, dummy if nw is None else nw)
     strides = (x.stride(0), y.stride(0), 0 if res is None else res.stride(0), 0 if r is None else r.stride(0))
