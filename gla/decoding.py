@@ -126,12 +126,13 @@ class StaticDecoder:
     in-place step eagerly (CPU, debugging). compiled: the step goes through torch.compile first (fused elementwise
     kernels: fewer launches in the graph, each one shorter). capacity: KV slots of the softmax layers (prompt and
     new tokens; ``kv_capacity``), needed when the model has any. fused: where gla.decoding_fused serves the model,
-    the step is its five Triton kernels per layer instead (compiled or not); off by default until measured on a GPU
-    (benchmarks/NOTES.md, eighteenth session).
+    the step is its five Triton kernels per layer instead (then ``compiled`` has no effect); None: fused for a
+    captured, uncompiled step on CUDA (H100, gla-340m, bf16: 0.46 ms per token at B=1 against the compiled step's
+    0.89, with no compilation; benchmarks/NOTES.md, nineteenth and twentieth sessions).
     """
 
     def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False, capacity: int | None = None,
-                 fused: bool = False):
+                 fused: bool | None = None):
         if not static_state(model):
             raise ValueError("static decoding needs a plain GLATransformer (wrappers hook the forward that a graph "
                              "replays): pass cuda_graph=False")
@@ -144,6 +145,8 @@ class StaticDecoder:
         self.kv = [layer for layer in self.state.layers if isinstance(layer, StaticKVCache)]
         self.buffers = _tensors(self.state)
         B = self.state.seen.shape[0]
+        if fused is None:
+            fused = capture and self.state.seen.is_cuda and not compiled
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=self.state.seen.device)
         self.capture = capture
         self.busy = False  # claimed by decoder_for for a request, released by its caller (others get their own)

@@ -127,11 +127,12 @@ def stream(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_
     cuda_graph: decode on a static state (gla.decoding), the step captured as a CUDA graph on a GPU (run in place,
     uncaptured, on a CPU); None = a plain GLATransformer, on a CPU only without softmax layers
     (decoding.static_by_default; on a 2-core CPU the static step took 1.52 against the plain loop's 1.65 ms per token
-    at the demo model, 59.2 against 61.0 at gla-340m). compile_step: the
-    static step goes through torch.compile first (fused kernels, matmuls autotuned on CUDA: 244 kernels per token
-    at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100); its logits then differ
-    from the eager step's by bf16 rounding, so greedy tokens may too. Bad arguments raise ValueError here, at the
-    call, not at the first token.
+    at the demo model, 59.2 against 61.0 at gla-340m). On a GPU the captured step is the fused Triton step
+    (gla.decoding_fused: five kernels per layer) where it serves the model, else the model's own step.
+    compile_step: the model's own step goes through torch.compile first instead (fused kernels, matmuls autotuned:
+    244 kernels per token at gla-340m where the uncompiled step has 1,073; 39 s of compilation at B=1 on an H100).
+    Either way the logits differ from the eager step's by 16-bit rounding, so greedy tokens may too. Bad arguments
+    raise ValueError here, at the call, not at the first token.
     """
     ids, mask = _request(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, prefill_chunk)
     return _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk,

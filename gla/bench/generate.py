@@ -4,11 +4,13 @@ Llama with a static KV cache and a compiled forward, and optionally FLA's GLA, o
     gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512 ...]
                        [--new 256] [--no-llama] [--fla] [--out DIR] [--json]
 
-Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU). The Llama has the same width, depth, vocabulary
-and MLP size with softmax attention (Llama-341M beside gla-340m: hidden 1024, 24 layers, 8 heads of 128, MLP 2816),
-generating through transformers' `generate` with `cache_implementation="static"`, under which transformers compiles
-its decoding forward on CUDA (as it documents for fast decoding). ``--fla``: FLA's GLAForCausalLM at the preset's
-sizes through its own `generate` (needs flash-linear-attention).
+Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU), eager and, on CUDA, with the step captured as a
+CUDA graph (the fused Triton step of gla.decoding_fused where it serves the model) and compiled then captured. The
+Llama has the same width, depth, vocabulary and MLP size with softmax attention (Llama-341M beside gla-340m: hidden
+1024, 24 layers, 8 heads of 128, MLP 2816), generating through transformers' `generate` with
+`cache_implementation="static"`, under which transformers compiles its decoding forward on CUDA (as it documents for
+fast decoding). ``--fla``: FLA's GLAForCausalLM at the preset's sizes through its own `generate` (needs
+flash-linear-attention).
 
 Per row, after a first call (compilation, capture: its time is reported): time to first token (a call for one new
 token: prefill and one sample), decode ms/token ((the full call - the first-token call) / (new - 1)), tokens/s of
@@ -32,7 +34,14 @@ def ours(cfg, B, prompt_len, device, dtype, cuda_graph: bool, compile_step: bool
     torch.manual_seed(0)
     model = GLATransformer.from_config(cfg).to(device, dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-    mode = ("CUDA graph + compile" if compile_step else "CUDA graph") if cuda_graph else "eager"
+
+    def mode():  # after the run: which step the captured decoder ran (the fused one where it serves the model)
+        from gla.decoding import _DECODERS
+        from gla.decoding_fused import FusedStep
+        if not cuda_graph:
+            return "eager"
+        fused = any(isinstance(d.run, FusedStep) for d in _DECODERS.get(model, {}).values())
+        return "CUDA graph + " + ("fused step" if fused else "compile" if compile_step else "plain step")
     return "gla (ours)", mode, lambda new: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph,
                                                     compile_step=compile_step)
 
@@ -127,8 +136,9 @@ def main(argv=None) -> int:
                 name, mode, run = make()
                 try:
                     r = {**measure(name, mode, run, B, a.new, device), "prompt": L}
+                    r["mode"] = mode() if callable(mode) else mode
                 except torch.OutOfMemoryError:  # a model that cannot hold this shape is a result, not a crash
-                    r = dict(model=name, mode=mode, B=B, prompt=L, oom=True)
+                    r = dict(model=name, mode=mode() if callable(mode) else mode, B=B, prompt=L, oom=True)
                 del run
                 rows.append(r)
                 if not a.json:

@@ -129,7 +129,9 @@ def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
             b_x = (tl.reshape(xh, [BM, BK]) * b_nw[None, :]).to(dt).to(tl.float32)
             b_r = tl.load(r + o_m[:, None].to(tl.int64) * sr + k0 + o_k[None, :], mask=m_m[:, None] & m_k[None, :],
                           other=0.).to(tl.float32)
-            b_x = b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32)
+            # past K, whole groups of zeros: with eps 0 their rsqrt is inf and 0 * inf a NaN that the products
+            # would carry into every row (zero weights do not cancel it)
+            b_x = tl.where(m_k[None, :], b_x * (b_r * tl.sigmoid(b_r)).to(dt).to(tl.float32), 0.)
         b_x = b_x.to(dt)
         acc = _dot_t(b_x, b_w, acc, F32)
         if SWIGLU:
