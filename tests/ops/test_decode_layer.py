@@ -194,3 +194,18 @@ def test_row_linear_rejects_operands_that_do_not_fit():
         args = {"x": x, "w": w, "y": y, **bad}
         with pytest.raises(ValueError, match="do not fit"):
             dl.row_linear(args["x"], args["w"], args["y"], swiglu=bad.get("swiglu", False))
+
+
+def test_head_norm_rows_with_eps_zero_and_a_partial_step():
+    """rows_mma_kernel's head norm where K (three groups of 32) leaves part of its step empty: with eps 0 the empty
+    groups' rsqrt is inf, which must not reach the products (it would turn every row into NaN)."""
+    from gla.ops.triton import decode_layer as dl
+    torch.manual_seed(2)
+    M, K, N, D = 18, 96, 40, 32
+    x, r = torch.randn(M, K, device=DEVICE), torch.randn(M, K, device=DEVICE)
+    w, nw = torch.randn(N, K, device=DEVICE) / K ** 0.5, 1 + 0.1 * torch.randn(D, device=DEVICE)
+    y = torch.full((M, N), float("nan"), device=DEVICE)
+    dl.row_linear(x, w, y, r=r, nw=nw, norm=2, head_dim=D, eps=0.0)
+    xh = x.view(M, K // D, D)
+    ref = ((xh * xh.pow(2).mean(-1, keepdim=True).rsqrt() * nw).view(M, K) * torch.nn.functional.silu(r)) @ w.t()
+    assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
