@@ -2,7 +2,7 @@
 Llama with a static KV cache and a compiled forward, and optionally FLA's GLA, one process, greedy.
 
     gla bench generate [--device cuda|cpu] [--preset gla-340m] [--batch 1 --batch 16] [--prompt-len 512 ...]
-                       [--new 256] [--no-llama] [--fla] [--out DIR] [--json]
+                       [--new 256] [--ours eager|graph|compiled ...] [--no-llama] [--fla] [--out DIR] [--json]
 
 Ours: the preset with random weights (bf16 on CUDA, fp32 on a CPU), eager and, on CUDA, with the step captured as a
 CUDA graph (the fused Triton step of gla.decoding_fused where it serves the model) and compiled then captured. The
@@ -98,6 +98,9 @@ def table(rows) -> str:
                                            gib(r), f"{r['first_s']:.1f}"]) for r in rows])
 
 
+OURS = {"eager": (False,), "graph": (True,), "compiled": (True, True)}  # --ours: ours()'s cuda_graph, compile_step
+
+
 def main(argv=None) -> int:
     from gla.device import resolve_device
     from gla.models import GLAConfig
@@ -107,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 16)")
     p.add_argument("--prompt-len", type=int, action="append", default=None, help="prompt lengths (default 512)")
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--ours", action="append", choices=OURS, default=None,
+                   help="our rows (default all: eager, and on CUDA the captured step and the compiled one)")
     p.add_argument("--no-llama", action="store_true", help="leave out the HF Llama rows")
     p.add_argument("--fla", action="store_true", help="add FLA's GLAForCausalLM (flash-linear-attention)")
     p.add_argument("--out", default=None, help="write DIR/generate.md and .json")
@@ -121,10 +126,8 @@ def main(argv=None) -> int:
     rows = []
     for L in prompts:
         for B in a.batch or [1, 16]:
-            makers = [lambda: ours(cfg, B, L, device, dtype, False)]
-            if device.type == "cuda":
-                makers.append(lambda: ours(cfg, B, L, device, dtype, True))
-                makers.append(lambda: ours(cfg, B, L, device, dtype, True, compile_step=True))
+            makers = [lambda graph=OURS[kind]: ours(cfg, B, L, device, dtype, *graph) for kind in a.ours or OURS
+                      if device.type == "cuda" or kind == "eager"]
             if not a.no_llama:
                 makers.append(lambda: llama(cfg, B, L, device, dtype, a.new))
             if a.fla:
