@@ -131,9 +131,12 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
     ids = torch.randint(0, 61, (2, 6), device=DEVICE)
     with torch.inference_mode():
         _, state = m(ids[:, :3], None)
-        plain = StaticDecoder(m, state, capture=GPU)
+        plain = StaticDecoder(m, state, capture=GPU, fused=False)
         fused = StaticDecoder(m, state, capture=GPU, fused=True)
         assert isinstance(fused.run, FusedStep) and not isinstance(plain.run, FusedStep)
+        # the default: fused where a captured step runs on CUDA, never on a CPU or uncaptured or compiled
+        assert isinstance(StaticDecoder(m, state, capture=GPU).run, FusedStep) == GPU
+        assert not isinstance(StaticDecoder(m, state, capture=False).run, FusedStep)
         for t in range(3, 6):
             a, b = plain.step(ids[:, t]), fused.step(ids[:, t])
             assert rel_err(b, a) <= 1e-5, (t, rel_err(b, a))
