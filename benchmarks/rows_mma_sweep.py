@@ -23,7 +23,7 @@ SHAPES = {  # name: (N, K, kernel flags) of gla-340m (d 1024, joint projection 3
     "swiglu": (2816, 1024, dict(NORM=1, SWIGLU=True)),
     "down": (1024, 2816, dict(RES=True)),
 }
-STEPS = ((128, 1), (128, 3), (256, 1), (256, 3), (1024, 1))  # (BK, num_stages)
+STEPS = ((128, 3), (256, 1), (256, 3), (1024, 1))  # (BK, num_stages)
 CONFIGS = sorted({(bm, bn, bk, st, w) for bm in (16, 64) for bn in (16, 32, 64) for bk, st in STEPS for w in (4, 8)})
 ROWS = (16, 64)
 COPY_BYTES = 160 << 20  # the weights' copies together: past the H100's 50 MB of L2
