@@ -2,7 +2,7 @@
 against cuBLAS (torch.mm, without the norms) and the launcher's own choice: microseconds per launch with each launch
 reading another copy of the weights (copies past L2, as a step reads every layer's weights once), no PDL.
 
-    python3 benchmarks/rows_mma_sweep.py OUT
+    python3 benchmarks/rows_mma_sweep.py OUT [SHAPE ...]   (default: every shape in SHAPES)
 
 Compiles in 8 processes first (Triton's cache on disk), then times in one. Writes OUT/rows_mma_sweep.{md,json}.
 """
@@ -75,8 +75,8 @@ def per_launch_us(fns) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=60) * 1e3 / len(fns)
 
 
-def compile_share(i: int) -> None:
-    jobs = [(name, cfg) for name in SHAPES for cfg in configs(name, 64)]
+def compile_share(i: int, shapes) -> None:
+    jobs = [(name, cfg) for name in shapes for cfg in configs(name, 64)]
     for name, cfg in jobs[i::WORKERS]:
         ws, x, y, res, r, nw = operands(name, 64, 1)
         try:
@@ -86,12 +86,13 @@ def compile_share(i: int) -> None:
     torch.cuda.synchronize()
 
 
-def main(out: str) -> None:
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile", str(i)]) for i in range(WORKERS)]
+def main(out: str, shapes) -> None:
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile", str(i), *shapes]) for i in range(WORKERS)]
     for p in procs:
         p.wait()
     rows = []
-    for name, (N, K, f) in SHAPES.items():
+    for name in shapes:
+        N, K, f = SHAPES[name]
         for M in ROWS:
             copies = max(2, COPY_BYTES // (N * K * 2 * (2 if f.get("SWIGLU") else 1)))
             ws, x, y, res, r, nw = operands(name, M, copies)
@@ -139,6 +140,6 @@ def report(out, rows) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--compile":
-        compile_share(int(sys.argv[2]))
+        compile_share(int(sys.argv[2]), sys.argv[3:])
     else:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[2:] or list(SHAPES))
