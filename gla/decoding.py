@@ -127,8 +127,9 @@ class StaticDecoder:
     kernels: fewer launches in the graph, each one shorter). capacity: KV slots of the softmax layers (prompt and
     new tokens; ``kv_capacity``), needed when the model has any. fused: where gla.decoding_fused serves the model,
     the step is its five Triton kernels per layer instead (then ``compiled`` has no effect); None: fused for a
-    captured, uncompiled step on CUDA (H100, gla-340m, bf16: 0.46 ms per token at B=1 against the compiled step's
-    0.89, with no compilation; benchmarks/NOTES.md, nineteenth and twentieth sessions).
+    captured, uncompiled step on CUDA (H100, gla-340m, bf16, B=1: 0.46 ms per token without compiling, the compiled
+    step 0.83-0.89 in earlier calls after 15-39 s of compilation; at B=16 and 64 the compiled step was faster:
+    benchmarks/NOTES.md, nineteenth and twentieth sessions).
     """
 
     def __init__(self, model, state: ModelState, capture: bool, compiled: bool = False, capacity: int | None = None,
