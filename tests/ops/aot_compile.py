@@ -77,27 +77,32 @@ def record() -> list:
 
 
 def _record_decode_layer(dl) -> None:
-    """The fused decoding step's launches at gla-340m's shapes (programmatic dependent launch on), bf16 at 1 row (the
-    unrolled kernel), 16 and 64 (tensor cores), fp32 at 16: input projections with the norm, the gated GLA step, the
-    output projection with the gated head norm and the residual, SwiGLU, the down projection (K not a power of two at
-    other presets: 2816 here), the head."""
-    d, dk, dv, ff, R = 1024, 512, 1024, 2816, 16
-    for M, dt in ((1, torch.bfloat16), (16, torch.bfloat16), (64, torch.bfloat16), (16, torch.float32)):
-        x = torch.randn(M, d, dtype=dt)
-        p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=dt)
-        o, h = torch.randn(M, dv, dtype=dt), torch.randn(M, ff, dtype=dt)
-        w = torch.randn(d, dtype=dt)
-        dl.row_linear(x, torch.randn(p.shape[1], d, dtype=dt), p, nw=w, norm=1, eps=1e-6, pdl=True)
-        dl.gated_step(p, torch.randn(dk, R, dtype=dt), torch.randn(dk, dtype=dt),
-                      torch.zeros(M * 4, 128, 256), o, heads=4, head_k=128, head_v=256,
-                      offsets=(dk, 2 * dk, 2 * dk + dv), scale=0.1, normalizer=16.0, pdl=True)
-        dl.row_linear(o, torch.randn(d, dv, dtype=dt), x, res=x, r=p[:, -dv:], nw=w[:256], norm=2,
-                      head_dim=256, eps=1e-6, pdl=True)
-        dl.row_linear(x, torch.randn(2 * ff, d, dtype=dt), h, nw=w, norm=1, swiglu=True, eps=1e-6,
-                      pdl=True)
-        dl.row_linear(h, torch.randn(d, ff, dtype=dt), x, res=x, pdl=True)
-        dl.row_linear(x, torch.randn(32000, d, dtype=dt), torch.empty(M, 32000, dtype=dt),
-                      nw=w, norm=1, eps=1e-6, pdl=True)
+    """The fused decoding step's launches (programmatic dependent launch on) at gla-340m's shapes, bf16 at 1 row (the
+    unrolled kernel), 16 and 64 (tensor cores), fp32 at 16, and at gla-1.3b's in bf16: input projections with the
+    norm, the gated GLA step, the output projection with the gated head norm and the residual, SwiGLU, the down
+    projection (K not a power of two: 2816 and 5632), the head."""
+    R = 16
+    for (d, dk, dv, ff, heads), runs in (
+            ((1024, 512, 1024, 2816, 4), ((1, torch.bfloat16), (16, torch.bfloat16), (64, torch.bfloat16),
+                                          (16, torch.float32))),
+            ((2048, 1024, 2048, 5632, 4), ((1, torch.bfloat16), (16, torch.bfloat16), (64, torch.bfloat16)))):
+        hk, hv = dk // heads, dv // heads
+        for M, dt in runs:
+            x = torch.randn(M, d, dtype=dt)
+            p = torch.randn(M, 2 * dk + 2 * dv + R, dtype=dt)
+            o, h = torch.randn(M, dv, dtype=dt), torch.randn(M, ff, dtype=dt)
+            w = torch.randn(d, dtype=dt)
+            dl.row_linear(x, torch.randn(p.shape[1], d, dtype=dt), p, nw=w, norm=1, eps=1e-6, pdl=True)
+            dl.gated_step(p, torch.randn(dk, R, dtype=dt), torch.randn(dk, dtype=dt),
+                          torch.zeros(M * heads, hk, hv), o, heads=heads, head_k=hk, head_v=hv,
+                          offsets=(dk, 2 * dk, 2 * dk + dv), scale=0.1, normalizer=16.0, pdl=True)
+            dl.row_linear(o, torch.randn(d, dv, dtype=dt), x, res=x, r=p[:, -dv:], nw=w[:hv], norm=2,
+                          head_dim=hv, eps=1e-6, pdl=True)
+            dl.row_linear(x, torch.randn(2 * ff, d, dtype=dt), h, nw=w, norm=1, swiglu=True, eps=1e-6,
+                          pdl=True)
+            dl.row_linear(h, torch.randn(d, ff, dtype=dt), x, res=x, pdl=True)
+            dl.row_linear(x, torch.randn(32000, d, dtype=dt), torch.empty(M, 32000, dtype=dt),
+                          nw=w, norm=1, eps=1e-6, pdl=True)
 
 
 def _arg_type(x):
