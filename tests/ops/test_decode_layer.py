@@ -146,14 +146,15 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["norm", "head_norm", "swiglu", "res"])
-@pytest.mark.parametrize("mma_k", [64, None])
-def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, monkeypatch):
+@pytest.mark.parametrize("mma_k,stages", [(64, 1), (64, 3), (None, 1)])
+def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, stages, monkeypatch):
     """rows_mma_kernel (more than ROWS_UNROLLED rows) against row_linear_kernel on the same rows, ROWS_UNROLLED at a
     time, at sizes that leave every tile ragged: K 200 (with steps of 64 along K: four, the last masked), N 75, 18
-    rows (two row tiles, the second ragged)."""
+    rows (two row tiles, the second ragged); K streamed by hand (stages 1) and pipelined."""
     from gla.ops.triton import decode_layer as dl
     if mma_k:
         monkeypatch.setattr(dl, "MMA_K", mma_k)
+    monkeypatch.setattr(dl, "MMA_STAGES", stages)
     torch.manual_seed(1)
     M, K, N = 18, 200, 75
     opts = dict(eps=1e-6)

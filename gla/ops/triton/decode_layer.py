@@ -86,10 +86,12 @@ def _dot_t(x, w, acc, F32: tl.constexpr):
 @triton.jit
 def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, NORM: tl.constexpr,
-                    HD: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr):
+                    HD: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr, F32: tl.constexpr,
+                    PIPELINED: tl.constexpr):
     """row_linear_kernel for more rows: a [BM, BN] tile of y per program on tensor cores. K is taken in BK steps
-    (ONE: a single step, K <= BK), each as large as shared memory allows: every step is a round trip to memory, and a
-    kernel of many small steps was bound by their latency (benchmarks/NOTES.md, nineteenth session). With NORM 2,
+    (ONE: a single step, K <= BK). Two ways to stream them: by hand (the first step's weights loaded before the PDL
+    wait, each next step's during the current one; launched with num_stages 1), or PIPELINED, each step's loads in
+    the loop for Triton's software pipelining to run ahead (num_stages > 1; nothing before the wait). With NORM 2,
     BK is a multiple of HD (whole head groups per step). Same arguments, prologues, epilogues and roundings as
     row_linear_kernel; F32: see _dot_t."""
     dt = y.dtype.element_ty
@@ -100,10 +102,10 @@ def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
     m_n, m_m = o_n < N, o_m < M
     p_w = w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
     p_x = x + o_m[:, None].to(tl.int64) * sx + o_k[None, :]
-    # the first step's weights (all of them when ONE) stream in while the previous kernel finishes
-    b_w = tl.load(p_w, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
-    if SWIGLU:
-        b_u = tl.load(p_w + N * K, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
+    if not PIPELINED:  # the first step's weights (all of them when ONE) stream in while the previous kernel ends
+        b_w = tl.load(p_w, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
+        if SWIGLU:
+            b_u = tl.load(p_w + N * K, mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -117,6 +119,10 @@ def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
     acc_u = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, K, BK):
         m_k = k0 + o_k < K
+        if PIPELINED:
+            b_w = tl.load(p_w + k0, mask=m_n[:, None] & m_k[None, :], other=0.)
+            if SWIGLU:
+                b_u = tl.load(p_w + N * K + k0, mask=m_n[:, None] & m_k[None, :], other=0.)
         b_x = tl.load(p_x + k0, mask=m_m[:, None] & m_k[None, :], other=0.).to(tl.float32)
         if NORM == 1:
             if ONE:
@@ -136,7 +142,7 @@ def rows_mma_kernel(x, w, y, res, r, nw, M, N, K, sx, sy, sres, sr, eps,
         acc = _dot_t(b_x, b_w, acc, F32)
         if SWIGLU:
             acc_u = _dot_t(b_x, b_u, acc_u, F32)
-        if not ONE:
+        if not ONE and not PIPELINED:
             m_next = m_n[:, None] & (k0 + BK + o_k < K)[None, :]
             b_w = tl.load(p_w + k0 + BK, mask=m_next, other=0.)
             if SWIGLU:
@@ -195,6 +201,8 @@ MIN_PROGRAMS = 512  # ~4 per SM of an H100: fewer, larger programs left SMs idle
 
 MMA_K = 1024  # the longest step along K of rows_mma_kernel
 MMA_SMEM = 192 * 1024  # its operands' shared memory per program (an H100 block may have 227 KiB)
+MMA_STAGES = 1  # num_stages of rows_mma_kernel: 1 streams K by hand; more, PIPELINED (Triton's pipelining), each
+# stage a copy of the operands in shared memory (three copies asked for 228 KiB: NOTES, nineteenth session)
 ROWS_UNROLLED = 1  # up to this many rows each program unrolls them over its weights held in registers: at 16
 # rows (H100, gla-340m) the step took 3.56 ms, each row a reduction across the program (NOTES, nineteenth session)
 
@@ -221,15 +229,13 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
         # with swiglu) are staged there for the tensor cores; with NORM 2 a step is a multiple of the head group
         BM = 16
         BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
-        staged = (BM + BN * (2 if swiglu else 1)) * w.element_size()
+        staged = (BM + BN * (2 if swiglu else 1)) * w.element_size() * MMA_STAGES
         BK = min(pow2(K), MMA_K, 1 << (MMA_SMEM // staged).bit_length() - 1)
         if norm == 2:
             BK = max(BK, head_dim)
-        # num_stages 1: no software pipelining, the next step's weights are loaded by hand one step ahead (with it
-        # the GPU asked for three copies of the operands, 228 KiB)
         wrap_triton(rows_mma_kernel)[(cdiv(M, BM), cdiv(N, BN))](
-            *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, ONE=K <= BK, F32=dot16(w.dtype) != 1, num_warps=8,
-            num_stages=1, **flags)
+            *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, ONE=K <= BK, F32=dot16(w.dtype) != 1,
+            PIPELINED=MMA_STAGES > 1, num_warps=8, num_stages=MMA_STAGES, **flags)
         return
     BK = pow2(K, lo=1)
     BN = max(1, TILE // BK // (2 if swiglu else 1))
