@@ -2,7 +2,9 @@
 against cuBLAS (torch.mm, without the norms) and the launcher's own choice: microseconds per launch with each launch
 reading another copy of the weights (copies past L2, as a step reads every layer's weights once), no PDL.
 
-    python3 benchmarks/rows_mma_sweep.py OUT [SHAPE ...]   (default: every shape in SHAPES)
+    python3 benchmarks/rows_mma_sweep.py OUT [SHAPE ...]   (default: every shape in SHAPES, then "gated")
+
+"gated": gated_step_kernel's state slabs at 1, 16 and 64 rows (config (BV, num_warps); its "weights" are the state).
 
 Compiles in 8 processes first (Triton's cache on disk), then times in one. Writes OUT/rows_mma_sweep.{md,json}.
 """
@@ -76,8 +78,43 @@ def per_launch_us(fns) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=60) * 1e3 / len(fns)
 
 
+GATED = (4, 128, 256, 16, 3088)  # gla-340m's GLA step: heads, head_k, head_v, gate rank, joint projection row
+
+
+def gated_row(B: int) -> dict:
+    """gated_step_kernel (the fused step's GLA state update) at B rows: the state slab's width BV (programs: B x
+    heads x V / BV) and warps, each launch on another layer's state (24 of them, as a step)."""
+    from gla.ops.triton.decode import state_slab
+    from gla.ops.triton.utils import pow2
+    H, K, V, R, P = GATED
+    p = torch.randn(B, P, device=DEV, dtype=torch.bfloat16)
+    w2, b2 = torch.randn(H * K, R, device=DEV, dtype=torch.bfloat16), torch.randn(H * K, device=DEV)
+    states = [torch.randn(B * H, K, V, device=DEV) for _ in range(24)]
+    o = torch.empty(B, H * V, device=DEV, dtype=torch.bfloat16)
+
+    def run(s, BV, warps):
+        dl.gated_step_kernel[(B * H, cdiv(V, BV))](
+            p, w2, b2, s, o, p.stride(0), o.stride(0), 0.1, 16.0, H, R, H * K, 2 * H * K, 2 * H * K + H * V,
+            K=K, V=V, BK=pow2(K), BV=BV, BR=pow2(R), PDL=False, num_warps=warps)
+    mb = 2 * states[0].numel() * 4 / 1e6  # read and written
+    BV0 = state_slab(K, V)[1]
+    row = dict(shape="gated", M=B, N=V, K=K, weight_MB=mb, floor_us=mb / 3.35, cublas_us=None,
+               current_us=per_launch_us([lambda s=s: run(s, BV0, 4) for s in states]), configs={})
+    s0 = states[0].clone()
+    run(s0, BV0, 4)
+    ref = o.float().clone()
+    for BV in (16, 32, 64):
+        for warps in (2, 4, 8):
+            s1 = states[0].clone()
+            run(s1, BV, warps)
+            err = max(float((o.float() - ref).abs().max() / ref.abs().max()), float((s1 - s0).abs().max()))
+            row["configs"][str((BV, warps))] = dict(
+                us=per_launch_us([lambda s=s: run(s, BV, warps) for s in states]), err=err)
+    return row
+
+
 def compile_share(i: int, shapes) -> None:
-    jobs = [(name, cfg) for name in shapes for cfg in configs(name, 64)]
+    jobs = [(name, cfg) for name in shapes if name != "gated" for cfg in configs(name, 64)]
     for name, cfg in jobs[i::WORKERS]:
         ws, x, y, res, r, nw = operands(name, 64, 1)
         try:
@@ -93,6 +130,11 @@ def main(out: str, shapes) -> None:
         p.wait()
     rows = []
     for name in shapes:
+        if name == "gated":
+            for B in (1, 16, 64):
+                rows.append(gated_row(B))
+                report(out, rows)
+            continue
         N, K, f = SHAPES[name]
         for M in ROWS:
             copies = max(2, COPY_BYTES // (N * K * 2 * (2 if f.get("SWIGLU") else 1)))
@@ -130,7 +172,8 @@ def report(out, rows) -> None:
         ok = sorted((v["us"], k) for k, v in row["configs"].items() if "us" in v and v["err"] < 2e-2)
         top = [f"{k}: {u:.1f}" for u, k in ok[:3]] + ["-"] * 3
         lines.append(f"| {row['shape']} | {row['M']} | {row['weight_MB']:.1f} | {row['floor_us']:.1f} | "
-                     f"{row['cublas_us']:.1f} | {row['current_us']:.1f} | {ok[0][0] if ok else float('nan'):.1f} | "
+                     f"{'-' if row['cublas_us'] is None else format(row['cublas_us'], '.1f')} | "
+                     f"{row['current_us']:.1f} | {ok[0][0] if ok else float('nan'):.1f} | "
                      f"{top[0]} | {top[1]} | {top[2]} |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "rows_mma_sweep.md"), "w") as fh:
@@ -143,4 +186,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--compile":
         compile_share(int(sys.argv[2]), sys.argv[3:])
     else:
-        main(sys.argv[1], sys.argv[2:] or list(SHAPES))
+        main(sys.argv[1], sys.argv[2:] or [*SHAPES, "gated"])
