@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from gla.layers.fused import plain
 from gla.layers.gla_attention import GatedLinearAttention, StaticGLAState
 from gla.layers.mlp import MLP
 from gla.layers.norm import RMSNorm
@@ -34,6 +35,8 @@ def _plain_layer(layer) -> bool:
             and type(mlp) is MLP and mlp.kind == "swiglu" and a.fused is not None and mlp.fused is not None
             and a.fused.bias is None and mlp.fused.bias is None  # the kernels add no biases
             and a.o_proj.bias is None and mlp.down_proj.bias is None
+            # the kernels read these weights directly: an adapter (peft's LoRA) or a hook on them would be dropped
+            and plain([a.o_proj, mlp.down_proj])
             and all(type(n) is RMSNorm for n in (layer.attn_norm, a.g_norm, getattr(layer, "mlp_norm", None)))
             and _pow2(a.head_v) and _pow2(a.head_v * a.n_heads))
 
@@ -55,7 +58,7 @@ def supports(model, state) -> bool:
     from gla.ops.triton.decode_layer import MMA_K  # a head group must fit one step of the products along K
     return (not model.training and state.seen.shape[0] <= MAX_ROWS
             and all(layer.attn.head_v <= MMA_K for layer in model.layers if layer.mixer == "gla")
-            and type(model.norm) is RMSNorm and model.lm_head.bias is None
+            and type(model.norm) is RMSNorm and model.lm_head.bias is None and plain([model.lm_head])
             and model.embeddings.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and all(isinstance(s, StaticGLAState) and s.recurrent.dtype == torch.float32 for s in state.layers)
             and all(_plain_layer(layer) for layer in model.layers))

@@ -35,15 +35,20 @@ def ours(cfg, B, prompt_len, device, dtype, cuda_graph: bool, compile_step: bool
     model = GLATransformer.from_config(cfg).to(device, dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
 
-    def mode():  # after the run: which step the captured decoder ran (the fused one where it serves the model)
+    ran = {}  # which step the captured decoder ran (the fused one where it serves the model); not the model itself,
+    # which the caller frees with ``run`` before the next row
+
+    def run(new):
         from gla.decoding import _DECODERS
         from gla.decoding_fused import FusedStep
-        if not cuda_graph:
-            return "eager"
-        fused = any(isinstance(d.run, FusedStep) for d in _DECODERS.get(model, {}).values())
-        return "CUDA graph + " + ("fused step" if fused else "compile" if compile_step else "plain step")
-    return "gla (ours)", mode, lambda new: generate(model, ids, new, temperature=0, cuda_graph=cuda_graph,
-                                                    compile_step=compile_step)
+        generate(model, ids, new, temperature=0, cuda_graph=cuda_graph, compile_step=compile_step)
+        if cuda_graph:
+            fused = any(isinstance(d.run, FusedStep) for d in _DECODERS.get(model, {}).values())
+            ran["step"] = "fused step" if fused else "compile" if compile_step else "plain step"
+
+    def mode():
+        return "CUDA graph + " + ran.get("step", "?") if cuda_graph else "eager"
+    return "gla (ours)", mode, run
 
 
 def llama(cfg, B, prompt_len, device, dtype, max_new: int):
@@ -121,13 +126,15 @@ def main(argv=None) -> int:
     if min(prompts) < 1 or a.new < 1:
         p.error("--prompt-len and --new must be >= 1")
     device = resolve_device(a.device)
+    if device.type != "cuda" and set(a.ours or ()) - {"eager"}:
+        p.error("--ours graph and compiled capture CUDA graphs: they need --device cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = GLAConfig.preset(a.preset, max_seq_len=max(prompts) + a.new)
     rows = []
     for L in prompts:
         for B in a.batch or [1, 16]:
-            makers = [lambda graph=OURS[kind]: ours(cfg, B, L, device, dtype, *graph) for kind in a.ours or OURS
-                      if device.type == "cuda" or kind == "eager"]
+            makers = [lambda graph=OURS[kind]: ours(cfg, B, L, device, dtype, *graph)
+                      for kind in a.ours or (OURS if device.type == "cuda" else ["eager"])]
             if not a.no_llama:
                 makers.append(lambda: llama(cfg, B, L, device, dtype, a.new))
             if a.fla:

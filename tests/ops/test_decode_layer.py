@@ -95,6 +95,15 @@ def test_fused_step_declines_what_it_does_not_serve(monkeypatch):
     with FusedProjections(m):
         assert m.layers[0].attn.head_v == 2048 and not supports(m, _allocate(state, None))
     m = model(torch.float32)
+    with torch.inference_mode():
+        _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
+    static = _allocate(state, None)
+    # a hook (or an adapter) on a weight the kernels read directly: the plain step runs it, the fused one could not
+    for lin in (m.layers[1].attn.o_proj, m.layers[0].mlp.down_proj, m.lm_head):
+        handle = lin.register_forward_hook(lambda mod, args, out: out * 2)
+        with FusedProjections(m):
+            assert not supports(m, static), lin
+        handle.remove()
     m.layers[1].attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64, device=DEVICE))
     with torch.inference_mode():
         _, state = m(torch.randint(0, 61, (1, 3), device=DEVICE), None)
@@ -137,6 +146,7 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
         # the default: fused where a captured step runs on CUDA, never on a CPU or uncaptured or compiled
         assert isinstance(StaticDecoder(m, state, capture=GPU).run, FusedStep) == GPU
         assert not isinstance(StaticDecoder(m, state, capture=False).run, FusedStep)
+        assert not isinstance(StaticDecoder(m, state, capture=GPU, compiled=True).run, FusedStep)
         for t in range(3, 6):
             a, b = plain.step(ids[:, t]), fused.step(ids[:, t])
             assert rel_err(b, a) <= 1e-5, (t, rel_err(b, a))
@@ -146,7 +156,7 @@ def test_static_decoder_with_the_fused_step_gives_the_plain_steps_logits():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["norm", "head_norm", "swiglu", "res"])
-@pytest.mark.parametrize("mma_k,stages", [(64, 1), (64, 3), (None, 1)])
+@pytest.mark.parametrize("mma_k,stages", [(64, 1), (64, 3), (None, 1), (None, 3)])
 def test_tensor_core_rows_equal_unrolled_rows(dtype, case, mma_k, stages, monkeypatch):
     """rows_mma_kernel (more than ROWS_UNROLLED rows) against row_linear_kernel on the same rows, ROWS_UNROLLED at a
     time, at sizes that leave every tile ragged: K 200 (with steps of 64 along K: four, the last masked), N 75, 18

@@ -229,13 +229,14 @@ def row_linear(x, w, y, *, res=None, r=None, nw=None, norm: int = 0, head_dim: i
         # with swiglu) are staged there for the tensor cores; with NORM 2 a step is a multiple of the head group
         BM = 16
         BN = 32 if cdiv(N, 32) * cdiv(M, BM) >= MIN_PROGRAMS // 2 else 16
-        staged = (BM + BN * (2 if swiglu else 1)) * w.element_size() * MMA_STAGES
+        stages = MMA_STAGES
+        staged = (BM + BN * (2 if swiglu else 1)) * w.element_size() * stages
         BK = min(pow2(K), MMA_K, 1 << (MMA_SMEM // staged).bit_length() - 1)
-        if norm == 2:
-            BK = max(BK, head_dim)
+        if norm == 2 and BK < head_dim:  # a whole head group per step, one copy of it (fits: head_v <= MMA_K)
+            BK, stages = head_dim, 1
         wrap_triton(rows_mma_kernel)[(cdiv(M, BM), cdiv(N, BN))](
             *args, M, N, K, *strides, eps, BM=BM, BN=BN, BK=BK, ONE=K <= BK, F32=dot16(w.dtype) != 1,
-            PIPELINED=MMA_STAGES > 1, num_warps=8, num_stages=MMA_STAGES, **flags)
+            PIPELINED=stages > 1, num_warps=8, num_stages=stages, **flags)
         return
     BK = pow2(K, lo=1)
     BN = max(1, TILE // BK // (2 if swiglu else 1))
